@@ -1,0 +1,133 @@
+"""Tiny random models of every supported family, and a tokenizer trained here: offline and fast."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+FAMILIES = ("llama", "gpt2", "opt", "qwen2", "mistral")
+N_LAYERS = 6
+
+_WORDS = (
+    "the king queen storm island spirit magic ship sea wind father daughter sleep dream music isle master "
+    "servant noble brave sweet strange wonder shall will hath doth thou thee thy good ill fair foul night day"
+).split()
+
+
+def corpus(n_sentences: int = 400, seed: int = 0) -> str:
+    """Deterministic pseudo-English: enough structure for a tokenizer and for perplexities to differ."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_sentences):
+        n = int(torch.randint(4, 12, (1,), generator=g))
+        idx = torch.randint(0, len(_WORDS), (n,), generator=g).tolist()
+        lines.append(" ".join(_WORDS[i] for i in idx).capitalize() + ".")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=160, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus().splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def config(family: str, n_layers: int = N_LAYERS, vocab_size: int | None = None):
+    vocab = vocab_size or len(tokenizer())
+    common = dict(vocab_size=vocab, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common,
+        )
+    if family == "mistral":  # sliding window smaller than the test sequences
+        return MistralConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=256, sliding_window=8, head_dim=8, **common,
+        )
+    if family == "qwen2":  # mixed full / sliding layers: per-index attributes must follow the unrolled index
+        return Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
+            max_window_layers=2, tie_word_embeddings=False, **common,
+        )
+    if family == "gpt2":  # with GPT-2's per-layer 1/(i+1) attention scaling switched on
+        return GPT2Config(
+            n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True, **common,
+        )
+    if family == "opt":
+        return OPTConfig(
+            hidden_size=32, num_hidden_layers=n_layers, ffn_dim=64, num_attention_heads=4,
+            max_position_embeddings=256, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0, **common,
+        )
+    raise ValueError(family)
+
+
+def source_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config(family, n_layers))
+    with torch.no_grad():  # spread the weights so layers differ clearly and logits are not near-uniform
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+def save_source(family: str, folder: Path, seed: int = 0) -> Path:
+    """A local Hugging Face folder (config, safetensors, tokenizer) for a tiny source model."""
+    model = source_model(family, seed)
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def token_ids(batch: int = 2, length: int = 20, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, len(tokenizer()), (batch, length), generator=g)
+
+
+def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True, attn: str = "sdpa", seed: int = 0, **cfg):
+    """A ZTT built around a tiny source model. layout = (head, block, cycles, tail)."""
+    import copy
+
+    from ztt_cli.modeling import ZTTConfig, ZTTForCausalLM
+
+    src = source_model(family, seed)
+    head, block, cycles, tail = layout
+    config = ZTTConfig(text_config=src.config.to_dict(), head=head, block=block, cycles=cycles, tail=tail, pool=pool, **cfg)
+    config._attn_implementation = attn
+    return ZTTForCausalLM(config, source=copy.deepcopy(src)).eval(), src
+
+
+def unrolled_reference(ztt):
+    """The family's own model at full unrolled depth, with each position's weights copied from the
+    layer the ZTT shares there: what plain weight sharing computes."""
+    ref = AutoModelForCausalLM.from_config(ztt.config.text_config).eval()
+    state = {k: v for k, v in ztt.inner.state_dict().items()}
+    layers_path = ztt._family.layers
+    for slot in ztt.config.layout.slots():
+        for k, v in ztt.layers[slot.unique].state_dict().items():
+            state[f"{layers_path}.{slot.index}.{k}"] = v
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k or "lm_head" in k or "bias" in k for k in missing), missing
+    return ref

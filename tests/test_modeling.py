@@ -1,0 +1,152 @@
+"""The invariants of DESIGN §1 on tiny models of every supported family."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from ztt_cli.evaluate import perplexity
+from ztt_cli.modeling import ZTTForCausalLM
+
+from .fixtures import FAMILIES, N_LAYERS, token_ids, unrolled_reference, ztt_model
+
+CYCLED = (1, 2, 2, 1)  # head 1, block 2 × 2 cycles, tail 1 on a 6-layer source
+NO_SHARE = (1, 4, 1, 1)
+
+
+def decode_step_by_step(model, ids, prompt_len=8):
+    """Prefill ``prompt_len`` tokens, then feed the rest one at a time through the KV cache."""
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    out = model(input_ids=ids[:, :prompt_len], cache=cache, use_cache=True)
+    logits = [out.logits]
+    for t in range(prompt_len, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_parity_without_sharing(family):
+    ztt, src = ztt_model(family, NO_SHARE, pool=False)
+    ids = token_ids(length=20)
+    expected = src(ids).logits
+    torch.testing.assert_close(ztt(ids).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode_step_by_step(ztt, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_pool_off_is_plain_sharing(family, attn):
+    ztt, _ = ztt_model(family, CYCLED, attn=attn)
+    ids = token_ids(length=20)
+    reference = unrolled_reference(ztt)(ids).logits
+    no_pool, _ = ztt_model(family, CYCLED, pool=False, attn=attn)
+    torch.testing.assert_close(no_pool(ids).logits, reference, atol=1e-6, rtol=0)
+    with ztt.pool_disabled():
+        torch.testing.assert_close(ztt(ids).logits, reference, atol=1e-6, rtol=0)
+    assert not torch.allclose(ztt(ids).logits, reference, atol=1e-6), "the pool must change something"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_initial_pool_changes_perplexity_little(family):
+    ztt, _ = ztt_model(family, CYCLED)
+    windows = token_ids(batch=4, length=64, seed=1)
+    with_pool = perplexity(ztt, windows)
+    with ztt.pool_disabled():
+        without = perplexity(ztt, windows)
+    assert abs(with_pool / without - 1) < 0.005
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_zero_attention_recorded_per_token(family):
+    ztt, _ = ztt_model(family, CYCLED)
+    ids = token_ids(batch=2, length=12)
+    za = ztt(ids).zero_attention
+    assert za.shape == (2, 2, 2, 12)  # batch, cycles, block layers, tokens
+    assert ((za > 0) & (za < 0.05)).all()  # b = -6 at init: small but not zero
+    with ztt.pool_disabled():
+        assert ztt(ids).zero_attention is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_kv_cache_indexed_by_unrolled_depth(family):
+    ztt, _ = ztt_model(family, CYCLED)
+    ids = token_ids(length=20)
+    full = ztt(ids).logits
+    torch.testing.assert_close(decode_step_by_step(ztt, ids), full, atol=1e-5, rtol=0)
+    out = ztt(ids[:, :5], use_cache=True)
+    assert len(out.cache.layers) == sum(CYCLED[:1]) + CYCLED[1] * CYCLED[2] + CYCLED[3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_cached_greedy_generation_equals_recomputation(family):
+    ztt, _ = ztt_model(family, CYCLED)
+    prompt = token_ids(batch=1, length=6)
+    cached = ztt.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=1)
+    uncached = ztt.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=1)
+    assert cached.shape == (1, 18)
+    assert torch.equal(cached, uncached)
+    # and by hand: each new token is the argmax of a fresh full forward pass
+    ids = prompt
+    for _ in range(12):
+        ids = torch.cat([ids, ztt(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(family, tmp_path):
+    ztt, _ = ztt_model(family, CYCLED)
+    with torch.no_grad():
+        ztt.pool.bias.add_(torch.randn_like(ztt.pool.bias))  # a pool that is not at its init
+    ztt.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ZTTForCausalLM)
+    ids = token_ids(length=16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ztt(ids).logits)
+    # every tensor stored once: stored elements == unique parameters
+    stored = {}
+    for f in tmp_path.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                stored[k] = st.get_slice(k).get_shape()
+    assert sum(math.prod(s) for s in stored.values()) == ztt.num_parameters()
+    assert not any(".layers." in k and "inner." in k for k in stored), "slots must not store weights"
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "ztt"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_count_is_analytic(family):
+    head, block, cycles, tail = CYCLED
+    ztt, src = ztt_model(family, CYCLED)
+    per_layer = sum(p.numel() for p in ztt.layers[0].parameters())
+    cfg = src.config
+    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pool = cycles * block * (n_kv * head_dim + cfg.num_attention_heads)
+    expected = src.num_parameters() - (N_LAYERS - (head + block + tail)) * per_layer + pool
+    assert ztt.num_parameters() == expected
+    assert ztt.parameter_counts()["pool"] == pool
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gradients_reach_every_shared_weight_and_the_pool(family):
+    ztt, _ = ztt_model(family, CYCLED)
+    ztt.train()
+    ids = token_ids(length=12)
+    out = ztt(ids, labels=ids)
+    (out.loss + out.zero_attention.mean()).backward()
+    for name, p in ztt.named_parameters():
+        if "embed_positions" in name or "wpe" in name:
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

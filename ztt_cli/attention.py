@@ -1,0 +1,230 @@
+"""Zero-token attention, plugged into transformers' attention interface.
+
+Every block layer at every cycle gets one extra key, the *zero token*: a learned
+key ``z`` per KV head and a learned logit bias ``b`` per query head, with value
+zero. Its attention probability ``p0`` is how much the layer would rather attend
+to nothing; ``out = (1 - p0) * out_std``.
+
+Two implementations:
+
+* :func:`zero_token_attention_eager` -- the reference: explicit logits and softmax.
+* :func:`zero_token_attention_sdpa` -- the fast path: the zero token becomes a real
+  key for torch's fused SDPA, and every value gets an extra one-hot channel
+  (regular values ``[v, 0]``, zero token ``[0, 1]``) so that the extra output
+  channel *is* ``p0``, differentiable. (The LSE that fused kernels return is not
+  differentiable, so p0 cannot be built from it.) The per-head bias rides on
+  extra query channels: a one-hot of the head's place in its KV group, matched by
+  ``b / scale`` in the zero key. q, k and v are padded to one width, so kernels
+  that need equal head dims (flash) still apply.
+
+Both are registered as ``ztt_eager`` / ``ztt_sdpa`` together with transformers'
+mask functions, so padding, causality and sliding windows stay intact. Layers
+called without a ``ztt_zero`` kwarg (head, tail, pool off) use the plain kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import repeat_kv
+
+ATTENTION_NAMES = {"sdpa": "ztt_sdpa", "eager": "ztt_eager"}
+
+
+@dataclass
+class ZeroToken:
+    """What one slot hands its attention call: the pool entry for (cycle, layer)."""
+
+    key: torch.Tensor  # [n_kv_heads, head_dim]
+    bias: torch.Tensor  # [n_heads]
+    log_n: bool = False  # add log(number of visible keys) to the zero logit
+    sink: Callable[[torch.Tensor], None] | None = None  # receives p0 [B, H, T]
+
+
+def visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Number of keys each query sees, shaped to broadcast against [B, H, T]."""
+    if mask is None:
+        if q_len == 1:
+            return torch.full((1, 1, 1), float(kv_len), device=device)
+        # causal, aligned bottom-right (the newest query sees every key)
+        return torch.arange(kv_len - q_len + 1, kv_len + 1, device=device, dtype=torch.float32).view(1, 1, -1)
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    return visible.sum(-1).float()
+
+
+def zero_token_attention_eager(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    zero_key: torch.Tensor | None,
+    zero_bias: torch.Tensor | None,
+    log_n: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference implementation. Returns (out [B, H, T, D], p0 [B, H, T]).
+
+    With ``zero_key=None`` it is plain eager attention (p0 is None)."""
+    n_heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
+    groups = n_heads // key.shape[1]
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    logits = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if mask is None and q_len > 1:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if zero_key is not None:
+        n_visible = visible_keys(mask, q_len, kv_len, query.device)
+        zero_logit = _zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible)
+        logits = torch.cat([zero_logit.unsqueeze(-1), logits], dim=-1)
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    p0, probs = (probs[..., 0], probs[..., 1:]) if zero_key is not None else (None, probs)
+    probs = F.dropout(probs, p=dropout, training=training)
+    return torch.matmul(probs, v), p0
+
+
+def _group_onehot(n_heads: int, groups: int, device, dtype) -> torch.Tensor:
+    """[H, G]: row h is the one-hot of head h's place within its KV group."""
+    return torch.eye(groups, device=device, dtype=dtype).repeat(n_heads // groups, 1)
+
+
+def _zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible):
+    """s0 = scale * q.z + b (+ log n): [B, H, T]."""
+    z = zero_key.repeat_interleave(query.shape[1] // zero_key.shape[0], dim=0)
+    s0 = torch.matmul(query, z.unsqueeze(-1)).squeeze(-1) * scaling + zero_bias[None, :, None]
+    return s0 + n_visible.clamp(min=1).log().to(query.dtype) if log_n else s0
+
+
+def _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_bias, log_n):
+    """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE).
+
+    Exact, and as fast as plain attention, but the LSE carries no gradient: only used
+    when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    n_visible = visible_keys(mask, q_len, kv_len, query.device)
+    is_causal = mask is None and q_len > 1
+    if is_causal and q_len != kv_len:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+        is_causal = False
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
+    )
+    if mask is not None:  # rows with no visible key: only the zero token is left
+        lse = lse.masked_fill(n_visible == 0, float("-inf"))
+    p0 = torch.sigmoid(_zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible) - lse.to(query.dtype))
+    return out.mul_((1 - p0).unsqueeze(-1)), p0
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def zero_token_attention_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    zero_key: torch.Tensor,
+    zero_bias: torch.Tensor,
+    log_n: bool = False,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused path through torch SDPA. Same contract as the eager reference."""
+    if query.device.type == "cpu" and dropout == 0.0 and not _needs_grad(query, key, value, zero_key, zero_bias):
+        return _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_bias, log_n)
+    batch, n_heads, q_len, head_dim = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv
+    extra = groups + int(log_n)  # query/key channels added; >= 1, so the p0 value channel fits too
+    dtype, device = query.dtype, query.device
+
+    # query: [q, onehot(head in group), log n]
+    q_extra = [_group_onehot(n_heads, groups, device, dtype)[None, :, None, :].expand(batch, -1, q_len, -1)]
+    if log_n:
+        n = visible_keys(mask, q_len, kv_len, device).clamp(min=1).log().to(dtype)
+        q_extra.append(n.unsqueeze(-1).expand(batch, n_heads, q_len, 1))
+    q = torch.cat([query, *q_extra], dim=-1)
+
+    # zero key: [z, b / scale, 1 / scale]; regular keys padded with zeros
+    zk = [zero_key, zero_bias.view(n_kv, groups) / scaling]
+    if log_n:
+        zk.append(torch.full((n_kv, 1), 1.0 / scaling, device=device, dtype=dtype))
+    zk = torch.cat(zk, dim=-1).to(dtype)[None, :, None, :].expand(batch, -1, 1, -1)
+    k = torch.cat([zk, F.pad(key, (0, extra))], dim=2)
+
+    # values: regular [v, 0], zero token [0, 1, 0...]: output channel head_dim is p0
+    zv = torch.zeros(batch, n_kv, 1, head_dim + extra, device=device, dtype=dtype)
+    zv[..., head_dim] = 1
+    v = torch.cat([zv, F.pad(value, (0, extra))], dim=2)
+
+    is_causal = False
+    if mask is None and q_len > 1:
+        if q_len == kv_len:
+            # a dummy query in front keeps the (T+1)x(T+1) causal pattern square: query i then
+            # sees the zero token plus keys 0..i, and the flash kernel stays available
+            q = torch.cat([q.new_zeros(batch, n_heads, 1, q.shape[-1]), q], dim=2)
+            is_causal = True
+        else:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+    if mask is not None:
+        first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
+        mask = torch.cat([first, mask], dim=-1)
+
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, enable_gqa=groups > 1
+    )
+    if is_causal:
+        out = out[:, :, 1:]
+    return out[..., :head_dim], out[..., head_dim]
+
+
+def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
+    """Adapt an implementation to transformers' attention-interface signature."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, ztt_zero=None, **kwargs):
+        if ztt_zero is None:
+            return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        kw = {"training": module.training} if impl is zero_token_attention_eager else {}
+        out, p0 = impl(
+            query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n, dropout, **kw
+        )
+        if ztt_zero.sink is not None:
+            ztt_zero.sink(p0)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+ztt_sdpa_attention = _zero_token_interface(zero_token_attention_sdpa, sdpa_attention_forward)
+
+
+def plain_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Eager attention for layers without a zero token; works for every family (GQA or not)."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, _ = zero_token_attention_eager(
+        query, key, value, attention_mask, scaling, None, None, dropout=dropout, training=module.training
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+ztt_eager_attention = _zero_token_interface(zero_token_attention_eager, plain_eager_attention)
+
+
+def register() -> None:
+    """Make ``ztt_sdpa`` / ``ztt_eager`` known to transformers, each with its mask function."""
+    AttentionInterface.register("ztt_sdpa", ztt_sdpa_attention)
+    AttentionMaskInterface.register("ztt_sdpa", sdpa_mask)
+    AttentionInterface.register("ztt_eager", ztt_eager_attention)
+    AttentionMaskInterface.register("ztt_eager", eager_mask)

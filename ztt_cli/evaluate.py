@@ -1,0 +1,31 @@
+"""Perplexity on fixed token windows (the quality measure used by convert --init auto and tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping ``window``-token windows of ``text``: [n, window]."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = min(n_windows, ids.numel() // window)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {window}")
+    return ids[: n * window].view(n, window)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean over windows of the mean next-token loss)."""
+    model.eval()
+    losses = []
+    for i in range(0, windows.shape[0], batch_size):
+        batch = windows[i : i + batch_size].to(model.device)
+        logits = model(input_ids=batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        )
+        losses.extend(loss.view(batch.shape[0], -1).mean(1).tolist())
+    return math.exp(sum(losses) / len(losses))

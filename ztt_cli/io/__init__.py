@@ -1,0 +1,1 @@
+"""Reading sources, fetching built-in assets, writing checkpoints."""

@@ -1,0 +1,82 @@
+"""Writing checkpoint folders atomically, with provenance (``ztt.json``) and a model card."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import OutputExistsError, ZTTError
+
+PROVENANCE = "ztt.json"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be written."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise ZTTError(f"the folder '{parent}' does not exist", hint="create it first or choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise ZTTError(f"cannot write into '{parent}'", hint="choose an --out in a writable folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on any failure it vanishes.
+
+    A crash at any point leaves either the old ``out`` or the new one, never a partial one."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "ztt": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_provenance(folder: Path) -> dict:
+    path = Path(folder) / PROVENANCE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,125 @@
+"""The layout: head / block x cycles / tail, and how unrolled positions map to layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import LayoutError
+
+InitStrategy = Literal["lower", "upper", "stepwise", "average"]
+INIT_STRATEGIES: tuple[InitStrategy, ...] = ("lower", "upper", "stepwise", "average")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One unrolled position: which unique layer runs there, and at which cycle."""
+
+    index: int  # unrolled depth, also the KV-cache slot
+    unique: int  # index into the unique layers [head..., block..., tail...]
+    cycle: int | None  # 1..C for block positions, None for head/tail
+    position: int | None  # j in 0..K-1 within the block
+
+
+@dataclass(frozen=True)
+class Layout:
+    head: int
+    block: int
+    cycles: int
+    tail: int
+
+    @property
+    def unique_layers(self) -> int:
+        return self.head + self.block + self.tail
+
+    @property
+    def depth(self) -> int:
+        """Unrolled depth: layers run at full depth."""
+        return self.head + self.block * self.cycles + self.tail
+
+    @property
+    def speedup_bound(self) -> float:
+        """Compute speedup of exiting after cycle 1 on every token (the most early exit can give)."""
+        return self.depth / (self.head + self.block + self.tail)
+
+    def __str__(self) -> str:
+        return f"{self.head}/{self.block}×{self.cycles}/{self.tail}"
+
+    def slots(self) -> list[Slot]:
+        out = [Slot(i, i, None, None) for i in range(self.head)]
+        for c in range(self.cycles):
+            for j in range(self.block):
+                out.append(Slot(len(out), self.head + j, c + 1, j))
+        for i in range(self.tail):
+            out.append(Slot(len(out), self.head + self.block + i, None, None))
+        return out
+
+    def source_layers(self, n_layers: int, init: InitStrategy) -> list[list[int]]:
+        """For each unique layer, the source layers its weights come from (averaged if several).
+
+        The middle span m_0..m_{K*C-1} is source layers head..n_layers-tail-1."""
+        m0, k, c = self.head, self.block, self.cycles
+        block = {
+            "lower": lambda j: [m0 + j],
+            "upper": lambda j: [m0 + k * (c - 1) + j],
+            "stepwise": lambda j: [m0 + j * c],
+            "average": lambda j: [m0 + j + k * i for i in range(c)],
+        }[init]
+        return (
+            [[i] for i in range(self.head)]
+            + [block(j) for j in range(k)]
+            + [[n_layers - self.tail + i] for i in range(self.tail)]
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        n_layers: int,
+        head: int | None = None,
+        block: int | None = None,
+        cycles: int | None = None,
+        tail: int | None = None,
+    ) -> "Layout":
+        """Fill in what the user left out, then check the layout against the source depth.
+
+        Default: cycles 2, head = tail = a third of the layers, the middle shared in two."""
+        for name, value in (("head", head), ("block", block), ("cycles", cycles), ("tail", tail)):
+            if value is not None and value < 0:
+                raise LayoutError(f"--{name} must not be negative (got {value})", hint="give a size >= 0")
+        for name, value in (("block", block), ("cycles", cycles)):
+            if value == 0:
+                raise LayoutError(f"--{name} must be at least 1", hint="a shared block needs one layer and one cycle")
+        cycles = 2 if cycles is None else cycles
+        if head is None and tail is None and block is None:
+            head = tail = n_layers // 3
+            head += (n_layers - head - tail) % cycles  # keep the middle divisible
+        if head is None or tail is None:
+            rest = n_layers - (block * cycles if block is not None else 0)
+            if block is None:  # one of head/tail given: mirror it
+                head = tail if head is None else head
+                tail = head if tail is None else tail
+            elif head is None and tail is None:
+                head, tail = rest - rest // 2, rest // 2
+            elif head is None:
+                head = rest - tail
+            else:
+                tail = rest - head
+            if head < 0 or tail < 0:
+                raise LayoutError(
+                    f"block {block} × cycles {cycles} needs more than the source's {n_layers} layers",
+                    hint="choose a smaller --block or fewer --cycles",
+                )
+        middle = n_layers - head - tail
+        if middle <= 0:
+            raise LayoutError(
+                f"head {head} + tail {tail} leaves no middle layers to share (source has {n_layers} layers)",
+                hint=f"choose --head + --tail below {n_layers}",
+            )
+        if block is None:
+            block = middle // cycles
+        if block < 1 or block * cycles != middle:
+            raise LayoutError(
+                f"the middle span of {middle} layers is not divisible into block {block} × cycles {cycles}",
+                hint=f"choose --block and --cycles whose product is {middle}, or change --head/--tail",
+            )
+        return cls(head, block, cycles, tail)

@@ -1,0 +1,252 @@
+"""The Zero-Token Transformer: a pretrained model whose middle layers share one block.
+
+``ZTTForCausalLM`` wraps the source family's own ``*ForCausalLM`` (embeddings,
+masks, rotary embeddings, final norm, lm_head, KV cache are all the family's code)
+and replaces its decoder-layer list with *slots*, one per unrolled position. A slot
+refers to a unique layer (not registered, so each weight exists once), points
+that layer at its unrolled index (KV-cache slot, per-index attributes) and, for
+block positions, hands its attention call the zero-token pool entry of its cycle.
+
+The unique layers live in ``self.layers`` as [head..., block..., tail...]; the
+pool in ``self.pool`` (key [C, K, n_kv_heads, head_dim], bias [C, K, n_heads]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import attention
+from .architecture import Family, family_for
+from .layout import Layout
+
+
+class ZTTConfig(PreTrainedConfig):
+    """``text_config`` is the source model's config (its own depth, unrolled); the rest is ours."""
+
+    model_type = "ztt"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    head: int = 0
+    block: int = 1
+    cycles: int = 1
+    tail: int = 0
+    pool: bool = True  # a zero-token pool; False: head-tail cycling without a zero token
+    pool_bias_init: float = -6.0
+    pool_key_std: float = 0.02
+    zero_logit_log_n: bool = False  # add log(#visible keys) to the zero logit
+    exit_signal: str = "zero-attention"
+    exit_threshold: float = 2.0  # > 1: never exit early
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # tying is the source model's business; mirror it so the composite model ties too
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.head, self.block, self.cycles, self.tail)
+
+
+@dataclass
+class ZTTCausalLMOutput(CausalLMOutputWithPast):
+    """``zero_attention``: per-token zero attention, [batch, cycles, block layers, tokens], mean over heads."""
+
+    zero_attention: torch.Tensor | None = None
+
+
+class ZeroTokenPool(nn.Module):
+    def __init__(self, cycles: int, block: int, n_kv_heads: int, n_heads: int, head_dim: int, key_std, bias_init):
+        super().__init__()
+        self.key = nn.Parameter(torch.empty(cycles, block, n_kv_heads, head_dim))
+        self.bias = nn.Parameter(torch.empty(cycles, block, n_heads))
+        self.key_std, self.bias_init = key_std, bias_init
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.key.normal_(0.0, self.key_std)
+        self.bias.fill_(self.bias_init)
+
+
+class _ForwardRecord:
+    """What the slots of one forward pass write down (plain object, shared by all slots)."""
+
+    def __init__(self):
+        self.zero: dict[tuple[int, int], torch.Tensor] = {}
+        self.pool_on = True
+
+    def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
+        self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
+
+    def zero_attention(self, layout: Layout) -> torch.Tensor | None:
+        if not self.zero:
+            return None
+        rows = [
+            torch.stack([self.zero[(c, j)].mean(1) for j in range(layout.block)], dim=1)
+            for c in range(1, layout.cycles + 1)
+        ]
+        return torch.stack(rows, dim=1)  # [B, C, K, T]
+
+
+class LayerSlot(nn.Module):
+    """One unrolled position. Holds its layer by reference so shared weights are registered once."""
+
+    def __init__(self, layer: nn.Module, slot, family: Family, model: "ZTTForCausalLM"):
+        super().__init__()
+        self.index, self.cycle, self.position = slot.index, slot.cycle, slot.position
+        self._refs = (layer, family, model)  # a tuple: not registered as submodules
+
+    def extra_repr(self) -> str:
+        where = f"cycle={self.cycle}, position={self.position}" if self.cycle else "unshared"
+        return f"index={self.index}, {where}"
+
+    def forward(self, hidden_states, *args, **kwargs):
+        layer, family, model = self._refs
+        family.point_at(layer, self.index, model.inner.config)
+        record = model._record
+        if self.cycle is not None and model.pool is not None and record.pool_on:
+            c, j = self.cycle - 1, self.position
+            kwargs["ztt_zero"] = attention.ZeroToken(
+                key=model.pool.key[c, j],
+                bias=model.pool.bias[c, j],
+                log_n=model.config.zero_logit_log_n,
+                sink=partial(record.put, self.cycle, j),
+            )
+        return layer(hidden_states, *args, **kwargs)
+
+
+class ZTTPreTrainedModel(PreTrainedModel):
+    config_class = ZTTConfig
+    base_model_prefix = "ztt"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, ZeroTokenPool):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
+    def __init__(self, config: ZTTConfig, source: PreTrainedModel | None = None):
+        """Build from ``config`` alone (random weights, filled by ``from_pretrained``), or around a
+        loaded ``source`` model whose layers are taken as they are (see :func:`ztt_cli.convert`)."""
+        super().__init__(config)
+        layout = config.layout
+        text_config = config.text_config
+        family = family_for(text_config.model_type)
+        impl = config._attn_implementation if config._attn_implementation in attention.ATTENTION_NAMES else "sdpa"
+        if source is None:
+            source = AutoModelForCausalLM.from_config(_config_with_depth(text_config, layout.unique_layers))
+            unique = list(family.layer_list(source))
+        else:
+            by_index = list(family.layer_list(source))
+            unique = [by_index[src[0]] for src in layout.source_layers(len(by_index), "lower")]
+        source.config.num_hidden_layers = layout.depth
+        if hasattr(text_config, "layer_types"):
+            source.config.layer_types = list(text_config.layer_types)
+        source.config._attn_implementation = attention.ATTENTION_NAMES[impl]
+        self.inner = source
+        self._family = family
+        self.layers = nn.ModuleList(unique)
+        self.pool = (
+            ZeroTokenPool(
+                layout.cycles,
+                layout.block,
+                text_config.num_key_value_heads if hasattr(text_config, "num_key_value_heads") else text_config.num_attention_heads,
+                text_config.num_attention_heads,
+                getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
+                config.pool_key_std,
+                config.pool_bias_init,
+            )
+            if config.pool
+            else None
+        )
+        self._record = _ForwardRecord()
+        slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots()]
+        family.set_layer_list(self.inner, nn.ModuleList(slots))
+        self.post_init()
+
+    # --- plumbing transformers expects -------------------------------------------------
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.inner.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.inner.set_output_embeddings(value)
+
+    # --- the model ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def pool_disabled(self):
+        """Run as plain weight sharing (head-tail cycling), pool untouched."""
+        before, self._record.pool_on = self._record.pool_on, False
+        try:
+            yield self
+        finally:
+            self._record.pool_on = before
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> ZTTCausalLMOutput:
+        if "past_key_values" in kwargs:  # older spelling of the cache argument
+            cache = kwargs.pop("past_key_values")
+        self._record.zero = {}
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        zero = self._record.zero_attention(self.config.layout)
+        self._record.zero = {}
+        return ZTTCausalLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            cache=getattr(out, "cache", None),
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            zero_attention=zero,
+        )
+
+    def parameter_counts(self) -> dict[str, int]:
+        layers = sum(p.numel() for p in self.layers.parameters())
+        pool = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "layers": layers, "pool": pool, "other": total - layers - pool}
+
+
+def _config_with_depth(text_config: PreTrainedConfig, depth: int) -> PreTrainedConfig:
+    """A copy of the source config with ``depth`` layers, to build the unique layers."""
+    cfg = copy.deepcopy(text_config)
+    cfg.num_hidden_layers = depth
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types[:depth])
+    return cfg
+
+
+def register() -> None:
+    attention.register()
+    AutoConfig.register("ztt", ZTTConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ZTTConfig, ZTTForCausalLM, exist_ok=True)
