@@ -1,0 +1,106 @@
+"""The command line: help, version, the convert summary, and one clear line for every bad input."""
+
+import pytest
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from typer.testing import CliRunner
+
+from ztt_cli import __version__
+from ztt_cli.cli import app
+
+from .fixtures import save_source, tokenizer
+
+runner = CliRunner()
+COMMANDS = ["convert", "finetune", "calibrate", "eval", "export", "generate", "validate", "run"]
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_with_examples(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Example" in result.stdout and f"ztt {command}" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS[1:])
+def test_unbuilt_commands_say_so(command):
+    result = runner.invoke(app, [command, "ckpt", "--some-option", "x"])
+    assert result.exit_code == 2 and "not available yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_convert_prints_summary(tmp_path):
+    src = save_source("llama", tmp_path / "src")
+    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "out"), "--init", "lower"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "2/1×2/2" in text and "derived from the source depth" in text
+    assert "saved" in text and "compute bound" in text and "1.20×" in text
+    assert "■■ ▣ ▣ ■■" in text  # the layout drawn as a row of blocks
+
+
+def _unsupported(tmp_path):
+    cfg = GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=len(tokenizer()))
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    tokenizer().save_pretrained(tmp_path / "neox")
+    return [str(tmp_path / "neox")]
+
+
+def _truncated(tmp_path):
+    src = save_source("llama", tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return [str(src), "--init", "lower"]
+
+
+def _not_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    return [str(path)]
+
+
+def _layout(*extra):
+    return lambda tmp_path: [str(save_source("llama", tmp_path / "src")), *extra]
+
+
+BAD_INPUTS = {
+    "missing path": (lambda tmp_path: ["./no/such/model"], "no such file"),
+    "hub id offline": (lambda tmp_path: ["someorg/some-model"], "cannot reach the model hub"),
+    "unsupported architecture": (_unsupported, "not supported"),
+    "head + tail >= layers": (_layout("--head", "3", "--tail", "3"), "no middle"),
+    "not divisible": (_layout("--head", "1", "--tail", "2", "--cycles", "2"), "not divisible"),
+    "zero block": (_layout("--block", "0"), "at least 1"),
+    "zero cycles": (_layout("--cycles", "0"), "at least 1"),
+    "negative size": (_layout("--head", "-1"), "negative"),
+    "truncated safetensors": (_truncated, "cannot read the weights"),
+    "gguf that is not a model": (_not_gguf, "not a readable GGUF"),
+    "unknown init": (_layout("--init", "random"), "--init"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, cache_dir):
+    make_args, words = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", *make_args(tmp_path), "--out", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "hint:" in lines[0], result.stderr
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_kept(tmp_path):
+    src = save_source("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    result = runner.invoke(app, ["convert", str(src), "--out", str(out), "--init", "lower"])
+    assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "mine.txt").read_text() == "precious"
+    result = runner.invoke(app, ["convert", str(src), "--out", str(out), "--init", "lower", "--overwrite"])
+    assert result.exit_code == 0 and not (out / "mine.txt").exists()

@@ -1,0 +1,113 @@
+"""`ztt convert` as a library call: outputs, provenance, init strategies, sharding, atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from ztt_cli.convert import convert
+from ztt_cli.errors import OutputExistsError
+from ztt_cli.io.sources import weights_sha256
+from ztt_cli.modeling import ZTTForCausalLM
+from ztt_cli.options import ConvertOptions
+
+from .fixtures import FAMILIES, corpus, save_source, source_model, token_ids
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(corpus(300, seed=1))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_no_share_reproduces_source(family, tmp_path):
+    src_dir = save_source(family, tmp_path / "src")
+    out = tmp_path / "out"
+    result = convert(ConvertOptions(source=str(src_dir), out=out, head=1, tail=1, block=4, cycles=1, init="lower", pool=False))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "ztt.json", "README.md"):
+        assert (out / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(model, ZTTForCausalLM)
+    ids = token_ids(length=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source_model(family)(ids).logits, atol=1e-5, rtol=0)
+    prov = json.loads((out / "ztt.json").read_text())
+    assert prov["source"]["sha256"] == weights_sha256(src_dir) == result.source.sha256
+    assert prov["source"]["layers"] == 6 and prov["layout"] == {"head": 1, "block": 4, "cycles": 1, "tail": 1}
+    stage = prov["stages"][0]
+    assert stage["stage"] == "convert" and stage["options"]["init"] == "lower"
+    assert {"ztt", "torch", "transformers"} <= set(stage["versions"])
+    assert stage["weights_sha256"] == weights_sha256(out)
+    card = (out / "README.md").read_text()
+    assert "1/4×1/1" in card and f"{result.params['total']:,}" in card
+
+
+def test_convert_derives_layout_and_writes_pool(tmp_path):
+    src_dir = save_source("llama", tmp_path / "src")
+    result = convert(ConvertOptions(source=str(src_dir), out=tmp_path / "out", init="lower"))
+    assert str(result.layout) == "2/1×2/2"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.pool.bias.shape == (2, 1, 4) and torch.all(model.pool.bias == -6)
+    assert result.params["total"] == model.num_parameters() < result.source_params
+
+
+@pytest.mark.parametrize("strategy", ["upper", "stepwise", "average"])
+def test_init_strategies_take_documented_weights(strategy, tmp_path):
+    src_dir = save_source("llama", tmp_path / "src")
+    convert(ConvertOptions(source=str(src_dir), out=tmp_path / "out", head=1, tail=1, block=2, cycles=2, init=strategy))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    src = source_model("llama")
+    tied = {"upper": [[3], [4]], "stepwise": [[1], [3]], "average": [[1, 3], [2, 4]]}[strategy]
+    for j, ids in enumerate(tied):
+        expected = torch.stack([src.model.layers[i].mlp.up_proj.weight for i in ids]).mean(0)
+        torch.testing.assert_close(model.layers[1 + j].mlp.up_proj.weight, expected)
+    torch.testing.assert_close(model.layers[0].mlp.up_proj.weight, src.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(model.layers[3].mlp.up_proj.weight, src.model.layers[5].mlp.up_proj.weight)
+
+
+def test_auto_init_keeps_the_best_strategy(tmp_path, calib_file):
+    src_dir = save_source("gpt2", tmp_path / "src")
+    result = convert(
+        ConvertOptions(source=str(src_dir), out=tmp_path / "out", head=1, tail=1, block=2, cycles=2, calib_data=calib_file)
+    )
+    assert set(result.init_scores) == {"lower", "upper", "stepwise", "average"}
+    assert result.init == min(result.init_scores, key=result.init_scores.get)
+    prov = json.loads((tmp_path / "out" / "ztt.json").read_text())
+    assert prov["stages"][0]["metrics"]["init"] == result.init
+
+
+def test_sharded_output_and_dtype(tmp_path):
+    src_dir = save_source("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    convert(ConvertOptions(source=str(src_dir), out=out, init="lower", shard_size="20KB", dtype="bfloat16"))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    with safe_open(shards[0], "pt") as st:
+        assert st.get_tensor(next(iter(st.keys()))).dtype == torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_crash_leaves_nothing_and_keeps_existing_output(tmp_path, monkeypatch):
+    src_dir = save_source("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(OutputExistsError):
+        convert(ConvertOptions(source=str(src_dir), out=out, init="lower"))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ZTTForCausalLM, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        convert(ConvertOptions(source=str(src_dir), out=out, init="lower", overwrite=True))
+    assert (out / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary sibling left
+    monkeypatch.undo()
+    convert(ConvertOptions(source=str(src_dir), out=out, init="lower", overwrite=True))
+    assert not (out / "keep.txt").exists() and (out / "ztt.json").is_file()
