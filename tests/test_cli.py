@@ -104,3 +104,18 @@ def test_existing_output_is_kept(tmp_path):
     assert (out / "mine.txt").read_text() == "precious"
     result = runner.invoke(app, ["convert", str(src), "--out", str(out), "--init", "lower", "--overwrite"])
     assert result.exit_code == 0 and not (out / "mine.txt").exists()
+
+
+def test_unwritable_output_folder(tmp_path):
+    src = save_source("llama", tmp_path / "src")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = runner.invoke(app, ["convert", str(src), "--out", str(blocker / "out"), "--init", "lower"])
+    assert result.exit_code == 2 and "cannot write" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and blocker.read_text() == "not a folder"
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    src = save_source("llama", tmp_path / "src")
+    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "runs" / "deep" / "out"), "--init", "lower"])
+    assert result.exit_code == 0 and (tmp_path / "runs" / "deep" / "out" / "ztt.json").is_file()

@@ -21,9 +21,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ZTTError(f"the folder '{parent}' does not exist", hint="create it first or choose another --out")
-    if not os.access(parent, os.W_OK):
+    while not parent.exists():  # missing parents are created when writing
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ZTTError(f"cannot write into '{parent}'", hint="choose an --out in a writable folder")
 
 
@@ -33,6 +33,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
 
     A crash at any point leaves either the old ``out`` or the new one, never a partial one."""
     out = Path(out)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     umask = os.umask(0)
     os.umask(umask)
