@@ -30,7 +30,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _quiet_libraries() -> None:
     """Library progress bars and warnings would break the one-line error contract."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the GGUF dequantiser draws its own bar
     import transformers
     from huggingface_hub.utils import disable_progress_bars
 

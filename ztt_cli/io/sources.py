@@ -5,7 +5,9 @@ GGUF files are dequantised once into a plain folder in the cache."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -61,9 +63,10 @@ def _dequantise_gguf(path: Path, sha: str) -> Path:
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:  # the dequantiser draws its own progress bar on stderr: keep stderr for our messages
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises many kinds of errors for files that are not models
         raise SourceError(f"'{path}' is not a readable GGUF model ({type(e).__name__})", hint=f"give {ALTERNATIVES}")
     # a model loaded from GGUF is flagged as quantised and refuses save_pretrained: rebuild a plain one
