@@ -68,7 +68,6 @@ def zero_token_attention_eager(
     zero_bias: torch.Tensor | None,
     log_n: bool = False,
     dropout: float = 0.0,
-    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference implementation. Returns (out [B, H, T, D], p0 [B, H, T]).
 
@@ -87,7 +86,7 @@ def zero_token_attention_eager(
         logits = torch.cat([zero_logit.unsqueeze(-1), logits], dim=-1)
     probs = logits.softmax(dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     p0, probs = (probs[..., 0], probs[..., 1:]) if zero_key is not None else (None, probs)
-    probs = F.dropout(probs, p=dropout, training=training)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)  # transformers passes 0 outside training
     return torch.matmul(probs, v), p0
 
 
@@ -196,10 +195,7 @@ def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
         if ztt_zero is None:
             return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        kw = {"training": module.training} if impl is zero_token_attention_eager else {}
-        out, p0 = impl(
-            query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n, dropout, **kw
-        )
+        out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n, dropout)
         if ztt_zero.sink is not None:
             ztt_zero.sink(p0)
         return out.transpose(1, 2).contiguous(), None
@@ -213,9 +209,7 @@ ztt_sdpa_attention = _zero_token_interface(zero_token_attention_sdpa, sdpa_atten
 def plain_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Eager attention for layers without a zero token; works for every family (GQA or not)."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out, _ = zero_token_attention_eager(
-        query, key, value, attention_mask, scaling, None, None, dropout=dropout, training=module.training
-    )
+    out, _ = zero_token_attention_eager(query, key, value, attention_mask, scaling, None, None, dropout=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

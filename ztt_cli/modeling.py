@@ -162,16 +162,11 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         self.inner = source
         self._family = family
         self.layers = nn.ModuleList(unique)
+        n_heads = text_config.num_attention_heads
+        n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
         self.pool = (
-            ZeroTokenPool(
-                layout.cycles,
-                layout.block,
-                text_config.num_key_value_heads if hasattr(text_config, "num_key_value_heads") else text_config.num_attention_heads,
-                text_config.num_attention_heads,
-                getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
-                config.pool_key_std,
-                config.pool_bias_init,
-            )
+            ZeroTokenPool(layout.cycles, layout.block, n_kv, n_heads, head_dim, config.pool_key_std, config.pool_bias_init)
             if config.pool
             else None
         )
