@@ -85,16 +85,17 @@ class _ForwardRecord:
     def __init__(self):
         self.zero: dict[tuple[int, int], torch.Tensor] = {}
         self.pool_on = True
+        self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
 
-    def zero_attention(self, layout: Layout) -> torch.Tensor | None:
+    def zero_attention(self, layout: Layout, cycles: int | None = None) -> torch.Tensor | None:
         if not self.zero:
             return None
         rows = [
             torch.stack([self.zero[(c, j)].mean(1) for j in range(layout.block)], dim=1)
-            for c in range(1, layout.cycles + 1)
+            for c in range(1, (cycles or layout.cycles) + 1)
         ]
         return torch.stack(rows, dim=1)  # [B, C, K, T]
 
@@ -113,8 +114,10 @@ class LayerSlot(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         layer, family, model = self._refs
-        family.point_at(layer, self.index, model.inner.config)
         record = model._record
+        if self.cycle is not None and record.exit_after is not None and self.cycle > record.exit_after:
+            return hidden_states  # exited: straight on to the tail
+        family.point_at(layer, self.index, model.inner.config)
         if self.cycle is not None and model.pool is not None and record.pool_on:
             c, j = self.cycle - 1, self.position
             kwargs["ztt_zero"] = attention.ZeroToken(
@@ -199,10 +202,16 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             self._record.pool_on = before
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> ZTTCausalLMOutput:
+                labels=None, use_cache=None, logits_to_keep=0, exit_after: int | None = None,
+                **kwargs) -> ZTTCausalLMOutput:
+        """``exit_after=c`` runs cycles 1..c only, then the tail (the exit after cycle c, for every token;
+        without a KV cache)."""
         if "past_key_values" in kwargs:  # older spelling of the cache argument
             cache = kwargs.pop("past_key_values")
+        if exit_after is not None and (use_cache or cache is not None):
+            raise ValueError("exit_after is for uncached passes (training and scoring)")
         self._record.zero = {}
+        self._record.exit_after = exit_after
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -214,8 +223,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        zero = self._record.zero_attention(self.config.layout)
-        self._record.zero = {}
+        zero = self._record.zero_attention(self.config.layout, cycles=exit_after)
+        self._record.zero, self._record.exit_after = {}, None
         return ZTTCausalLMOutput(
             loss=out.loss,
             logits=out.logits,
