@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from pydantic import BaseModel
 
 from . import __version__
 from .errors import NotAvailableError, ZTTError
-from .options import ConvertOptions, default, help_of
+from .options import ConvertOptions, FinetuneOptions
 
 app = typer.Typer(
     name="ztt",
@@ -57,11 +60,6 @@ def main(
     """Convert, heal, calibrate, evaluate and export Zero-Token Transformers."""
 
 
-def _o(name: str, *flags: str, **kw):
-    """A typer option whose default and help come from ConvertOptions."""
-    return typer.Option(default(ConvertOptions, name), *flags, help=help_of(ConvertOptions, name), **kw)
-
-
 def draw_layout(layout) -> Text:
     row = Text()
     row.append("■" * layout.head, style="green")
@@ -75,50 +73,84 @@ def draw_layout(layout) -> Text:
     return row
 
 
-@app.command(
-    epilog="Examples:\n\n  ztt convert smollm2-135m --out runs/smol-ztt\n\n"
-    "  ztt convert ./my-llama --out runs/llama-ztt --head 4 --tail 4 --block 11 --cycles 2 --init lower\n\n"
-    "  ztt convert model.gguf --out runs/m --no-pool --dtype bfloat16"
+def _cli_type(annotation):
+    """Typer-friendly type for a pydantic field: Literal -> str (pydantic checks it), X | None -> Optional[X]."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, args
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        typ, choices = _cli_type(inner)
+        return Optional[typ], choices
+    return annotation, ()
+
+
+def options_command(name: str, model: type[BaseModel], positional: tuple[str, ...], examples: list[str]):
+    """Register a command whose options are generated from ``model``: one source of defaults and help."""
+
+    def decorator(run: Callable[[BaseModel], None]):
+        params = []
+        for field_name, f in model.model_fields.items():
+            typ, choices = _cli_type(f.annotation)
+            help_text = (f.description or "") + (f" (one of: {', '.join(choices)})" if choices else "")
+            flag = "--" + field_name.replace("_", "-")
+            if field_name in positional:
+                default = typer.Argument(..., help=help_text, show_default=False)
+            elif f.is_required():
+                default = typer.Option(..., flag, help=help_text, show_default=False)
+            elif typ is bool and f.default:
+                default = typer.Option(True, f"{flag}/--no-{field_name.replace('_', '-')}", help=help_text)
+            elif typ is bool:
+                default = typer.Option(False, flag, help=help_text, show_default=False)
+            else:
+                default = typer.Option(f.default, flag, help=help_text)
+            params.append(inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ))
+
+        def command(**kwargs) -> None:
+            from pydantic import ValidationError
+
+            try:
+                opts = model(**kwargs)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = "--" + "-".join(map(str, first["loc"])).replace("_", "-")
+                _fail(ZTTError(f"{where}: {first['msg']}", hint=f"see ztt {name} --help"))
+            _quiet_libraries()
+            try:
+                run(opts)
+            except ZTTError as e:
+                _fail(e)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = run.__doc__
+        epilog = "Examples:\n\n" + "\n\n".join(f"  {e}" for e in examples)
+        app.command(name, epilog=epilog)(command)
+        return run
+
+    return decorator
+
+
+@options_command(
+    "convert",
+    ConvertOptions,
+    positional=("source",),
+    examples=[
+        "ztt convert smollm2-135m --out runs/smol-ztt",
+        "ztt convert ./my-llama --out runs/llama-ztt --head 4 --tail 4 --block 11 --cycles 2 --init lower",
+        "ztt convert model.gguf --out runs/m --no-pool --dtype bfloat16",
+    ],
 )
-def convert(
-    source: str = typer.Argument(..., help=help_of(ConvertOptions, "source")),
-    out_dir: Path = typer.Option(..., "--out", help=help_of(ConvertOptions, "out")),
-    head: Optional[int] = _o("head", "--head"),
-    tail: Optional[int] = _o("tail", "--tail"),
-    block: Optional[int] = _o("block", "--block"),
-    cycles: Optional[int] = _o("cycles", "--cycles"),
-    init: str = _o("init", "--init"),
-    no_pool: bool = typer.Option(False, "--no-pool", help="no zero-token pool: plain head-tail cycling"),
-    log_n: bool = _o("log_n", "--log-n"),
-    dtype: str = _o("dtype", "--dtype"),
-    shard_size: str = _o("shard_size", "--shard-size"),
-    calib_data: Optional[Path] = _o("calib_data", "--calib-data"),
-    overwrite: bool = _o("overwrite", "--overwrite"),
-) -> None:
+def convert(opts: ConvertOptions) -> None:
     """Turn a pretrained model into a Zero-Token Transformer checkpoint.
 
     SOURCE is a hub id, a local Hugging Face folder, a .gguf file, or the built-in [bold]smollm2-135m[/].
     Unset layout sizes are derived from the source depth (two cycles, head = tail = a third).
     """
-    from pydantic import ValidationError
-
-    try:
-        opts = ConvertOptions(
-            source=source, out=out_dir, head=head, tail=tail, block=block, cycles=cycles, init=init,
-            pool=not no_pool, log_n=log_n, dtype=dtype, shard_size=shard_size, calib_data=calib_data,
-            overwrite=overwrite,
-        )
-    except ValidationError as e:
-        first = e.errors()[0]
-        _fail(ZTTError(f"--{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}", hint="see ztt convert --help"))
-    _quiet_libraries()
     from .convert import convert as run_convert
 
-    try:
-        with err.status("converting…") as status:
-            result = run_convert(opts, progress=lambda m: status.update(m))
-    except ZTTError as e:
-        _fail(e)
+    with err.status("converting…") as status:
+        result = run_convert(opts, progress=lambda m: status.update(m))
+    head, tail, block, cycles = opts.head, opts.tail, opts.block, opts.cycles
     lay = result.layout
     derived = any(v is None for v in (head, tail, block, cycles))
     out.print(f"[bold]{result.source.ref}[/] → [bold]{result.out}[/]  layout [bold]{lay}[/]" + (" (derived from the source depth)" if derived else ""))
@@ -140,6 +172,60 @@ def convert(
         out.print(f"init [bold]{result.init}[/]")
 
 
+@options_command(
+    "finetune",
+    FinetuneOptions,
+    positional=("checkpoint",),
+    examples=[
+        "ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000",
+        "ztt finetune runs/smol-ztt --data notes/ --text-field body --out runs/h --steps 500 --trainable block+pool",
+        "torchrun --nproc-per-node 2 -m ztt_cli finetune runs/smol-ztt --data shakespeare --out runs/h --steps 500",
+        "ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000 --resume",
+    ],
+)
+def finetune(opts: FinetuneOptions) -> None:
+    """Heal a converted model: distillation from its source, the exit-aware loss and the zero token's
+    exit objective. Resumable (--resume), Ctrl-C saves; runs under torchrun as well.
+
+    The run lives in OUT.partial/ (checkpoint, train_log.jsonl) until it finishes.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .finetune import finetune as run_finetune
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    bar = Progress(
+        TextColumn("[bold]healing"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=err, disable=not rank0,
+    )
+    task = None
+    state = {"info": ""}
+
+    def on_event(e: dict) -> None:
+        nonlocal task
+        if e["event"] == "start":
+            task = bar.add_task("heal", total=e["total"], completed=e["step"], info="")
+            err.print(f"{e['train_blocks']} training and {e['val_blocks']} validation sequences, {e['world']} process(es)")
+        elif e["event"] == "step":
+            state["info"] = f"loss {e['loss']:.3f} · {e['tokens_per_s']:,.0f} tok/s"
+            bar.update(task, completed=e["step"], info=state["info"] + state.get("val", ""))
+        elif e["event"] == "val":
+            state["val"] = f" · val {e['val_loss']:.3f}"
+            bar.update(task, info=state["info"] + state["val"])
+
+    with bar:
+        result = run_finetune(opts, progress=on_event)
+    if not rank0:
+        return
+    if result.out is None:
+        out.print(f"stopped at step {result.steps} as asked; continue with --resume")
+        return
+    m = result.metrics
+    val = f", validation loss {m['val_loss']:.3f} (perplexity {m['val_ppl']:.2f})" if "val_loss" in m else ""
+    out.print(f"healed [bold]{result.out}[/]: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s{val}")
+
+
 def _not_yet(name: str, summary: str, example: str):
     def command(ctx: typer.Context) -> None:
         _fail(NotAvailableError(f"`ztt {name}` is not available yet in ztt {__version__}", hint="`ztt convert` works today"))
@@ -152,7 +238,6 @@ def _not_yet(name: str, summary: str, example: str):
     )(command)
 
 
-_not_yet("finetune", "Heal a converted model by fine-tuning with distillation.", "ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed")
 _not_yet("calibrate", "Pick the early-exit threshold for a target speedup.", "ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25")
 _not_yet("eval", "Score a checkpoint with lm-evaluation-harness.", "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl")
 _not_yet("export", "Export a checkpoint for others to load.", "ztt export runs/smol-healed --out dist/smol --format remote-code")

@@ -55,3 +55,44 @@ def default(model: type[BaseModel], name: str):
 
 def help_of(model: type[BaseModel], name: str) -> str:
     return model.model_fields[name].description or ""
+
+
+class FinetuneOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="ZTT checkpoint folder to heal")
+    data: str = Field(description="shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+    out: Path = Field(description="output checkpoint folder")
+    text_field: str = Field("text", description="field holding the text in .jsonl/.parquet/hub data")
+    seq_len: int = Field(512, ge=8, description="tokens per training sequence")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of documents held out for validation")
+    seed: int = Field(0, description="seed for the data split, order and dropout")
+    teacher: str | None = Field(None, description="teacher model (default: the source recorded in ztt.json)")
+    no_teacher: bool = Field(False, description="no distillation: cross-entropy only")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="weight w of the distillation term")
+    kd_temperature: float = Field(1.0, gt=0, description="distillation temperature T")
+    exit_aware_weight: float = Field(0.25, ge=0, description="weight of the loss at exits after cycles 1..C-1")
+    exit_objective_weight: float = Field(1.0, ge=0, description="weight of the zero token's exit objective")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate of the weights")
+    pool_lr: float | None = Field(None, gt=0, description="learning rate of the zero-token pool (default 100x --lr)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to the pool)")
+    warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (or give --tokens)")
+    tokens: int | None = Field(None, ge=1, description="training tokens (or give --steps)")
+    batch_size: int = Field(4, ge=1, description="sequences per micro-batch and process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    trainable: Literal["all", "block", "block+pool", "pool"] = Field("all", description="what is trained")
+    log_every: int = Field(10, ge=1, description="steps between log lines")
+    eval_every: int = Field(50, ge=1, description="steps between validation passes")
+    val_batches: int = Field(4, ge=1, description="micro-batches per validation pass")
+    save_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    stop_at_step: int | None = Field(None, ge=1, description="save and stop at this step (continue with --resume)")
+    resume: bool = Field(False, description="continue the interrupted run for --out")
+    overwrite: bool = Field(False, description="replace --out (and discard an unfinished run for it)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPUs) or fp32")
+    grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+
+    @property
+    def effective_pool_lr(self) -> float:
+        return self.pool_lr if self.pool_lr is not None else 100 * self.lr
