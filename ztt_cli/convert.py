@@ -162,6 +162,8 @@ def convert(opts: ConvertOptions, progress: Progress = lambda message: None) -> 
                 "format": 1,
                 "source": {
                     "ref": src.ref, "kind": src.kind, "sha256": src.sha256, "model_type": config.model_type,
+                    # where a later stage (the healing teacher) finds the source again
+                    "path": str(Path(src.ref).expanduser().resolve()) if src.kind in ("local", "gguf") else None,
                     "layers": n_layers, "parameters": source_params,
                 },
                 "layout": {"head": layout.head, "block": layout.block, "cycles": layout.cycles, "tail": layout.tail},

@@ -29,3 +29,30 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
         )
         losses.extend(loss.view(batch.shape[0], -1).mean(1).tolist())
     return math.exp(sum(losses) / len(losses))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two flat tensors (ties broken by order)."""
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+@torch.no_grad()
+def exit_signal_correlation(model, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Per cycle c < C: Spearman correlation between the per-token zero attention of cycle c and
+    exp(-KL(exit after c || full depth)), the quantity the exit objective trains towards."""
+    from .losses import exit_target
+
+    model.eval()
+    signals: dict[int, list] = {}
+    targets: dict[int, list] = {}
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(model.device)
+        full = model(input_ids=ids)
+        for c in range(1, model.config.cycles):
+            exited = model(input_ids=ids, exit_after=c)
+            signals.setdefault(c, []).append(full.zero_attention[:, c - 1].mean(1).flatten().cpu())
+            targets.setdefault(c, []).append(exit_target(exited.logits, full.logits).flatten().cpu())
+    return {c: spearman(torch.cat(signals[c]), torch.cat(targets[c])) for c in signals}

@@ -117,7 +117,8 @@ def load_checkpoint(path: Path, dtype=torch.float32) -> ZTTForCausalLM:
 def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device):
     if opts.no_teacher or opts.kd_weight == 0:
         return None
-    ref = opts.teacher or provenance.get("source", {}).get("ref")
+    recorded = provenance.get("source", {})
+    ref = opts.teacher or recorded.get("path") or recorded.get("ref")
     if ref is None:
         raise ZTTError("no teacher: the checkpoint's ztt.json names no source", hint="pass --teacher MODEL or --no-teacher")
     src = sources.resolve(ref)
@@ -276,7 +277,7 @@ def finetune(opts: FinetuneOptions, progress: Progress = lambda event: None) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, opts.warmup))
     objective = HealingObjective(
         model, opts.kd_weight if teacher is not None else 0.0, opts.kd_temperature,
-        opts.exit_aware_weight, opts.exit_objective_weight,
+        opts.exit_aware_weight, opts.exit_objective_weight, opts.exit_objective,
     )
     wrapped = objective
     if ddp.world > 1:

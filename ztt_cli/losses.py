@@ -31,12 +31,32 @@ def exit_target(exit_logits, full_logits):
         return torch.exp(-kl.clamp(min=0))
 
 
+def exit_objective(signal: torch.Tensor, target: torch.Tensor, form: str = "rank") -> torch.Tensor:
+    """How far the zero attention ``signal`` is from ``target`` = exp(-KL(exit || full)), per token.
+
+    ``bce``: binary cross-entropy, pulling p0 to the target's level (its gradient wrt the zero
+    logit, p0 - target, does not vanish while p0 is small). Targets are often near 1, and p0 also
+    scales its layer's attention output by (1 - p0), so this can damp the block heavily.
+    ``rank`` (default): 1 - Pearson correlation of logit(p0) and logit(target) over the batch's
+    tokens. It asks p0 to *order* tokens like the target and leaves its level free: the exit
+    threshold is calibrated afterwards anyway, and low p0 keeps the block's output intact."""
+    signal = signal.float().clamp(1e-6, 1 - 1e-6)
+    if form == "bce":
+        return F.binary_cross_entropy(signal, target)
+    a = torch.logit(signal).flatten()
+    b = torch.logit(target.clamp(1e-6, 1 - 1e-6)).flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return 1 - (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-9)
+
+
 class HealingObjective(nn.Module):
     """One forward computes every term, so DDP sees one forward and one backward per micro-batch."""
 
-    def __init__(self, model, kd_weight=0.5, temperature=1.0, exit_aware_weight=0.0, exit_objective_weight=0.0):
+    def __init__(self, model, kd_weight=0.5, temperature=1.0, exit_aware_weight=0.0, exit_objective_weight=0.0,
+                 exit_objective_form="rank"):
         super().__init__()
         self.model = model
+        self.exit_objective_form = exit_objective_form
         self.kd_weight, self.temperature = kd_weight, temperature
         self.exit_aware_weight, self.exit_objective_weight = exit_aware_weight, exit_objective_weight
 
@@ -58,8 +78,8 @@ class HealingObjective(nn.Module):
                 metrics[f"exit{c}_ce"] = task_loss(exited.logits.detach(), ids, None, 0, 1)[1]
                 if use_objective:
                     target = exit_target(exited.logits, full.logits)
-                    signal = full.zero_attention[:, c - 1].mean(1).float()  # mean over block layers: [B, T]
-                    objective_terms.append(F.mse_loss(signal, target))
+                    signal = full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
+                    objective_terms.append(exit_objective(signal, target, self.exit_objective_form))
             if exit_terms:
                 loss = loss + self.exit_aware_weight * torch.stack(exit_terms).mean()
             if objective_terms:

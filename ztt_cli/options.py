@@ -73,6 +73,9 @@ class FinetuneOptions(BaseModel):
     kd_temperature: float = Field(1.0, gt=0, description="distillation temperature T")
     exit_aware_weight: float = Field(0.25, ge=0, description="weight of the loss at exits after cycles 1..C-1")
     exit_objective_weight: float = Field(1.0, ge=0, description="weight of the zero token's exit objective")
+    exit_objective: Literal["rank", "bce"] = Field(
+        "rank", description="rank: order tokens like exp(-KL(exit||full)), level free; bce: match its level"
+    )
     lr: float = Field(2e-4, gt=0, description="peak learning rate of the weights")
     pool_lr: float | None = Field(None, gt=0, description="learning rate of the zero-token pool (default 100x --lr)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to the pool)")
