@@ -49,6 +49,8 @@ def _load_with_datasets(files: list[Path], text_field: str) -> list[Document]:
     datasets.disable_progress_bars()
     docs: list[Document] = []
     for f in files:
+        if f.stat().st_size == 0:  # datasets refuses empty files; they simply hold no documents
+            continue
         kind = LOADERS[f.suffix]
         try:
             extra = {"sample_by": "paragraph"} if kind == "text" else {}

@@ -268,7 +268,7 @@ def finetune(opts: FinetuneOptions, progress: Progress = lambda event: None) -> 
     torch.manual_seed(opts.seed)
     model.to(ddp.device).train()
     if opts.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     weights, pool = _trainable(model, opts.trainable)
     groups = [{"params": weights, "lr": opts.lr, "weight_decay": opts.weight_decay}]
     if pool:
@@ -400,7 +400,7 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, max_batches: int, ddp
 
 def _write_final(opts, model, tokenizer, provenance, result: FinetuneResult, run_dir: Path) -> None:
     if opts.grad_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     with atomic_dir(opts.out, opts.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,296 @@
+"""`ztt finetune` on tiny models: learning, exact resume, faults, torchrun, the exit terms."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from ztt_cli.cli import app
+from ztt_cli.convert import convert
+from ztt_cli.data import prepare
+from ztt_cli.evaluate import exit_signal_correlation
+from ztt_cli.finetune import TrainingStopped, finetune, partial_dir
+from ztt_cli import finetune as finetune_mod
+from ztt_cli.io.sources import load_tokenizer
+from ztt_cli.losses import HealingObjective
+from ztt_cli.options import ConvertOptions, FinetuneOptions
+
+from .fixtures import corpus, save_source
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Converted tiny GPT-2 and Llama checkpoints (layout 2/1×2/2) and training text, shared by the module."""
+    root = tmp_path_factory.mktemp("finetune")
+    os.environ["ZTT_CACHE"] = str(root / "cache")
+    for family in ("gpt2", "llama"):
+        src = save_source(family, root / f"src-{family}")
+        convert(ConvertOptions(source=str(src), out=root / f"ztt-{family}", init="lower"))
+    (root / "train.txt").write_text("\n\n".join(corpus(40, seed=i) for i in range(10)))
+    (root / "repeat.txt").write_text("\n\n".join(["The storm is come upon the island and the king doth sleep."] * 200))
+    return root
+
+
+def opts(workdir, out, family="gpt2", **kw):
+    base = dict(checkpoint=workdir / f"ztt-{family}", data=str(workdir / "train.txt"), out=out, seq_len=32,
+                batch_size=4, steps=12, log_every=1, eval_every=1000, save_every=4, seed=0)
+    return FinetuneOptions(**{**base, **kw})
+
+
+def log_of(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_run(a, b):
+    """Two runs that differ only in how the arithmetic is arranged (ranks, recomputation).
+
+    Losses agree closely; weights agree up to Adam turning float-level gradient noise on
+    near-zero entries into learning-rate-sized steps."""
+    la = [r["loss"] for r in log_of(a) if r["event"] == "step"]
+    lb = [r["loss"] for r in log_of(b) if r["event"] == "step"]
+    assert la == pytest.approx(lb, rel=1e-4)
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().mean() < 2e-4, k
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loss_falls_on_repetitive_text(workdir, tmp_path, family):
+    out = tmp_path / "out"
+    finetune(opts(workdir, out, family, data=str(workdir / "repeat.txt"), steps=40, lr=2e-3, val_fraction=0, no_teacher=True))
+    losses = [r["ce"] for r in log_of(out) if r["event"] == "step"]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    prov = json.loads((out / "ztt.json").read_text())
+    assert [s["stage"] for s in prov["stages"]] == ["convert", "finetune"]
+    assert prov["stages"][1]["metrics"]["steps"] == 40
+    assert not partial_dir(out).exists()
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out).config.cycles, int)
+
+
+def test_resume_after_a_clean_stop_equals_an_uninterrupted_run(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "a"))
+    stopped = finetune(opts(workdir, tmp_path / "b", stop_at_step=5))
+    assert stopped.stopped_early and stopped.steps == 5 and not (tmp_path / "b").exists()
+    finetune(opts(workdir, tmp_path / "b", resume=True))
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    steps = [r["step"] for r in log_of(tmp_path / "b") if r["event"] == "step"]
+    assert steps == list(range(1, 13))
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "ztt_cli", *map(str, args)]
+
+
+def _wait_for_checkpoint(run_dir: Path, proc, at_least: int, timeout=120):
+    meta = run_dir / "checkpoint" / "trainer.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if meta.is_file():
+            try:
+                if json.loads(meta.read_text())["step"] >= at_least:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def _subprocess_args(workdir, out, steps):
+    return ["finetune", workdir / "ztt-gpt2", "--data", workdir / "train.txt", "--out", out, "--seq-len", 64,
+            "--batch-size", 8, "--steps", steps, "--log-every", 1, "--eval-every", 1000, "--save-every", 3]
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(workdir, tmp_path):
+    args = _subprocess_args(workdir, tmp_path / "b", 300)
+    env = {**os.environ, "ZTT_CACHE": os.environ["ZTT_CACHE"]}
+    proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(partial_dir(tmp_path / "b"), proc, at_least=6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b").exists()
+    done = subprocess.run(_cli(*args, "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    finetune(FinetuneOptions(checkpoint=workdir / "ztt-gpt2", data=str(workdir / "train.txt"), out=tmp_path / "a",
+                             seq_len=64, batch_size=8, steps=300, log_every=1, eval_every=1000, save_every=3))
+    assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-5)
+
+
+def test_ctrl_c_saves_and_resume_completes(workdir, tmp_path):
+    args = _subprocess_args(workdir, tmp_path / "b", 300)
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(partial_dir(tmp_path / "b"), proc, at_least=3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    saved = json.loads((partial_dir(tmp_path / "b") / "checkpoint" / "trainer.json").read_text())["step"]
+    assert saved >= 3
+    done = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "b" / "config.json").is_file()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = HealingObjective.forward
+
+    def poisoned(self, ids, teacher_logits=None):
+        loss, metrics = original(self, ids, teacher_logits)
+        calls["n"] += 1
+        if calls["n"] > 6:
+            loss = loss * float("nan")
+            metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    monkeypatch.setattr(HealingObjective, "forward", poisoned)
+    with pytest.raises(TrainingStopped, match="NaN or infinite at step 7"):
+        finetune(opts(workdir, tmp_path / "out", save_every=2))
+    run = partial_dir(tmp_path / "out")
+    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 6
+    assert not (tmp_path / "out").exists()
+    good = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+
+
+def test_torchrun_two_ranks_match_one_process(workdir, tmp_path):
+    # every term averages over tokens here (the rank form of the exit objective is a correlation
+    # within each rank's micro-batch, so it is not split exactly across ranks)
+    common = ["--data", workdir / "train.txt", "--seq-len", 32, "--steps", 6, "--log-every", 1, "--eval-every", 1000,
+              "--save-every", 100, "--exit-objective", "bce"]
+    single = subprocess.run(
+        _cli("finetune", workdir / "ztt-gpt2", "--out", tmp_path / "one", "--batch-size", 4, *common),
+        capture_output=True, text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "ztt_cli", "finetune",
+         str(workdir / "ztt-gpt2"), "--out", str(tmp_path / "two"), "--batch-size", "2", *map(str, common)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len([r for r in log_of(tmp_path / "two") if r["event"] == "step"]) == 6
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def _exit_ce(folder, workdir):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    blocks = prepare(str(workdir / "train.txt"), load_tokenizer(folder), 32, 0.05, 0).val
+    with torch.no_grad():
+        logits = model(input_ids=blocks, exit_after=1).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+
+
+def test_exit_aware_term_lowers_the_loss_at_early_exits(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "without", steps=30, exit_aware_weight=0.0, lr=1e-3))
+    finetune(opts(workdir, tmp_path / "with", steps=30, exit_aware_weight=1.0, lr=1e-3))
+    assert _exit_ce(tmp_path / "with", workdir) < _exit_ce(tmp_path / "without", workdir) - 0.01
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_exit_objective_makes_zero_attention_rank_tokens_by_their_exit_cost(workdir, tmp_path, family):
+    gains = []
+    for seed in (0, 1):
+        corr = {}
+        for weight in (0.0, 1.0):
+            out = tmp_path / f"{family}-{seed}-{weight}"
+            finetune(opts(workdir, out, family, steps=60, seq_len=64, seed=seed, exit_objective_weight=weight,
+                          save_every=1000, log_every=100))
+            model = AutoModelForCausalLM.from_pretrained(out)
+            blocks = prepare(str(workdir / "train.txt"), load_tokenizer(out), 64, 0.05, seed).val[:16]
+            corr[weight] = exit_signal_correlation(model, blocks)[1]
+            before = AutoModelForCausalLM.from_pretrained(workdir / f"ztt-{family}")
+            assert not torch.allclose(model.pool.key, before.pool.key), "the pool must move"
+        gains.append(corr[1.0] - corr[0.0])
+    assert min(gains) > 0.1, gains
+
+
+def test_grad_checkpointing_gives_the_same_gradients(workdir):
+    """Non-reentrant checkpointing recomputes the shared block (and its zero-token sink) in backward."""
+    ids = prepare(str(workdir / "train.txt"), load_tokenizer(workdir / "ztt-llama"), 32).train[:4]
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(workdir / "ztt-llama").train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        loss, _ = HealingObjective(model, exit_aware_weight=0.5, exit_objective_weight=1.0)(ids)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "pool.key" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_trainable_pool_only_moves_the_pool(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "p", steps=3, trainable="pool"))
+    before, after = weights(workdir / "ztt-gpt2"), weights(tmp_path / "p")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"pool.key", "pool.bias"}
+
+
+def _bad(workdir, tmp_path):
+    ckpt, data = str(workdir / "ztt-gpt2"), str(workdir / "train.txt")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "rows.jsonl").write_text('{"body": "hello there"}\n')
+    (tmp_path / "a-file").write_text("x")
+    base = ["--steps", "2", "--seq-len", "32"]
+    return {
+        "missing data path": ([ckpt, "--data", str(tmp_path / "nope.txt"), *base], "no such data"),
+        "empty data": ([ckpt, "--data", str(tmp_path / "empty.txt"), *base], "contains no text"),
+        "no text field": ([ckpt, "--data", str(tmp_path / "rows.jsonl"), *base], "no field 'text'"),
+        "seq-len above context": ([ckpt, "--data", data, "--steps", "2", "--seq-len", "512"], "above the model's context"),
+        "not a ztt checkpoint": ([str(workdir / "src-gpt2"), "--data", data, *base], "not a ZTT checkpoint"),
+        "unwritable output": ([ckpt, "--data", data, *base, "--out", str(tmp_path / "a-file" / "out")], "cannot write"),
+        "nothing to resume": ([ckpt, "--data", data, *base, "--resume"], "nothing to resume"),
+        "no budget": ([ckpt, "--data", data, "--seq-len", "32"], "no training budget"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing data path", "empty data", "no text field", "seq-len above context", "not a ztt checkpoint",
+     "unwritable output", "nothing to resume", "no budget"],
+)
+def test_bad_input_exits_2_with_one_line(workdir, tmp_path, case):
+    args, words = _bad(workdir, tmp_path)[case]
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "out")]
+    before = sorted(p.name for p in (workdir / "ztt-gpt2").iterdir())
+    result = runner.invoke(app, ["finetune", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "hint:" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+    assert sorted(p.name for p in (workdir / "ztt-gpt2").iterdir()) == before
+
+
+def test_an_unfinished_run_is_never_overwritten_silently(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "out", stop_at_step=2))
+    result = runner.invoke(app, ["finetune", str(workdir / "ztt-gpt2"), "--data", str(workdir / "train.txt"),
+                                 "--out", str(tmp_path / "out"), "--steps", "12", "--seq-len", "32"])
+    assert result.exit_code == 2 and "unfinished run" in result.stderr and "--resume" in result.stderr
+    assert (partial_dir(tmp_path / "out") / "checkpoint" / "trainer.json").is_file()
