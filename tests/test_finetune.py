@@ -19,7 +19,6 @@ from ztt_cli.convert import convert
 from ztt_cli.data import prepare
 from ztt_cli.evaluate import exit_signal_correlation
 from ztt_cli.finetune import TrainingStopped, finetune, partial_dir
-from ztt_cli import finetune as finetune_mod
 from ztt_cli.io.sources import load_tokenizer
 from ztt_cli.losses import HealingObjective
 from ztt_cli.options import ConvertOptions, FinetuneOptions

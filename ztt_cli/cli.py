@@ -6,7 +6,6 @@ import inspect
 import os
 import sys
 import typing
-from pathlib import Path
 from typing import Callable, Optional
 
 import typer

@@ -144,7 +144,6 @@ def convert(opts: ConvertOptions, progress: Progress = lambda message: None) -> 
             scores[strategy] = perplexity(ztt, windows)
         init = min(scores, key=scores.get)
     use(init)
-    del source_layers, own
 
     result = ConvertResult(
         out=opts.out, source=src, layout=layout, init=init, init_scores=scores, source_layers=n_layers,

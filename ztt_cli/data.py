@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import OfflineError, SourceError, ZTTError
+from .errors import OfflineError, ZTTError
 from .io.assets import cache_dir
 from .texts import HELD_OUT, TEXT_START, read_text
 
