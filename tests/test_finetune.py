@@ -266,13 +266,14 @@ def _bad(workdir, tmp_path):
         "unwritable output": ([ckpt, "--data", data, *base, "--out", str(tmp_path / "a-file" / "out")], "cannot write"),
         "nothing to resume": ([ckpt, "--data", data, *base, "--resume"], "nothing to resume"),
         "no budget": ([ckpt, "--data", data, "--seq-len", "32"], "no training budget"),
+        "hub dataset offline": ([ckpt, "--data", "someorg/some-dataset", *base], "cannot load the dataset"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing data path", "empty data", "no text field", "seq-len above context", "not a ztt checkpoint",
-     "unwritable output", "nothing to resume", "no budget"],
+     "unwritable output", "nothing to resume", "no budget", "hub dataset offline"],
 )
 def test_bad_input_exits_2_with_one_line(workdir, tmp_path, case):
     args, words = _bad(workdir, tmp_path)[case]
@@ -293,3 +294,9 @@ def test_an_unfinished_run_is_never_overwritten_silently(workdir, tmp_path):
                                  "--out", str(tmp_path / "out"), "--steps", "12", "--seq-len", "32"])
     assert result.exit_code == 2 and "unfinished run" in result.stderr and "--resume" in result.stderr
     assert (partial_dir(tmp_path / "out") / "checkpoint" / "trainer.json").is_file()
+
+
+def test_bf16_autocast_run(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "bf16", steps=2, precision="bf16"))
+    losses = [r["loss"] for r in log_of(tmp_path / "bf16") if r["event"] == "step"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
