@@ -191,7 +191,10 @@ def zero_token_attention_sdpa(
 def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
     """Adapt an implementation to transformers' attention-interface signature."""
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, ztt_zero=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, ztt_zero=None, ztt_kv=None,
+                  **kwargs):
+        if ztt_kv is not None:  # early exit: copied keys/values for tokens that skipped this cycle
+            key, value = ztt_kv(key, value, query.shape[2])
         if ztt_zero is None:
             return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

@@ -20,12 +20,20 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import attention
 from .architecture import Family, family_for
+from .exits import TokenExits
 from .layout import Layout
 
 
@@ -63,6 +71,7 @@ class ZTTCausalLMOutput(CausalLMOutputWithPast):
     """``zero_attention``: per-token zero attention, [batch, cycles, block layers, tokens], mean over heads."""
 
     zero_attention: torch.Tensor | None = None
+    exit_cycles: torch.Tensor | None = None  # [batch, tokens]: the cycle each token exited after
 
 
 class ZeroTokenPool(nn.Module):
@@ -86,6 +95,7 @@ class _ForwardRecord:
         self.zero: dict[tuple[int, int], torch.Tensor] = {}
         self.pool_on = True
         self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
+        self.exits: TokenExits | None = None  # per-token early exit, when active
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
@@ -98,6 +108,28 @@ class _ForwardRecord:
             for c in range(1, (cycles or layout.cycles) + 1)
         ]
         return torch.stack(rows, dim=1)  # [B, C, K, T]
+
+
+class ExitStats:
+    """Cycles run per token, accumulated over forward passes with early exit (``reset()`` to clear)."""
+
+    def __init__(self, cycles: int):
+        self.histogram = torch.zeros(cycles + 1, dtype=torch.long)  # index c: tokens that exited after cycle c
+
+    def add(self, exit_cycles: torch.Tensor) -> None:
+        self.histogram += torch.bincount(exit_cycles.flatten().cpu(), minlength=len(self.histogram))
+
+    def reset(self) -> None:
+        self.histogram.zero_()
+
+    @property
+    def tokens(self) -> int:
+        return int(self.histogram.sum())
+
+    @property
+    def mean_cycles(self) -> float:
+        c = torch.arange(len(self.histogram), dtype=torch.float64)
+        return float((self.histogram * c).sum() / max(self.tokens, 1))
 
 
 class LayerSlot(nn.Module):
@@ -117,6 +149,17 @@ class LayerSlot(nn.Module):
         record = model._record
         if self.cycle is not None and record.exit_after is not None and self.cycle > record.exit_after:
             return hidden_states  # exited: straight on to the tail
+        exits = record.exits if self.cycle is not None else None
+        if exits is not None:
+            exits.start(hidden_states)
+            if self.position == 0:
+                exits.begin_cycle(self.cycle, hidden_states)
+            if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
+                exits.skip(self.cycle, self.position, self.index)
+                if self.position == model.config.block - 1:
+                    exits.end_of_cycle(self.cycle, hidden_states)
+                return hidden_states
+            kwargs["ztt_kv"] = partial(exits.kv_hook, self.cycle, self.position)
         family.point_at(layer, self.index, model.inner.config)
         if self.cycle is not None and model.pool is not None and record.pool_on:
             c, j = self.cycle - 1, self.position
@@ -126,7 +169,12 @@ class LayerSlot(nn.Module):
                 log_n=model.config.zero_logit_log_n,
                 sink=partial(record.put, self.cycle, j),
             )
-        return layer(hidden_states, *args, **kwargs)
+        out = layer(hidden_states, *args, **kwargs)
+        if exits is not None:
+            out = torch.where(exits.active(self.cycle)[..., None], out, hidden_states)  # exited tokens stay
+            if self.position == model.config.block - 1:
+                exits.end_of_cycle(self.cycle, out)
+        return out
 
 
 class ZTTPreTrainedModel(PreTrainedModel):
@@ -174,6 +222,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             else None
         )
         self._record = _ForwardRecord()
+        self.exit_stats = ExitStats(layout.cycles)
         slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots()]
         family.set_layer_list(self.inner, nn.ModuleList(slots))
         self.post_init()
@@ -203,15 +252,30 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, exit_after: int | None = None,
+                exit_map: torch.Tensor | None = None, exit_threshold: float | None = None,
                 **kwargs) -> ZTTCausalLMOutput:
         """``exit_after=c`` runs cycles 1..c only, then the tail (the exit after cycle c, for every token;
-        without a KV cache)."""
+        without a KV cache).
+
+        Per-token early exit is on when the threshold (``exit_threshold``, default the config's) is
+        at most 1: after cycle c < C a token whose exit signal is at or above it skips the remaining
+        cycles. ``exit_map`` [batch, tokens] replays given decisions instead (the cycle each token
+        exits after; C = full depth). ``exit_cycles`` in the output says what happened."""
         if "past_key_values" in kwargs:  # older spelling of the cache argument
             cache = kwargs.pop("past_key_values")
         if exit_after is not None and (use_cache or cache is not None):
             raise ValueError("exit_after is for uncached passes (training and scoring)")
         self._record.zero = {}
         self._record.exit_after = exit_after
+        threshold = self.config.exit_threshold if exit_threshold is None else exit_threshold
+        self._record.exits = None
+        if exit_after is None and self.config.cycles > 1 and (exit_map is not None or threshold <= 1):
+            if self.config.exit_signal == "zero-attention" and (self.pool is None or not self._record.pool_on):
+                raise ValueError("the zero-attention exit signal needs a zero-token pool; use 'saturation'")
+            if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
+                cache = DynamicCache(config=self.inner.config)
+            self._record.exits = TokenExits(self.config.cycles, self.config.block, threshold,
+                                            self.config.exit_signal, exit_map, self._record.zero, cache)
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -223,7 +287,12 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        zero = self._record.zero_attention(self.config.layout, cycles=exit_after)
+        skipped = self._record.exits is not None and self._record.exits.skipped_any
+        zero = None if skipped else self._record.zero_attention(self.config.layout, cycles=exit_after)
+        exits, self._record.exits = self._record.exits, None
+        exit_cycles = exits.cycle if exits is not None else None
+        if exit_cycles is not None:
+            self.exit_stats.add(exit_cycles)
         self._record.zero, self._record.exit_after = {}, None
         return ZTTCausalLMOutput(
             loss=out.loss,
@@ -232,6 +301,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             zero_attention=zero,
+            exit_cycles=exit_cycles,
         )
 
     def parameter_counts(self) -> dict[str, int]:

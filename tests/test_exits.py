@@ -1,0 +1,119 @@
+"""Per-token early exit: thresholds, replay of exit maps, state copying, real skipping."""
+
+import pytest
+import torch
+
+from .fixtures import token_ids, ztt_model
+
+LAYOUT = (1, 2, 2, 1)
+DEEP = (0, 2, 3, 0)  # three cycles: copies come from cycle 1 or 2
+
+
+
+
+def cycle1_signal(model, ids):
+    """The cycle-1 exit signal of every token (recorded by a full-depth replay)."""
+    captured = {}
+    import ztt_cli.exits as exits_mod
+
+    original = exits_mod.TokenExits.end_of_cycle
+
+    def spy(self, cycle, hidden):
+        original(self, cycle, hidden)
+        if cycle in self.signals:
+            captured.setdefault(cycle, self.signals[cycle])
+
+    exits_mod.TokenExits.end_of_cycle = spy
+    try:
+        with torch.no_grad():
+            model(ids, exit_map=torch.full(ids.shape, model.config.cycles))
+    finally:
+        exits_mod.TokenExits.end_of_cycle = original
+    return captured[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@torch.no_grad()
+def test_threshold_above_one_is_full_depth_and_zero_exits_after_cycle_one(family):
+    model, _ = ztt_model(family, LAYOUT)
+    ids = token_ids(length=12)
+    full = model(ids)
+    above = model(ids, exit_threshold=1.5)
+    assert torch.equal(above.logits, full.logits) and above.exit_cycles is None
+    replay_full = model(ids, exit_map=torch.full(ids.shape, 2))
+    torch.testing.assert_close(replay_full.logits, full.logits, atol=1e-6, rtol=0)
+    zero = model(ids, exit_threshold=0.0)
+    assert zero.exit_cycles.eq(1).all()
+    torch.testing.assert_close(zero.logits, model(ids, exit_after=1).logits, atol=1e-6, rtol=0)
+
+
+def greedy_with_cache(model, prompt, steps, threshold):
+    """Greedy decoding through the KV cache, one token at a time; the exit cycle of every token."""
+    out = model(prompt, use_cache=True, exit_threshold=threshold)
+    ids, cycles, logits = prompt, [out.exit_cycles], [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        out = model(nxt, cache=out.cache, use_cache=True, exit_threshold=threshold)
+        cycles.append(out.exit_cycles)
+        logits.append(out.logits[:, -1])
+    return ids, torch.cat(cycles, dim=1), torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("family,layout,signal", [
+    ("llama", LAYOUT, "zero-attention"), ("llama", DEEP, "zero-attention"),
+    ("gpt2", DEEP, "saturation"), ("opt", LAYOUT, "saturation"), ("qwen2", DEEP, "zero-attention"),
+    ("mistral", DEEP, "zero-attention"),
+])
+@torch.no_grad()
+def test_cached_decoding_with_exits_equals_the_uncached_replay(family, layout, signal):
+    model, _ = ztt_model(family, layout, pool=signal == "zero-attention")
+    model.config.exit_signal = signal
+    prompt = token_ids(batch=1, length=6, seed=3)
+    threshold = float(cycle1_signal(model, token_ids(batch=1, length=24, seed=3)).median())
+    ids, cycles, cached_logits = greedy_with_cache(model, prompt, 14, threshold)
+    assert cycles.min() < model.config.cycles and cycles.max() > 1, "want a mix of exits"
+    assert cycles.shape == ids.shape  # one exit cycle per token fed through the cache
+    replay = model(ids[:, :-1], exit_map=cycles[:, :-1])  # one uncached pass, the same decisions
+    generated = replay.logits[:, prompt.shape[1] - 1 :]
+    torch.testing.assert_close(generated, cached_logits[:, :-1], atol=1e-5, rtol=0)
+    assert torch.equal(generated.argmax(-1), ids[:, prompt.shape[1] :])
+
+
+@torch.no_grad()
+def test_generate_uses_the_configured_threshold_and_batches_like_single_sequences():
+    model, _ = ztt_model("llama", DEEP)
+    prompts = torch.cat([token_ids(batch=1, length=6, seed=3), token_ids(batch=1, length=6, seed=8)])
+    model.config.exit_threshold = float(cycle1_signal(model, token_ids(batch=1, length=24, seed=3)).median())
+    model.exit_stats.reset()
+    together = model.generate(prompts, max_new_tokens=10, do_sample=False, pad_token_id=1)
+    assert 1 < model.exit_stats.mean_cycles < 3 and model.exit_stats.tokens > 0
+    for i in range(2):
+        alone = model.generate(prompts[i : i + 1], max_new_tokens=10, do_sample=False, pad_token_id=1)
+        assert torch.equal(together[i : i + 1], alone)
+        manual, _, _ = greedy_with_cache(model, prompts[i : i + 1], 10, model.config.exit_threshold)
+        assert torch.equal(alone, manual[:, : alone.shape[1]])
+
+
+@torch.no_grad()
+def test_decoding_really_skips_exited_cycles():
+    model, _ = ztt_model("llama", DEEP)
+    calls = {"n": 0}
+    handles = [layer.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1)) for layer in model.layers]
+    prompt = token_ids(batch=1, length=5)
+    out = model(prompt, use_cache=True, exit_threshold=0.0)
+    calls["n"] = 0
+    step = model(prompt[:, -1:], cache=out.cache, use_cache=True, exit_threshold=0.0)
+    assert calls["n"] == 2  # cycle 1's two layers; cycles 2 and 3 skipped
+    assert len(step.cache.layers) == 6 and all(layer.keys.shape[2] == 6 for layer in step.cache.layers)
+    calls["n"] = 0
+    model(prompt[:, -1:], cache=step.cache, use_cache=True, exit_threshold=1.5)
+    assert calls["n"] == 6
+    for h in handles:
+        h.remove()
+
+
+def test_zero_attention_signal_needs_a_pool():
+    model, _ = ztt_model("llama", LAYOUT, pool=False)
+    with pytest.raises(ValueError, match="needs a zero-token pool"):
+        model(token_ids(), exit_threshold=0.5)

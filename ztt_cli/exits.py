@@ -1,0 +1,124 @@
+"""Per-token early exit: exit signals, decisions, and state copying for skipped cycles.
+
+After cycle c < C every still-active token gets an exit signal; at or above the threshold it
+exits: its hidden state is frozen for the remaining cycles and goes on to the tail. A token
+that skipped cycles still needs keys/values in those cycles' slots for later tokens: it gets
+the keys/values of its last computed cycle for the same shared layer (state copying). The
+same rule runs in an uncached pass that replays an exit map, so cached decoding equals its
+uncached replay. When every token of a decoding step has exited, the skipped layers are not
+run at all: only their copied keys/values are written to the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SIGNALS: dict[str, Callable[["TokenExits", int], torch.Tensor]] = {}
+
+
+def signal(name: str):
+    """Register an exit signal: f(exits, cycle) -> [B, T] score, higher = exit sooner."""
+
+    def register(fn):
+        SIGNALS[name] = fn
+        return fn
+
+    return register
+
+
+@signal("zero-attention")
+def _zero_attention(exits: "TokenExits", cycle: int) -> torch.Tensor:
+    p0 = [exits.zero[(cycle, j)] for j in range(exits.block)]  # each [B, H, T]
+    return torch.stack(p0).mean(dim=(0, 2))
+
+
+@signal("saturation")
+def _saturation(exits: "TokenExits", cycle: int) -> torch.Tensor:
+    before, after = exits.cycle_input[cycle], exits.cycle_output[cycle]
+    return F.cosine_similarity(before.float(), after.float(), dim=-1)
+
+
+class TokenExits:
+    """The exit state of one forward pass over new tokens [B, T]."""
+
+    def __init__(self, cycles: int, block: int, threshold: float, signal_name: str,
+                 exit_map: torch.Tensor | None, zero: dict, cache=None):
+        self.cycles, self.block, self.threshold = cycles, block, threshold
+        self.signal = SIGNALS[signal_name]
+        self.exit_map = exit_map  # given: replay these decisions
+        self.cycle: torch.Tensor | None = None  # [B, T] cycle each token exits after (C = full depth)
+        self.zero = zero  # the forward record's p0 per (cycle, layer)
+        self.cycle_input: dict[int, torch.Tensor] = {}
+        self.cycle_output: dict[int, torch.Tensor] = {}
+        self.signals: dict[int, torch.Tensor] = {}
+        self.stash: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache = cache
+        self.all_exited = False  # in the current cycle
+        self.any_exited = False
+        self.skipped_any = False
+
+    def start(self, hidden: torch.Tensor) -> None:
+        if self.cycle is None:
+            shape = hidden.shape[:2]
+            self.cycle = (self.exit_map.to(hidden.device).long().clone() if self.exit_map is not None
+                          else torch.full(shape, self.cycles, dtype=torch.long, device=hidden.device))
+
+    def active(self, cycle: int) -> torch.Tensor:
+        return self.cycle >= cycle  # [B, T]
+
+    def begin_cycle(self, cycle: int, hidden: torch.Tensor) -> None:
+        """At a cycle's first layer: the one host sync of the cycle (how many tokens still run)."""
+        self.cycle_input[cycle] = hidden
+        if cycle == 1:
+            self.all_exited = self.any_exited = False
+            return
+        n_active = int(self.active(cycle).sum())
+        self.all_exited, self.any_exited = n_active == 0, n_active < self.cycle.numel()
+
+    def end_of_cycle(self, cycle: int, hidden: torch.Tensor) -> None:
+        """Decide which still-active tokens exit after ``cycle``."""
+        self.cycle_output[cycle] = hidden
+        if cycle >= self.cycles or self.all_exited:
+            return
+        score = self.signal(self, cycle)
+        self.signals[cycle] = score
+        if self.exit_map is None:
+            exit_now = (score >= self.threshold) & (self.cycle == self.cycles)
+            self.cycle = torch.where(exit_now, torch.full_like(self.cycle, cycle), self.cycle)
+
+    def copied_kv(self, cycle: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of each new token's last computed cycle for layer ``position``: [B, Hkv, T, D]."""
+        last = self.cycle.clamp(max=cycle - 1) - 1  # 0-based index into cycles 1..cycle-1
+        keys = torch.stack([self.stash[(c, position)][0] for c in range(1, cycle)])  # [c-1, B, Hkv, T, D]
+        values = torch.stack([self.stash[(c, position)][1] for c in range(1, cycle)])
+        b = torch.arange(last.shape[0], device=last.device)[:, None]
+        t = torch.arange(last.shape[1], device=last.device)[None, :]
+        return keys[last, b, :, t].permute(0, 2, 1, 3), values[last, b, :, t].permute(0, 2, 1, 3)
+
+    def kv_hook(self, cycle: int, position: int, key: torch.Tensor, value: torch.Tensor, q_len: int):
+        """Called by the attention function with this slot's keys/values (cache included)."""
+        new_k, new_v = key[:, :, -q_len:], value[:, :, -q_len:]
+        if self.any_exited:
+            exited = ~self.active(cycle)
+            copy_k, copy_v = self.copied_kv(cycle, position)
+            m = exited[:, None, :, None]
+            new_k, new_v = torch.where(m, copy_k, new_k), torch.where(m, copy_v, new_v)
+            if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+                key = torch.cat([key[:, :, :-q_len], new_k], dim=2)
+                value = torch.cat([value[:, :, :-q_len], new_v], dim=2)
+            else:  # in place: the cache's own tensors, so later tokens see the copies too
+                key[:, :, -q_len:] = new_k
+                value[:, :, -q_len:] = new_v
+        self.stash[(cycle, position)] = (new_k, new_v)
+        return key, value
+
+    def skip(self, cycle: int, position: int, index: int) -> None:
+        """Every token has exited: write the copied keys/values for this slot, run nothing."""
+        k, v = self.copied_kv(cycle, position)
+        self.stash[(cycle, position)] = (k, v)
+        self.skipped_any = True
+        if self.cache is not None:
+            self.cache.update(k, v, index)
