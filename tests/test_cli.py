@@ -25,7 +25,7 @@ def test_help_with_examples(command):
     assert "Example" in result.stdout and f"ztt {command}" in result.stdout
 
 
-@pytest.mark.parametrize("command", COMMANDS[2:])
+@pytest.mark.parametrize("command", ["eval", "export", "validate", "run"])
 def test_unbuilt_commands_say_so(command):
     result = runner.invoke(app, [command, "ckpt", "--some-option", "x"])
     assert result.exit_code == 2 and "not available yet" in result.stderr

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import NotAvailableError, ZTTError
-from .options import ConvertOptions, FinetuneOptions
+from .options import CalibrateOptions, ConvertOptions, FinetuneOptions, GenerateOptions
 
 app = typer.Typer(
     name="ztt",
@@ -94,7 +94,7 @@ def options_command(name: str, model: type[BaseModel], positional: tuple[str, ..
             help_text = (f.description or "") + (f" (one of: {', '.join(choices)})" if choices else "")
             flag = "--" + field_name.replace("_", "-")
             if field_name in positional:
-                default = typer.Argument(..., help=help_text, show_default=False)
+                default = typer.Argument(... if f.is_required() else f.default, help=help_text, show_default=False)
             elif f.is_required():
                 default = typer.Option(..., flag, help=help_text, show_default=False)
             elif typ is bool and f.default:
@@ -225,6 +225,64 @@ def finetune(opts: FinetuneOptions) -> None:
     out.print(f"healed [bold]{result.out}[/]: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s{val}")
 
 
+@options_command(
+    "calibrate",
+    CalibrateOptions,
+    positional=("checkpoint",),
+    examples=[
+        "ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25",
+        "ztt calibrate runs/smol-healed --data val.txt --target-speedup 1.3 --speedup-metric compute --max-quality-loss 0.05",
+    ],
+)
+def calibrate(opts: CalibrateOptions) -> None:
+    """Sweep exit thresholds on calibration text and write the one that reaches the target speedup
+    with the least quality loss into the checkpoint (config.json, calibration.json, calibration.png)."""
+    from .calibrate import calibrate as run_calibrate
+
+    with err.status("calibrating…") as status:
+        report = run_calibrate(opts, progress=lambda m: status.update(m))
+    table = Table(title=f"exit thresholds ({report['signal']}; full-depth perplexity {report['full_depth_perplexity']:.2f})")
+    for col in ("threshold", "compute ×", "wall ×", "mean cycles", "perplexity", "Δ quality", "agreement"):
+        table.add_column(col, justify="right")
+    chosen = report["chosen"]["threshold"]
+    for r in report["candidates"]:
+        style = "bold green" if r["threshold"] == chosen else None
+        table.add_row(f"{r['threshold']:.4g}", f"{r['compute_speedup']:.3f}", f"{r['wall_speedup']:.3f}",
+                      f"{r['mean_cycles']:.2f}", f"{r['perplexity']:.2f}", f"{100 * r['quality_loss']:+.1f}%",
+                      f"{100 * r['agreement']:.1f}%", style=style)
+    out.print(table)
+    c = report["chosen"]
+    out.print(f"chose threshold [bold]{c['threshold']:.4g}[/]: {c['compute_speedup']:.2f}× compute, "
+              f"{c['wall_speedup']:.2f}× wall clock, perplexity {c['perplexity']:.2f} ({100 * c['quality_loss']:+.1f}%); "
+              f"signal/exit-cost Spearman {report['spearman_cycle1']:.2f}. Written to {opts.checkpoint / 'config.json'}")
+
+
+@options_command(
+    "generate",
+    GenerateOptions,
+    positional=("checkpoint", "prompt"),
+    examples=[
+        'ztt generate runs/smol-healed "Full fathom five thy father lies"',
+        "ztt generate runs/smol-healed --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8",
+        'ztt generate runs/smol-healed "Hello" --full-depth',
+    ],
+)
+def generate(opts: GenerateOptions) -> None:
+    """Stream generated text; each token is coloured by the cycles it ran (early exit at the
+    calibrated threshold unless --threshold or --full-depth)."""
+    from .generate import stream
+
+    colours = ["green", "yellow", "magenta", "red", "blue"]
+    counts: dict[int, int] = {}
+    for piece in stream(opts):
+        counts[piece.cycles] = counts.get(piece.cycles, 0) + 1
+        out.print(piece.text, style=colours[(piece.cycles - 1) % len(colours)], end="", markup=False, highlight=False)
+    total = sum(counts.values())
+    mean = sum(c * n for c, n in counts.items()) / max(total, 1)
+    legend = "  ".join(f"[{colours[(c - 1) % len(colours)]}]{c} cycles: {n}[/]" for c, n in sorted(counts.items()))
+    err.print(f"\n{total} tokens, mean cycles {mean:.2f}  {legend}")
+
+
 def _not_yet(name: str, summary: str, example: str):
     def command(ctx: typer.Context) -> None:
         _fail(NotAvailableError(f"`ztt {name}` is not available yet in ztt {__version__}", hint="`ztt convert` works today"))
@@ -237,10 +295,8 @@ def _not_yet(name: str, summary: str, example: str):
     )(command)
 
 
-_not_yet("calibrate", "Pick the early-exit threshold for a target speedup.", "ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25")
 _not_yet("eval", "Score a checkpoint with lm-evaluation-harness.", "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl")
 _not_yet("export", "Export a checkpoint for others to load.", "ztt export runs/smol-healed --out dist/smol --format remote-code")
-_not_yet("generate", "Generate text and show cycles per token.", 'ztt generate runs/smol-healed "To be, or not to be"')
 _not_yet("validate", "Check a recipe against the schema.", "ztt validate recipes/smollm2-135m-shakespeare.yaml")
 _not_yet("run", "Run every stage of a recipe, resumably.", "ztt run recipes/smollm2-135m-shakespeare.yaml")
 

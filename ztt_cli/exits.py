@@ -89,6 +89,11 @@ class TokenExits:
             exit_now = (score >= self.threshold) & (self.cycle == self.cycles)
             self.cycle = torch.where(exit_now, torch.full_like(self.cycle, cycle), self.cycle)
 
+    def signal_table(self) -> torch.Tensor:
+        """[B, C-1, T]: the signal of each cycle c < C, NaN where it was not computed."""
+        nan = torch.full(self.cycle.shape, float("nan"), device=self.cycle.device)
+        return torch.stack([self.signals.get(c, nan).float() for c in range(1, self.cycles)], dim=1)
+
     def copied_kv(self, cycle: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of each new token's last computed cycle for layer ``position``: [B, Hkv, T, D]."""
         last = self.cycle.clamp(max=cycle - 1) - 1  # 0-based index into cycles 1..cycle-1

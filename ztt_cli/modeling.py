@@ -72,6 +72,7 @@ class ZTTCausalLMOutput(CausalLMOutputWithPast):
 
     zero_attention: torch.Tensor | None = None
     exit_cycles: torch.Tensor | None = None  # [batch, tokens]: the cycle each token exited after
+    exit_signals: torch.Tensor | None = None  # [batch, cycles - 1, tokens]: each cycle's signal (NaN: not computed)
 
 
 class ZeroTokenPool(nn.Module):
@@ -291,6 +292,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         zero = None if skipped else self._record.zero_attention(self.config.layout, cycles=exit_after)
         exits, self._record.exits = self._record.exits, None
         exit_cycles = exits.cycle if exits is not None else None
+        exit_signals = exits.signal_table() if exits is not None else None
         if exit_cycles is not None:
             self.exit_stats.add(exit_cycles)
         self._record.zero, self._record.exit_after = {}, None
@@ -302,6 +304,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
             zero_attention=zero,
             exit_cycles=exit_cycles,
+            exit_signals=exit_signals,
         )
 
     def parameter_counts(self) -> dict[str, int]:

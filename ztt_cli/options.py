@@ -99,3 +99,48 @@ class FinetuneOptions(BaseModel):
     @property
     def effective_pool_lr(self) -> float:
         return self.pool_lr if self.pool_lr is not None else 100 * self.lr
+
+
+class CalibrateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="ZTT checkpoint folder; its config.json gets the chosen threshold")
+    data: str = Field(description="calibration text: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+    target_speedup: float = Field(description="speedup to reach (> 1), measured as --speedup-metric")
+    speedup_metric: Literal["wall", "compute"] = Field(
+        "wall", description="wall: batch-1 greedy decoding time; compute: layers run"
+    )
+    max_quality_loss: float | None = Field(
+        None, gt=0, description="largest relative perplexity increase allowed (e.g. 0.05 for 5%)"
+    )
+    signal: Literal["zero-attention", "saturation"] | None = Field(
+        None, description="exit signal (default: the checkpoint's)"
+    )
+    text_field: str = Field("text", description="field holding the text in .jsonl/.parquet/hub data")
+    windows: int = Field(8, ge=1, description="calibration windows for quality and exit decisions")
+    seq_len: int = Field(256, ge=8, description="tokens per calibration window")
+    candidates: int = Field(16, ge=2, description="thresholds tried (quantiles of the signal)")
+    decode_tokens: int = Field(32, ge=1, description="tokens decoded per wall-clock measurement")
+    prompts: int = Field(2, ge=1, description="prompts decoded per wall-clock measurement")
+    reps: int = Field(3, ge=1, description="interleaved repetitions of the wall-clock measurement (median)")
+    seed: int = Field(0, description="seed for the calibration split")
+
+    @field_validator("target_speedup")
+    @classmethod
+    def _above_one(cls, v: float) -> float:
+        if v <= 1:
+            raise ValueError("must be above 1 (a speedup)")
+        return v
+
+
+class GenerateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="ZTT checkpoint folder")
+    prompt: str | None = Field(None, description="the prompt (or --prompt-file)")
+    prompt_file: Path | None = Field(None, description="read the prompt from this file")
+    max_new_tokens: int = Field(64, ge=1, description="tokens to generate")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; above 0: sampling")
+    threshold: float | None = Field(None, description="exit threshold (default: the calibrated one in config.json)")
+    full_depth: bool = Field(False, description="never exit early")
+    seed: int = Field(0, description="sampling seed")

@@ -1,0 +1,103 @@
+"""`ztt calibrate` and `ztt generate` on tiny models."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from ztt_cli.cli import app
+from ztt_cli.convert import convert
+from ztt_cli.options import ConvertOptions
+
+from .fixtures import corpus, save_source
+
+runner = CliRunner()
+FAST = ["--windows", "6", "--seq-len", "64", "--reps", "1", "--decode-tokens", "4", "--prompts", "1", "--candidates", "10"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    src = save_source("llama", root / "src")
+    convert(ConvertOptions(source=str(src), out=root / "ztt", init="lower", head=1, tail=1, block=2, cycles=2))
+    convert(ConvertOptions(source=str(src), out=root / "ztt-nopool", init="lower", head=1, tail=1, block=2, cycles=2,
+                           pool=False))
+    (root / "calib.txt").write_text("\n\n".join(corpus(40, seed=i) for i in range(6)))
+    return root
+
+
+@pytest.fixture
+def ckpt(base, tmp_path):
+    shutil.copytree(base / "ztt", tmp_path / "ztt")
+    return tmp_path / "ztt"
+
+
+def run(*args):
+    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
+
+
+def test_calibration_reaches_the_compute_target(ckpt, base):
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric", "compute", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((ckpt / "calibration.json").read_text())
+    chosen = report["chosen"]
+    assert abs(chosen["compute_speedup"] / 1.1 - 1) < 0.10 and chosen["compute_speedup"] >= 1.1
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["exit_threshold"] == chosen["threshold"] and config["exit_signal"] == "zero-attention"
+    assert (ckpt / "calibration.png").stat().st_size > 1000
+    stages = [s["stage"] for s in json.loads((ckpt / "ztt.json").read_text())["stages"]]
+    assert stages[-1] == "calibrate"
+    assert "chose threshold" in result.stdout
+    # the model now exits early by itself, at about that compute speedup
+    from transformers import AutoModelForCausalLM
+    from ztt_cli.data import prepare
+    from ztt_cli.io.sources import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    windows = prepare(str(base / "calib.txt"), load_tokenizer(ckpt), 64, 0.0).train[:6]
+    cycles = model(windows, use_cache=False).exit_cycles.double()
+    assert 6 / (2 + 2 * cycles.mean()) == pytest.approx(chosen["compute_speedup"], rel=0.01)
+
+
+@pytest.mark.parametrize("case,args,words", [
+    ("above the bound", ["--target-speedup", "1.6"], "above this layout's bound"),
+    ("unreachable", ["--target-speedup", "1.499"], "no threshold reaches"),
+    ("speedup not above 1", ["--target-speedup", "1.0"], "must be above 1"),
+    ("unknown signal", ["--target-speedup", "1.1", "--signal", "vibes"], "--signal"),
+])
+def test_refusals_leave_the_config_untouched(ckpt, base, case, args, words):
+    before = (ckpt / "config.json").read_bytes()
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--speedup-metric", "compute", *args, *FAST)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "hint:" in lines[0], result.stderr
+    assert (ckpt / "config.json").read_bytes() == before
+    assert not (ckpt / "calibration.json").exists()
+
+
+def test_empty_data_and_missing_pool(ckpt, base, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = run("calibrate", ckpt, "--data", tmp_path / "empty.txt", "--target-speedup", "1.1", *FAST)
+    assert result.exit_code == 2 and "contains no text" in result.stderr
+    result = run("calibrate", base / "ztt-nopool", "--data", base / "calib.txt", "--target-speedup", "1.1", *FAST)
+    assert result.exit_code == 2 and "no zero-token pool" in result.stderr and "--signal saturation" in result.stderr
+
+
+def test_saturation_signal_without_a_pool(base, tmp_path):
+    ckpt = tmp_path / "np"
+    shutil.copytree(base / "ztt-nopool", ckpt)
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.05", "--signal", "saturation",
+                 "--speedup-metric", "compute", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((ckpt / "config.json").read_text())["exit_signal"] == "saturation"
+
+
+def test_generate_streams_with_cycles_per_token(ckpt):
+    full = run("generate", ckpt, "The king", "--max-new-tokens", "8", "--full-depth")
+    assert full.exit_code == 0, full.output
+    assert "8 tokens, mean cycles 2.00" in full.stderr and full.stdout
+    early = run("generate", ckpt, "The king", "--max-new-tokens", "8", "--threshold", "0")
+    assert early.exit_code == 0 and "mean cycles 1.00" in early.stderr
+    missing = run("generate", ckpt)
+    assert missing.exit_code == 2 and "no prompt" in missing.stderr
