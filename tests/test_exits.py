@@ -117,3 +117,17 @@ def test_zero_attention_signal_needs_a_pool():
     model, _ = ztt_model("llama", LAYOUT, pool=False)
     with pytest.raises(ValueError, match="needs a zero-token pool"):
         model(token_ids(), exit_threshold=0.5)
+
+
+@torch.no_grad()
+def test_left_padded_batch_generates_what_each_sequence_gets_alone():
+    model, _ = ztt_model("llama", DEEP)
+    model.config.exit_threshold = float(cycle1_signal(model, token_ids(batch=1, length=24, seed=3)).median())
+    short, long = token_ids(batch=1, length=4, seed=5), token_ids(batch=1, length=7, seed=6)
+    ids = torch.cat([torch.cat([torch.full((1, 3), 1), short], dim=1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)], 1),
+                      torch.ones(1, 7, dtype=torch.long)])
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    for i, prompt in enumerate((short, long)):
+        alone = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=1)
+        assert torch.equal(together[i, -8:], alone[0, -8:])
