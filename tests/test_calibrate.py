@@ -101,3 +101,13 @@ def test_generate_streams_with_cycles_per_token(ckpt):
     assert early.exit_code == 0 and "mean cycles 1.00" in early.stderr
     missing = run("generate", ckpt)
     assert missing.exit_code == 2 and "no prompt" in missing.stderr
+
+
+def test_exit_stats_after_loading(ckpt):
+    from transformers import AutoModelForCausalLM
+
+    from .fixtures import token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    model(token_ids(), exit_threshold=0.0)
+    assert model.exit_stats.tokens == 40 and model.exit_stats.mean_cycles == 1.0

@@ -115,7 +115,8 @@ class ExitStats:
     """Cycles run per token, accumulated over forward passes with early exit (``reset()`` to clear)."""
 
     def __init__(self, cycles: int):
-        self.histogram = torch.zeros(cycles + 1, dtype=torch.long)  # index c: tokens that exited after cycle c
+        # explicit device: from_pretrained builds models under a meta-device context
+        self.histogram = torch.zeros(cycles + 1, dtype=torch.long, device="cpu")  # c: tokens that exited after cycle c
 
     def add(self, exit_cycles: torch.Tensor) -> None:
         self.histogram += torch.bincount(exit_cycles.flatten().cpu(), minlength=len(self.histogram))
