@@ -22,7 +22,7 @@ import torch
 from .data import prepare
 from .errors import ZTTError
 from .evaluate import spearman
-from .finetune import load_checkpoint
+from .io.checkpoint import load_checkpoint
 from .io import sources
 from .io.checkpoint import PROVENANCE, now, read_provenance, versions, write_json
 from .losses import exit_target

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .data import batch_indices, prepare
-from .errors import CheckpointError, OutputExistsError, ZTTError
+from .errors import OutputExistsError, ZTTError
 from .io import sources
-from .io.checkpoint import PROVENANCE, atomic_dir, now, read_provenance, versions, write_json
+from .io.checkpoint import PROVENANCE, atomic_dir, load_checkpoint, now, read_provenance, versions, write_json
 from .losses import HealingObjective
 from .modeling import ZTTForCausalLM
 from .options import FinetuneOptions
@@ -98,22 +98,6 @@ def _setup_distributed() -> Dist:
 
 
 # --- loading -----------------------------------------------------------------------------------
-def load_checkpoint(path: Path, dtype=torch.float32) -> ZTTForCausalLM:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not (Path(path) / "config.json").is_file():
-        raise CheckpointError(f"'{path}' is not a checkpoint folder (no config.json)", hint="give a `ztt convert` output")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "ztt":
-        raise CheckpointError(
-            f"'{path}' is a {config.model_type} model, not a ZTT checkpoint", hint=f"run `ztt convert {path}` first"
-        )
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as e:
-        raise CheckpointError(f"cannot load '{path}' ({type(e).__name__})", hint="the checkpoint may be corrupt") from None
-
-
 def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device):
     if opts.no_teacher or opts.kd_weight == 0:
         return None

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from .errors import ZTTError
-from .finetune import load_checkpoint
+from .io.checkpoint import load_checkpoint
 from .io import sources
 from .options import GenerateOptions
 

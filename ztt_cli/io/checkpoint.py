@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputExistsError, ZTTError
+from ..errors import CheckpointError, OutputExistsError, ZTTError
 
 PROVENANCE = "ztt.json"
 
@@ -81,3 +81,21 @@ def read_provenance(folder: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_checkpoint(path: Path, dtype=None):
+    """A ZTT checkpoint (fp32 unless ``dtype``), or one clear error."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"'{path}' is not a checkpoint folder (no config.json)", hint="give a `ztt convert` output")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "ztt":
+        raise CheckpointError(
+            f"'{path}' is a {config.model_type} model, not a ZTT checkpoint", hint=f"run `ztt convert {path}` first"
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except Exception as e:
+        raise CheckpointError(f"cannot load '{path}' ({type(e).__name__})", hint="the checkpoint may be corrupt") from None
