@@ -25,7 +25,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .data import batch_indices, prepare
 from .errors import OutputExistsError, ZTTError
 from .io import sources
-from .io.checkpoint import PROVENANCE, atomic_dir, load_checkpoint, now, read_provenance, versions, write_json
+from .io.checkpoint import PROVENANCE, atomic_dir, check_writable, load_checkpoint, now, read_provenance, versions, write_json
 from .losses import HealingObjective
 from .modeling import ZTTForCausalLM
 from .options import FinetuneOptions
@@ -212,11 +212,7 @@ def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> dict | None:
                 f"an unfinished run for '{opts.out}' is in '{run_dir}'",
                 hint="continue it with --resume, or pass --overwrite to start over",
             )
-    parent = opts.out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ZTTError(f"cannot write into '{parent}'", hint="choose an --out in a writable folder")
+    check_writable(opts.out)
     return None
 
 

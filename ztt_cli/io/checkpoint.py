@@ -20,8 +20,13 @@ def check_output(out: Path, overwrite: bool) -> None:
     """Fail before any work if ``out`` cannot be written."""
     if out.exists() and not overwrite:
         raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
-    parent = out.resolve().parent
-    while not parent.exists():  # missing parents are created when writing
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a writable folder (missing parents are created)."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ZTTError(f"cannot write into '{parent}'", hint="choose an --out in a writable folder")
