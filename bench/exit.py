@@ -27,10 +27,9 @@ import ztt_cli  # noqa: F401
 from ztt_cli.calibrate import NEVER, _score, calibrate
 from ztt_cli.convert import convert
 from ztt_cli.data import prepare
-from ztt_cli.evaluate import perplexity, spearman
+from ztt_cli.evaluate import exit_signal_correlation, perplexity, signals_and_targets
 from ztt_cli.finetune import finetune
 from ztt_cli.io import sources
-from ztt_cli.losses import exit_target
 from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.texts import tempest16
 
@@ -80,8 +79,7 @@ def main() -> None:
     source = AutoModelForCausalLM.from_pretrained(sources.resolve("smollm2-135m").folder).eval()
     tok = sources.load_tokenizer(healed)
     windows = prepare("shakespeare", tok, 256, 0.0).train[:8]
-    with torch.no_grad():
-        fulls = [model(input_ids=w, exit_map=torch.full(w.shape, 2), use_cache=False).logits for w in windows.split(4)]
+    _, _, fulls = signals_and_targets(model, windows)
     thresholds = {f"{t}x compute": threshold_for(model, windows, fulls, t) for t in (1.1, 1.25, 1.4)}
     thresholds["calibrate 1.25x wall"] = report["chosen"]["threshold"]
 
@@ -100,10 +98,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     rows = {}
-    with torch.no_grad():
-        out = model(tempest[:4], exit_map=torch.full(tempest[:4].shape, 2), use_cache=False)
-        target = exit_target(model(tempest[:4], exit_after=1).logits, out.logits)
-        rho = spearman(out.exit_signals[:, 0], target)
+    rho = exit_signal_correlation(model, tempest[:4])[1]
     full_ppl = perplexity(model, tempest)
     for name, threshold in [("full depth", NEVER), *thresholds.items()]:
         model.exit_stats.reset()

@@ -21,11 +21,10 @@ import torch
 
 from .data import prepare
 from .errors import ZTTError
-from .evaluate import spearman
+from .evaluate import signals_and_targets, spearman
 from .io.checkpoint import load_checkpoint
 from .io import sources
 from .io.checkpoint import PROVENANCE, now, read_provenance, versions, write_json
-from .losses import exit_target
 from .options import CalibrateOptions
 
 Progress = Callable[[str], None]
@@ -90,20 +89,6 @@ def _wall_speedups(model, prompts: list[torch.Tensor], thresholds: list[float], 
     return {t: full / statistics.median(times[t]) for t in thresholds}
 
 
-@torch.no_grad()
-def _signals_and_targets(model, windows: torch.Tensor):
-    """Cycle-1 signal of every token (full-depth replay) and exp(-KL(exit_1 || full)); full logits."""
-    signals, targets, fulls = [], [], []
-    for ids in windows.split(4):
-        full_map = torch.full(ids.shape, model.config.cycles)
-        out = model(input_ids=ids, exit_map=full_map, use_cache=False)
-        exited = model(input_ids=ids, exit_after=1)
-        signals.append(out.exit_signals[:, 0].flatten())
-        targets.append(exit_target(exited.logits, out.logits).flatten())
-        fulls.append(out.logits)
-    return torch.cat(signals), torch.cat(targets), fulls
-
-
 def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> dict:
     model = load_checkpoint(opts.checkpoint).eval()
     config_path = opts.checkpoint / "config.json"
@@ -125,10 +110,11 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     windows = packed.train[: opts.windows]
 
     progress("measuring the signal at full depth")
-    signals, targets, full_logits = _signals_and_targets(model, windows)
+    by_cycle, targets, full_logits = signals_and_targets(model, windows)
+    signals = by_cycle[1]
     qs = torch.linspace(0.02, 0.98, opts.candidates, dtype=torch.float64)
     thresholds = sorted({float(x) for x in torch.quantile(signals.double(), qs)}, reverse=True)
-    correlation = spearman(signals, targets)
+    correlation = spearman(signals, targets[1])
     base_ppl, _, _, _ = _score(model, windows, NEVER, full_logits)
 
     rows = []

@@ -40,19 +40,29 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def exit_signal_correlation(model, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
-    """Per cycle c < C: Spearman correlation between the per-token zero attention of cycle c and
-    exp(-KL(exit after c || full depth)), the quantity the exit objective trains towards."""
+def signals_and_targets(model, windows: torch.Tensor, batch_size: int = 4):
+    """Per cycle c < C, for every token: the model's exit signal (config ``exit_signal``, from a
+    full-depth replay) and exp(-KL(exit after c || full depth)), the cost of exiting there.
+
+    Returns ({c: signals}, {c: targets}, full-depth logits per batch)."""
     from .losses import exit_target
 
     model.eval()
     signals: dict[int, list] = {}
     targets: dict[int, list] = {}
-    for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i : i + batch_size].to(model.device)
-        full = model(input_ids=ids)
+    fulls = []
+    for ids in windows.to(model.device).split(batch_size):
+        full = model(input_ids=ids, exit_map=torch.full(ids.shape, model.config.cycles), use_cache=False)
+        fulls.append(full.logits)
         for c in range(1, model.config.cycles):
             exited = model(input_ids=ids, exit_after=c)
-            signals.setdefault(c, []).append(full.zero_attention[:, c - 1].mean(1).flatten().cpu())
+            signals.setdefault(c, []).append(full.exit_signals[:, c - 1].flatten().cpu())
             targets.setdefault(c, []).append(exit_target(exited.logits, full.logits).flatten().cpu())
-    return {c: spearman(torch.cat(signals[c]), torch.cat(targets[c])) for c in signals}
+    return {c: torch.cat(v) for c, v in signals.items()}, {c: torch.cat(v) for c, v in targets.items()}, fulls
+
+
+def exit_signal_correlation(model, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
+    """Per cycle c < C: Spearman correlation between the exit signal and the cost of exiting,
+    the ranking the exit objective trains."""
+    signals, targets, _ = signals_and_targets(model, windows, batch_size)
+    return {c: spearman(signals[c], targets[c]) for c in signals}
