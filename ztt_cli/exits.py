@@ -60,19 +60,15 @@ class TokenExits:
         self.any_exited = False
         self.skipped_any = False
 
-    def start(self, hidden: torch.Tensor) -> None:
-        if self.cycle is None:
-            shape = hidden.shape[:2]
-            self.cycle = (self.exit_map.to(hidden.device).long().clone() if self.exit_map is not None
-                          else torch.full(shape, self.cycles, dtype=torch.long, device=hidden.device))
-
     def active(self, cycle: int) -> torch.Tensor:
         return self.cycle >= cycle  # [B, T]
 
     def begin_cycle(self, cycle: int, hidden: torch.Tensor) -> None:
         """At a cycle's first layer: the one host sync of the cycle (how many tokens still run)."""
         self.cycle_input[cycle] = hidden
-        if cycle == 1:
+        if cycle == 1:  # the first block layer: every new token starts at full depth (or its given exit)
+            self.cycle = (self.exit_map.to(hidden.device).long().clone() if self.exit_map is not None
+                          else torch.full(hidden.shape[:2], self.cycles, dtype=torch.long, device=hidden.device))
             self.all_exited = self.any_exited = False
             return
         n_active = int(self.active(cycle).sum())

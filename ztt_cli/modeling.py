@@ -153,14 +153,11 @@ class LayerSlot(nn.Module):
             return hidden_states  # exited: straight on to the tail
         exits = record.exits if self.cycle is not None else None
         if exits is not None:
-            exits.start(hidden_states)
             if self.position == 0:
                 exits.begin_cycle(self.cycle, hidden_states)
             if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
                 exits.skip(self.cycle, self.position, self.index)
-                if self.position == model.config.block - 1:
-                    exits.end_of_cycle(self.cycle, hidden_states)
-                return hidden_states
+                return self._end_of_cycle(exits, hidden_states)
             kwargs["ztt_kv"] = partial(exits.kv_hook, self.cycle, self.position)
         family.point_at(layer, self.index, model.inner.config)
         if self.cycle is not None and model.pool is not None and record.pool_on:
@@ -174,9 +171,13 @@ class LayerSlot(nn.Module):
         out = layer(hidden_states, *args, **kwargs)
         if exits is not None:
             out = torch.where(exits.active(self.cycle)[..., None], out, hidden_states)  # exited tokens stay
-            if self.position == model.config.block - 1:
-                exits.end_of_cycle(self.cycle, out)
+            out = self._end_of_cycle(exits, out)
         return out
+
+    def _end_of_cycle(self, exits: TokenExits, hidden: torch.Tensor) -> torch.Tensor:
+        if self.position == self._refs[2].config.block - 1:
+            exits.end_of_cycle(self.cycle, hidden)
+        return hidden
 
 
 class ZTTPreTrainedModel(PreTrainedModel):
