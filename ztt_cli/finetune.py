@@ -189,8 +189,8 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> dict | None:
-    """Validate --out / --resume / --overwrite before any work; the saved options when resuming."""
+def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
+    """Validate --out / --resume / --overwrite before any work."""
     if opts.out.exists() and not opts.overwrite:
         raise OutputExistsError(f"'{opts.out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
     if opts.resume:
@@ -205,7 +205,7 @@ def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> dict | None:
                     f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
                     hint="resume with the same options",
                 )
-        return saved
+        return
     if run_dir.exists():
         if not opts.overwrite:
             raise OutputExistsError(
@@ -326,7 +326,7 @@ def finetune(opts: FinetuneOptions, progress: Progress = lambda event: None) -> 
             step += 1
             tokens += per_step * opts.seq_len
             window_tokens += per_step * opts.seq_len
-            averaged = {k: float(ddp.mean(torch.tensor(v))) for k, v in sums.items()}
+            averaged = dict(zip(sums, ddp.mean(torch.tensor(list(sums.values()))).tolist()))  # one all-reduce
             last_metrics = averaged
             if step % opts.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start

@@ -74,8 +74,11 @@ class HealingObjective(nn.Module):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self.exit_aware_weight > 0):
                     exited = self.model(input_ids=ids, exit_after=c)
                 if self.exit_aware_weight > 0:
-                    exit_terms.append(task_loss(exited.logits, ids, teacher_logits, self.kd_weight, self.temperature)[0])
-                metrics[f"exit{c}_ce"] = task_loss(exited.logits.detach(), ids, None, 0, 1)[1]
+                    term, exit_ce, _ = task_loss(exited.logits, ids, teacher_logits, self.kd_weight, self.temperature)
+                    exit_terms.append(term)
+                else:
+                    exit_ce = task_loss(exited.logits, ids, None, 0, 1)[1]
+                metrics[f"exit{c}_ce"] = exit_ce
                 if use_objective:
                     target = exit_target(exited.logits, full.logits)
                     signal = full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
