@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bootstrap a virtual environment and run a job.
-#   ./dev.sh demo    convert the built-in default model (SmolLM2-135M) into runs/smollm2-135m-ztt
+#   ./dev.sh demo    the default recipe end to end on the built-in SmolLM2-135M (about 15 minutes on 2 cores)
 #   ./dev.sh test    run the test suite
 #   ./dev.sh bench   run the benchmarks in bench/
 # Needs only Python 3.11 (PYTHON=... to pick another interpreter).
@@ -22,12 +22,13 @@ job="${1:-help}"
 shift || true
 case "$job" in
   demo)
-    "$VENV/bin/ztt" convert smollm2-135m --out runs/smollm2-135m-ztt --overwrite "$@" ;;
+    "$VENV/bin/ztt" run recipes/smollm2-135m-shakespeare.yaml "$@" ;;
   test)
     "$VENV/bin/python" -m pytest "$@" ;;
   bench)
     "$VENV/bin/python" bench/attention.py "$@"
-    "$VENV/bin/python" bench/convert.py "$@" ;;
+    "$VENV/bin/python" bench/convert.py "$@"
+    "$VENV/bin/python" bench/compare.py bench/compare.yaml --readme README.md ;;
   *)
     echo "usage: ./dev.sh {demo|test|bench} [args...]" >&2
     exit 2 ;;

@@ -6,17 +6,27 @@ import inspect
 import os
 import sys
 import typing
-from typing import Callable, Optional
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from pydantic import BaseModel
 
 from . import __version__
-from .errors import NotAvailableError, ZTTError
-from .options import CalibrateOptions, ConvertOptions, FinetuneOptions, GenerateOptions
+from .errors import ZTTError
+from .options import (
+    CalibrateOptions,
+    ConvertOptions,
+    EvalOptions,
+    ExportOptions,
+    FinetuneOptions,
+    GenerateOptions,
+    describe_error,
+)
 
 app = typer.Typer(
     name="ztt",
@@ -32,9 +42,15 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 def _quiet_libraries() -> None:
     """Library progress bars and warnings would break the one-line error contract."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import functools
+
+    import tqdm
     import transformers
     from huggingface_hub.utils import disable_progress_bars
 
+    if not getattr(tqdm.tqdm, "_ztt_quiet", False):  # lm-eval's and datasets' bars; the CLI draws its own
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        tqdm.tqdm._ztt_quiet = True
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     disable_progress_bars()
@@ -54,7 +70,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """Convert, heal, calibrate, evaluate and export Zero-Token Transformers."""
 
@@ -112,8 +128,9 @@ def options_command(name: str, model: type[BaseModel], positional: tuple[str, ..
                 opts = model(**kwargs)
             except ValidationError as e:
                 first = e.errors()[0]
-                where = "--" + "-".join(map(str, first["loc"])).replace("_", "-")
-                _fail(ZTTError(f"{where}: {first['msg']}", hint=f"see ztt {name} --help"))
+                msg = describe_error(first)
+                where = "--" + "-".join(map(str, first["loc"])).replace("_", "-") + ": " if first["loc"] else ""
+                _fail(ZTTError(f"{where}{msg}", hint=f"see ztt {name} --help"))
             _quiet_libraries()
             try:
                 run(opts)
@@ -164,7 +181,10 @@ def convert(opts: ConvertOptions) -> None:
     table.add_row("saved", "", f"{100 * result.saved_fraction:.1f}%")
     table.add_row("early-exit compute bound", "", f"{lay.speedup_bound:.2f}×")
     out.print(table)
-    if result.init_scores:
+    if result.dropped:
+        out.print(f"dropped source layers [bold]{', '.join(map(str, result.dropped))}[/] ({opts.select}); "
+                  "a one-cycle model of the kept layers, no zero token")
+    elif result.init_scores:
         scores = ", ".join(f"{k} {v:.1f}" for k, v in result.init_scores.items())
         out.print(f"init [bold]{result.init}[/] (calibration perplexity: {scores})")
     else:
@@ -188,7 +208,13 @@ def finetune(opts: FinetuneOptions) -> None:
 
     The run lives in OUT.partial/ (checkpoint, train_log.jsonl) until it finishes.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .finetune import finetune as run_finetune
 
@@ -283,22 +309,176 @@ def generate(opts: GenerateOptions) -> None:
     err.print(f"\n{total} tokens, mean cycles {mean:.2f}  {legend}")
 
 
-def _not_yet(name: str, summary: str, example: str):
-    def command(ctx: typer.Context) -> None:
-        _fail(NotAvailableError(f"`ztt {name}` is not available yet in ztt {__version__}", hint="`ztt convert` works today"))
+@options_command(
+    "eval",
+    EvalOptions,
+    positional=("checkpoint",),
+    examples=[
+        "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl,ztt_docutils_cloze --limit 100",
+        "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl --compare smollm2-135m --min-recovery 0.9",
+        "ztt eval runs/smol-healed --tasks text:notes.txt,mc:quiz.jsonl --full-depth --output results.json",
+        "ztt eval runs/smol-healed --tasks my_task --include-path my_tasks/",
+    ],
+)
+def eval_(opts: EvalOptions) -> None:
+    """Score a checkpoint with lm-evaluation-harness, early exit active at the calibrated threshold.
 
-    command.__doc__ = f"{summary}\n\n(not available yet)"
-    app.command(
-        name,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        epilog=f"Example:\n\n  {example}",
-    )(command)
+    With --compare SRC the source is scored on the same tasks and each metric's recovery is shown
+    (≥ 1: as good as the source); --min-recovery R makes the command exit 1 when any falls below R.
+    Results go to CHECKPOINT/eval.json (or --output) and a stage in ztt.json."""
+    from .harness import evaluate
+
+    with err.status("evaluating…") as status:
+        report = evaluate(opts, progress=lambda m: status.update(m))
+    compare = "source" in report
+    table = Table(title=f"lm-eval {report['lm_eval']} · exit threshold {report['exit_threshold']:.4g} · {report['layout']}")
+    for col in ("task", "metric", "ztt") + (("source", "recovery") if compare else ()):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    gate = report.get("gate")
+    for name, t in report["tasks"].items():
+        for metric, value in t["metrics"].items():
+            row = [name, metric + (" ↑" if t["higher_is_better"].get(metric) else " ↓"), f"{value:.4g}"]
+            if compare:
+                r = t["recovery"].get(metric)
+                style = "red" if gate and r is not None and r < gate["min_recovery"] else None
+                row += [f"{t['source']['metrics'].get(metric, float('nan')):.4g}",
+                        Text(f"{r:.3f}" if r is not None else "", style=style or "")]
+            table.add_row(*row)
+    out.print(table)
+    speed = Table(title="speed")
+    for col in ("task", "mean cycles", "compute ×", "tokens", "ztt tok/s", "ztt wall s") + (("source tok/s", "source wall s") if compare else ()):
+        speed.add_column(col, justify="left" if col == "task" else "right")
+    for name, t in report["tasks"].items():
+        row = [name, f"{t['mean_cycles']:.2f}", f"{t['compute_speedup']:.3f}", f"{t['tokens']:,}",
+               f"{t['tokens_per_s']:,.0f}", f"{t['wall_s']:.1f}"]
+        if compare:
+            row += [f"{t['source']['tokens_per_s']:,.0f}", f"{t['source']['wall_s']:.1f}"]
+        speed.add_row(*row)
+    out.print(speed)
+    out.print(f"results written to {report['written_to']}")
+    if gate:
+        w = gate["worst"]
+        verdict = "[bold green]passed[/]" if gate["passed"] else "[bold red]failed[/]"
+        detail = f"lowest recovery {w['recovery']:.3f} ({w['task']} {w['metric']})" if w else "no comparable metric"
+        out.print(f"recovery gate ≥ {gate['min_recovery']}: {verdict}, {detail}")
+        if not gate["passed"]:
+            raise typer.Exit(1)
 
 
-_not_yet("eval", "Score a checkpoint with lm-evaluation-harness.", "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl")
-_not_yet("export", "Export a checkpoint for others to load.", "ztt export runs/smol-healed --out dist/smol --format remote-code")
-_not_yet("validate", "Check a recipe against the schema.", "ztt validate recipes/smollm2-135m-shakespeare.yaml")
-_not_yet("run", "Run every stage of a recipe, resumably.", "ztt run recipes/smollm2-135m-shakespeare.yaml")
+@options_command(
+    "export",
+    ExportOptions,
+    positional=("checkpoint",),
+    examples=[
+        "ztt export runs/smol-healed --out dist/smol-ztt --format remote-code",
+        "ztt export runs/smol-healed --out dist/smol-ztt-bf16 --dtype bf16 --shard-size 500MB",
+    ],
+)
+def export(opts: ExportOptions) -> None:
+    """Write a checkpoint for others to load: sharded safetensors, tokenizer, generation config and a
+    model card with the layout, calibration and eval results. remote-code adds the modeling code
+    so that transformers loads it with trust_remote_code=True where ztt is not installed."""
+    from .export import export as run_export
+
+    with err.status("exporting…") as status:
+        result = run_export(opts, progress=lambda m: status.update(m))
+    load = "trust_remote_code=True" if opts.format == "remote-code" else "import ztt_cli first"
+    out.print(f"exported [bold]{result.out}[/] ({opts.format}, {opts.dtype}, {result.params['total']:,} parameters; "
+              f"load with {load}): {', '.join(result.files)}")
+
+
+@app.command("validate", epilog="Example:\n\n  ztt validate recipes/smollm2-135m-shakespeare.yaml")
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML file", show_default=False)) -> None:
+    """Check a recipe against the schema; list every problem with its YAML path (exit 2 if any)."""
+    from .recipe import RecipeError, load
+
+    try:
+        loaded = load(recipe)
+    except RecipeError as e:
+        for problem in e.problems:
+            err.print(f"[bold red]error:[/] {recipe}: {problem}", markup=True)
+        raise typer.Exit(2)
+    r = loaded.recipe
+    out.print(f"{recipe}: valid · [bold]{r.name}[/] from {r.source} · stages {' → '.join(r.stages())} · output {r.output}")
+
+
+@app.command(
+    "run",
+    epilog="Examples:\n\n  ztt run recipes/smollm2-135m-shakespeare.yaml\n\n"
+           "  ztt run recipes/smollm2-135m-shakespeare.yaml --from calibrate\n\n"
+           "  ztt run recipes/smollm2-135m-shakespeare.yaml --only eval",
+)
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML file", show_default=False),
+    from_: str | None = typer.Option(None, "--from", help="rerun from this stage on (earlier ones must be done)"),
+    only: str | None = typer.Option(None, "--only", help="run just this stage (its input must be done)"),
+) -> None:
+    """Run a recipe's stages in order (convert, finetune, calibrate, eval, export). Finished stages
+    are recorded in OUTPUT/run.json and skipped on a rerun unless their options or input changed;
+    an interrupted finetune resumes. Exits 1 if the eval gate fails."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pipeline import run as run_pipeline
+
+    _quiet_libraries()
+    bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "stage":
+            name = e["name"]
+            if e["status"] == "skipped":
+                err.print(f"[dim]{name}: done before, skipped[/]")
+            elif e["status"] == "running":
+                tasks[name] = bar.add_task(name, total=None, stage=name, info="")
+            else:
+                bar.update(tasks[name], total=1, completed=1, info=f"done in {e['wall_s']:.0f} s")
+        elif e["event"] == "message" and tasks:
+            bar.update(list(tasks.values())[-1], info=e["text"])
+        elif e["event"] == "finetune" and tasks:
+            tid = tasks["finetune"]
+            if e["event"] == "finetune" and "total" in e:
+                bar.update(tid, total=e["total"], completed=e.get("step", 0))
+            if "loss" in e:
+                bar.update(tid, completed=e["step"], info=f"step {e['step']} · loss {e['loss']:.3f}")
+
+    try:
+        with bar:
+            result = run_pipeline(recipe, start_from=from_, only=only, progress=on_event)
+    except ZTTError as e:
+        _fail(e)
+    table = Table(title=f"{result.recipe.name} → {result.recipe.output}")
+    for col in ("stage", "status", "wall s", "result"):
+        table.add_column(col, justify="right" if col == "wall s" else "left")
+    for s in result.stages:
+        table.add_row(s.name, s.status, f"{s.wall_s:.0f}", _stage_line(s.name, s.summary))
+    out.print(table)
+    if result.gate_failed:
+        out.print("[bold red]eval gate failed[/]: the model is not exported (see eval.json)")
+        raise typer.Exit(1)
+
+
+def _stage_line(name: str, s: dict) -> str:
+    if name == "convert":
+        return f"layout {s.get('layout')}"
+    if name == "finetune":
+        ppl = f", validation perplexity {s['val_ppl']:.2f}" if "val_ppl" in s else ""
+        return f"{s.get('steps')} steps, {s.get('tokens', 0):,} tokens{ppl}"
+    if name == "calibrate":
+        return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall, "
+                f"perplexity {s['perplexity']:.2f} ({100 * s['quality_loss']:+.1f}%)")
+    if name == "eval":
+        parts = []
+        for task, t in s.get("tasks", {}).items():
+            m = ", ".join(f"{k} {v:.4g}" + (f" (rec. {t['recovery'][k]:.3f})" if t.get("recovery") and k in t["recovery"] else "")
+                          for k, v in t["metrics"].items())
+            parts.append(f"{task}: {m}")
+        gate = s.get("gate")
+        if gate:
+            parts.append(f"gate ≥ {gate['min_recovery']}: {'passed' if gate['passed'] else 'FAILED'}")
+        return "\n".join(parts)
+    return f"{s.get('format')} → {s.get('out')}"
 
 
 def entry() -> None:  # console script

@@ -34,7 +34,3 @@ class OutputExistsError(ZTTError):
 
 class CheckpointError(ZTTError):
     """A checkpoint is missing, corrupt or not a ZTT model."""
-
-
-class NotAvailableError(ZTTError):
-    """A command that this version does not provide yet."""

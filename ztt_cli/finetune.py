@@ -189,6 +189,22 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _differing_option(saved: dict, mine: dict) -> str | None:
+    """The first option (other than the resume-invariant ones) that differs from a saved run's."""
+    for key in sorted(set(saved) | set(mine)):
+        if key not in RESUME_INVARIANT and saved.get(key) != mine.get(key):
+            return key
+    return None
+
+
+def can_resume(opts: FinetuneOptions) -> bool:
+    """Whether an interrupted run for ``opts.out`` exists and was started with these options."""
+    meta = partial_dir(opts.out) / "checkpoint" / "trainer.json"
+    if not meta.is_file():
+        return False
+    return _differing_option(json.loads(meta.read_text())["options"], opts.model_dump(mode="json")) is None
+
+
 def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
     """Validate --out / --resume / --overwrite before any work."""
     if opts.out.exists() and not opts.overwrite:
@@ -199,12 +215,11 @@ def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
             raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
         saved = json.loads(meta.read_text())["options"]
         mine = opts.model_dump(mode="json")
-        for key in sorted(set(saved) | set(mine)):
-            if key not in RESUME_INVARIANT and saved.get(key) != mine.get(key):
-                raise ZTTError(
-                    f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
-                    hint="resume with the same options",
-                )
+        if (key := _differing_option(saved, mine)) is not None:
+            raise ZTTError(
+                f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
+                hint="resume with the same options",
+            )
         return
     if run_dir.exists():
         if not opts.overwrite:

@@ -31,8 +31,9 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import attention
 from .architecture import Family, family_for
+from .attention import ATTENTION_NAMES, ZeroToken
+from .attention import register as register_attention
 from .exits import TokenExits
 from .layout import Layout
 
@@ -137,7 +138,7 @@ class ExitStats:
 class LayerSlot(nn.Module):
     """One unrolled position. Holds its layer by reference so shared weights are registered once."""
 
-    def __init__(self, layer: nn.Module, slot, family: Family, model: "ZTTForCausalLM"):
+    def __init__(self, layer: nn.Module, slot, family: Family, model: ZTTForCausalLM):
         super().__init__()
         self.index, self.cycle, self.position = slot.index, slot.cycle, slot.position
         self._refs = (layer, family, model)  # a tuple: not registered as submodules
@@ -162,7 +163,7 @@ class LayerSlot(nn.Module):
         family.point_at(layer, self.index, model.inner.config)
         if self.cycle is not None and model.pool is not None and record.pool_on:
             c, j = self.cycle - 1, self.position
-            kwargs["ztt_zero"] = attention.ZeroToken(
+            kwargs["ztt_zero"] = ZeroToken(
                 key=model.pool.key[c, j],
                 bias=model.pool.bias[c, j],
                 log_n=model.config.zero_logit_log_n,
@@ -198,11 +199,12 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZTTConfig, source: PreTrainedModel | None = None):
         """Build from ``config`` alone (random weights, filled by ``from_pretrained``), or around a
         loaded ``source`` model whose layers are taken as they are (see :func:`ztt_cli.convert`)."""
+        register_attention()  # idempotent; loaded as remote code, nothing else would register it
         super().__init__(config)
         layout = config.layout
         text_config = config.text_config
         family = family_for(text_config.model_type)
-        impl = config._attn_implementation if config._attn_implementation in attention.ATTENTION_NAMES else "sdpa"
+        impl = config._attn_implementation if config._attn_implementation in ATTENTION_NAMES else "sdpa"
         if source is None:
             source = AutoModelForCausalLM.from_config(_config_with_depth(text_config, layout.unique_layers))
             unique = list(family.layer_list(source))
@@ -212,7 +214,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         source.config.num_hidden_layers = layout.depth
         if hasattr(text_config, "layer_types"):
             source.config.layer_types = list(text_config.layer_types)
-        source.config._attn_implementation = attention.ATTENTION_NAMES[impl]
+        source.config._attn_implementation = ATTENTION_NAMES[impl]
         self.inner = source
         self._family = family
         self.layers = nn.ModuleList(unique)
@@ -326,6 +328,6 @@ def _config_with_depth(text_config: PreTrainedConfig, depth: int) -> PreTrainedC
 
 
 def register() -> None:
-    attention.register()
+    register_attention()
     AutoConfig.register("ztt", ZTTConfig, exist_ok=True)
     AutoModelForCausalLM.register(ZTTConfig, ZTTForCausalLM, exist_ok=True)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average"]
 DtypeChoice = Literal["float32", "bfloat16", "float16"]
@@ -23,21 +23,47 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def describe_error(err: dict) -> str:
+    """A pydantic validation error as a short phrase ("must be > 0", "unknown key")."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    phrases = {
+        "extra_forbidden": "unknown key",
+        "missing": "required",
+        "greater_than": f"must be > {ctx.get('gt')}",
+        "greater_than_equal": f"must be >= {ctx.get('ge')}",
+        "less_than": f"must be < {ctx.get('lt')}",
+        "less_than_equal": f"must be <= {ctx.get('le')}",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+    }
+    if kind in phrases:
+        return phrases[kind]
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
 class ConvertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="hub id, local Hugging Face folder, .gguf file, or built-in name")
     out: Path = Field(description="output checkpoint folder")
-    head: int | None = Field(None, description="unshared layers kept at the start (default: derived)")
-    tail: int | None = Field(None, description="unshared layers kept at the end (default: derived)")
-    block: int | None = Field(None, description="layers in the shared block (default: derived)")
-    cycles: int | None = Field(None, description="times the shared block is applied (default: 2)")
+    head: int | None = Field(None, ge=0, description="unshared layers kept at the start (default: derived)")
+    tail: int | None = Field(None, ge=0, description="unshared layers kept at the end (default: derived)")
+    block: int | None = Field(None, ge=1, description="layers in the shared block (default: derived)")
+    cycles: int | None = Field(None, ge=1, description="times the shared block is applied (default: 2)")
     init: InitChoice = Field("auto", description="how the shared block is initialised from the middle layers")
     pool: bool = Field(True, description="add the zero-token pool (off: head-tail cycling)")
     log_n: bool = Field(False, description="add log(visible keys) to the zero-token logit")
     dtype: DtypeChoice = Field("float32", description="dtype of the written weights")
     shard_size: str = Field("2GB", description="largest safetensors shard")
-    calib_data: Path | None = Field(None, description="text file for --init auto (default: built-in Shakespeare)")
+    drop: int | None = Field(
+        None, ge=1, description="baseline: drop N layers instead of sharing (a one-cycle model of the kept layers)"
+    )
+    select: Literal["block-influence", "contiguous"] = Field(
+        "block-influence",
+        description="which layers --drop removes: the N of least block influence on calibration text (ShortGPT), "
+        "or the N just below the tail (--tail, default a third of the layers)",
+    )
+    calib_data: Path | None = Field(None, description="text file for --init auto and --drop (default: built-in Shakespeare)")
     calib_windows: int = Field(4, ge=1, description="calibration windows for --init auto")
     calib_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     overwrite: bool = Field(False, description="replace --out if it exists")
@@ -144,3 +170,74 @@ class GenerateOptions(BaseModel):
     threshold: float | None = Field(None, description="exit threshold (default: the calibrated one in config.json)")
     full_depth: bool = Field(False, description="never exit early")
     seed: int = Field(0, description="sampling seed")
+
+
+class EvalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="ZTT checkpoint folder")
+    tasks: str = Field(description="comma-separated lm-eval tasks: ztt_shakespeare_ppl, ztt_docutils_ppl, "
+                                   "ztt_docutils_cloze, text:PATH, mc:PATH.jsonl, or any lm-eval task")
+    limit: str | None = Field(
+        None, description="score only the first N documents of each task: N, or per task: task=N,task=N"
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per question (default: the task's)")
+    batch_size: int = Field(1, ge=1, description="sequences per forward pass")
+    max_length: int | None = Field(None, ge=16, description="context window in tokens (default: the model's)")
+    include_path: Path | None = Field(None, description="folder of your own lm-eval task YAMLs")
+    output: Path | None = Field(None, description="results JSON (default: CHECKPOINT/eval.json)")
+    threshold: float | None = Field(None, ge=0, description="exit threshold (default: the calibrated one in config.json)")
+    full_depth: bool = Field(False, description="never exit early")
+    compare: str | None = Field(None, description="also score this source model (any model `ztt convert` accepts)")
+    min_recovery: float | None = Field(
+        None, gt=0, description="exit 1 if any metric's recovery against --compare falls below this (e.g. 0.9)"
+    )
+    bootstrap_iters: int = Field(1000, ge=0, description="bootstrap resamples for lm-eval's standard errors")
+    seed: int = Field(0, description="seed for few-shot sampling")
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit(cls, v):
+        if v is None:
+            return v
+        text = str(v)
+        for part in text.split(","):
+            n = part.rpartition("=")[2].strip()
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError("must be a count N >= 1, or task=N pairs separated by commas")
+        return text
+
+    def limit_for(self, task: str) -> int | None:
+        if self.limit is None:
+            return None
+        per_task = dict(p.rsplit("=", 1) for p in self.limit.split(",") if "=" in p)
+        if "=" not in self.limit:
+            return int(self.limit)
+        return int(per_task[task]) if task in per_task else None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.min_recovery is not None and self.compare is None:
+            raise ValueError("min_recovery needs compare: the source model to measure recovery against")
+        if self.full_depth and self.threshold is not None:
+            raise ValueError("threshold and full_depth exclude each other")
+        return self
+
+
+class ExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="ZTT checkpoint folder")
+    out: Path = Field(description="output folder")
+    format: Literal["hf", "remote-code"] = Field(
+        "hf", description="hf: for users with ztt installed; remote-code: self-contained (trust_remote_code=True)"
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the written weights")
+    shard_size: str = Field("2GB", description="largest safetensors shard")
+    overwrite: bool = Field(False, description="replace --out if it exists")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v

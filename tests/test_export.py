@@ -1,0 +1,130 @@
+"""`ztt export`: hf and self-contained remote-code folders."""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ztt_cli.cli import app
+from ztt_cli.convert import convert
+from ztt_cli.io.checkpoint import load_checkpoint
+from ztt_cli.options import ConvertOptions
+
+from .fixtures import save_source, token_ids
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    src = save_source("llama", root / "src")
+    out = root / "ztt"
+    convert(ConvertOptions(source=str(src), out=out, init="lower", head=1, tail=1, block=2, cycles=2))
+    # a calibrated-looking checkpoint: a threshold in config.json, a recipe beside it
+    config = json.loads((out / "config.json").read_text())
+    config["exit_threshold"] = 0.01
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "recipe.yaml").write_text("name: tiny\nsource: src\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory):
+    """A virtual environment with torch and transformers but without ztt_cli: the packages of
+    this one are reachable through a plain path entry, which does not run the .pth hooks that
+    make an editable install importable."""
+    venv = tmp_path_factory.mktemp("venv") / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv / "bin" / "python"
+
+
+REMOTE_SCRIPT = textwrap.dedent("""
+    import importlib.util, sys, torch
+    assert importlib.util.find_spec("ztt_cli") is None, "ztt_cli must not be importable here"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, ids_path, out_path = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.load(ids_path)
+    with torch.no_grad():
+        full = model(ids, exit_threshold=2.0).logits
+        calibrated = model(ids)
+        first = model(ids, exit_threshold=0.0)
+        generated = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    torch.save({"full": full, "calibrated": calibrated.logits, "cycles": calibrated.exit_cycles,
+                "first": first.exit_cycles, "generated": generated, "module": type(model).__module__}, out_path)
+""")
+
+
+def test_remote_code_export_loads_without_ztt(ckpt, bare_venv, tmp_path):
+    out = tmp_path / "dist"
+    result = run("export", ckpt, "--out", out, "--format", "remote-code", "--shard-size", "40KB")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors.index.json").is_file()  # sharded, with its index
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_ztt.ZTTForCausalLM"
+    ids = token_ids(2, 16)
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([str(bare_venv), "-I", str(tmp_path / "remote.py"), str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "got.pt")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "got.pt")
+    assert got["module"].startswith("transformers_modules")  # the copied code, not ztt_cli
+    model = load_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        full = model(ids, exit_threshold=2.0).logits
+        calibrated = model(ids)
+        generated = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(got["full"], full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["calibrated"], calibrated.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["cycles"], calibrated.exit_cycles)  # the calibrated threshold travels
+    assert (got["first"] == 1).all()
+    assert torch.equal(got["generated"], generated)
+
+
+def test_hf_export_card_and_files(ckpt, tmp_path):
+    out = tmp_path / "hf"
+    result = run("export", ckpt, "--out", out, "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "ztt.json", "recipe.yaml"} <= names
+    assert not any(n.endswith(".py") for n in names)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "tags:" in card
+    assert "1/2×2/1" in card and "## Recipe" in card and "threshold 0.01" in card
+    assert json.loads((out / "ztt.json").read_text())["stages"][-1]["stage"] == "export"
+    exported = load_checkpoint(out, dtype=torch.bfloat16).eval()
+    assert exported.dtype == torch.bfloat16
+    ids = token_ids(2, 16)
+    with torch.no_grad():
+        ref = load_checkpoint(ckpt).eval()(ids, exit_threshold=2.0).logits
+        got = exported(ids, exit_threshold=2.0).logits.float()
+    # bf16 weights: errors stay a small fraction of the logit scale
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_export_bad_input(ckpt, tmp_path):
+    for result, fragment in [
+        (run("export", tmp_path / "missing", "--out", tmp_path / "x"), "not a checkpoint"),
+        (run("export", ckpt, "--out", ckpt), "already exists"),
+        (run("export", ckpt, "--out", tmp_path / "y", "--format", "onnx"), "--format"),
+        (run("export", ckpt, "--out", tmp_path / "z", "--shard-size", "lots"), "--shard-size"),
+    ]:
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
