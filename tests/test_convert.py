@@ -111,3 +111,59 @@ def test_crash_leaves_nothing_and_keeps_existing_output(tmp_path, monkeypatch):
     monkeypatch.undo()
     convert(ConvertOptions(source=str(src_dir), out=out, init="lower", overwrite=True))
     assert not (out / "keep.txt").exists() and (out / "ztt.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path):
+    from ztt_cli.architecture import family_for
+
+    src = save_source(family, tmp_path / "src")
+    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1))
+    dropped = AutoModelForCausalLM.from_pretrained(tmp_path / "drop").eval()
+    prov = json.loads((tmp_path / "drop" / "ztt.json").read_text())
+    assert prov["stages"][0]["metrics"]["dropped_layers"] == [3, 4]  # the 2 layers just below a tail of 1
+    assert dropped.pool is None and dropped.config.cycles == 1 and dropped.config.layout.unique_layers == 4
+
+    reference = source_model(family)
+    fam = family_for(reference.config.model_type)
+    kept = [layer for i, layer in enumerate(fam.layer_list(reference)) if i not in (3, 4)]
+    for i, layer in enumerate(kept):
+        fam.point_at(layer, i, reference.config)
+    fam.set_layer_list(reference, torch.nn.ModuleList(kept))
+    reference.config.num_hidden_layers = 4
+    if getattr(reference.config, "layer_types", None) is not None:
+        reference.config.layer_types = [t for i, t in enumerate(reference.config.layer_types) if i not in (3, 4)]
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_by_block_influence_removes_the_least_influential_layers(tmp_path, calib_file):
+    from ztt_cli.evaluate import token_windows
+    from ztt_cli.io.sources import load_tokenizer
+
+    src = save_source("llama", tmp_path / "src")
+    convert(ConvertOptions(source=str(src), out=tmp_path / "bi", drop=2, calib_data=calib_file, calib_tokens=32))
+    metrics = json.loads((tmp_path / "bi" / "ztt.json").read_text())["stages"][0]["metrics"]
+    influence = metrics["block_influence"]
+    # independently: 1 - cos(input, output) of each layer from the hidden states (all but the
+    # last layer, whose output the model only returns after the final norm)
+    model = source_model("llama")
+    windows = token_windows(load_tokenizer(src), calib_file.read_text(), 4, 32)
+    with torch.no_grad():
+        hs = model(windows, output_hidden_states=True).hidden_states
+    for i in range(len(influence) - 1):
+        cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).mean().item()
+        assert influence[i] == pytest.approx(1 - cos, abs=1e-5)
+    assert metrics["dropped_layers"] == sorted(sorted(range(6), key=influence.__getitem__)[:2])
+
+
+def test_drop_refuses_sharing_options(tmp_path):
+    from ztt_cli.errors import LayoutError
+
+    src = save_source("llama", tmp_path / "src")
+    with pytest.raises(LayoutError):
+        convert(ConvertOptions(source=str(src), out=tmp_path / "x", drop=2, cycles=2))
+    with pytest.raises(LayoutError):
+        convert(ConvertOptions(source=str(src), out=tmp_path / "x", drop=5))
+    assert not (tmp_path / "x").exists()

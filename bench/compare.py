@@ -1,0 +1,343 @@
+"""ZTT against the baselines on a real model, side by side: `python bench/compare.py bench/compare.yaml`.
+
+Driven by a YAML file (variants, layout, healing budget, early-exit thresholds); resumable: each
+finished step is recorded in WORK/state.json and skipped on a rerun, an interrupted healing run
+resumes from its checkpoint. Every variant is a ztt checkpoint (the source itself as a no-share
+conversion, whose logits equal the source's) healed by `ztt finetune` with the same options.
+
+Metrics: Tempest-16 (DESIGN §3) before and after healing; Docutils-16 (the same protocol on
+four PEPs of the docutils documentation, a domain never used in healing); greedy next-token
+agreement with the untouched source on Tempest-16; parameters; greedy decoding tokens/s at
+batch 1 and 8. Early exit on the ZTT variant: the thresholds `ztt calibrate` picks for
+wall-clock targets and fixed thresholds, each with mean cycles, compute saved, perplexity.
+
+Writes bench/results/compare-PROFILE.{json,md,png}; --readme README.md replaces the block
+between <!-- compare:PROFILE --> and <!-- /compare:PROFILE --> with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+import ztt_cli  # noqa: F401  (registers the model)
+from ztt_cli.calibrate import CalibrationError, calibrate
+from ztt_cli.convert import convert
+from ztt_cli.evaluate import perplexity
+from ztt_cli.finetune import can_resume, finetune
+from ztt_cli.io import sources
+from ztt_cli.io.assets import DOCUTILS, SHAKESPEARE
+from ztt_cli.io.checkpoint import load_checkpoint, write_json
+from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.texts import docutils16, tempest16
+
+console = Console(highlight=False)
+RESULTS = Path(__file__).parent / "results"
+
+
+class State:
+    """WORK/state.json: what is done, with its results."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, *keys):
+        d = self.data
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    def put(self, value, *keys) -> None:
+        d = self.data
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = value
+        write_json(self.path, self.data)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
+    lay = cfg["layout"]
+    n_drop = lay["block"] * (lay["cycles"] - 1)
+    if v["kind"] in ("source", "dense"):
+        out, opts = work / "source", dict(head=0, block=sources_layers(cfg), cycles=1, tail=0, pool=False)
+    elif v["kind"] == "drop":
+        out, opts = work / f"drop-{v['select']}", dict(drop=n_drop, select=v["select"], tail=lay["tail"])
+    else:
+        out = work / ("cycle" if v.get("pool", True) else "cycle-nopool")
+        opts = dict(lay, init="lower", pool=v.get("pool", True))
+    if not (out / "config.json").is_file():
+        convert(ConvertOptions(source=cfg["source"], out=out, overwrite=True, **opts))
+    return out
+
+
+def sources_layers(cfg: dict) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(sources.resolve(cfg["source"]).folder).num_hidden_layers
+
+
+def heal_variant(v: dict, ckpt: Path, cfg: dict, work: Path) -> tuple[Path, dict]:
+    out = work / f"healed-{slug(v['name'])}"
+    options = {**cfg["heal"], **v.get("heal", {})}
+    if v["kind"] in ("dense", "drop"):  # one cycle: the exit terms do not apply
+        options.setdefault("exit_aware_weight", 0.0)
+        options.setdefault("exit_objective_weight", 0.0)
+    opts = FinetuneOptions(checkpoint=ckpt, out=out, teacher=cfg["source"], eval_every=10_000, save_every=20,
+                           log_every=10, **options)
+    resume = can_resume(opts)
+    result = finetune(opts.model_copy(update={"resume": resume, "overwrite": not resume}))
+    return out, {"steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
+                 "train_tokens_per_s": result.tokens / result.wall_s, "options": options}
+
+
+@torch.no_grad()
+def decode_rate(model, prompts: torch.Tensor, new_tokens: int, reps: int) -> float:
+    """Greedy decoding tokens/s (median of reps, after one warm-up)."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(prompts), pad_token_id=model.config.text_config.eos_token_id)
+    model.generate(prompts, **kwargs)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model.generate(prompts, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return prompts.shape[0] * new_tokens / statistics.median(times)
+
+
+@torch.no_grad()
+def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, threshold: float | None = None) -> dict:
+    """Perplexities, agreement with the source on Tempest-16 and the layers run per token."""
+    kw = {} if threshold is None else {"exit_threshold": threshold}
+    lay = model.config.layout
+    agree, layers, count = 0, 0.0, 0
+    for ids, ref in zip(windows["tempest16"].split(4), reference.split(4)):
+        out = model(input_ids=ids, use_cache=False, **kw)
+        agree += (out.logits.argmax(-1) == ref).sum().item()
+        cycles = out.exit_cycles if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
+        layers += (lay.head + lay.tail + lay.block * cycles.double()).sum().item()
+        count += ids.numel()
+    saved_cfg = model.config.exit_threshold
+    if threshold is not None:
+        model.config.exit_threshold = threshold
+    try:
+        ppl = {name: perplexity(model, w) for name, w in windows.items()}
+    finally:
+        model.config.exit_threshold = saved_cfg
+    mean_layers = layers / count
+    return {**ppl, "agreement": agree / count, "mean_cycles": (mean_layers - lay.head - lay.tail) / lay.block,
+            "compute_saved": 1 - mean_layers / lay.depth}
+
+
+def speed(model, prompts: torch.Tensor, cfg: dict) -> dict:
+    d = cfg["decode"]
+    return {f"decode_tok_s_b{b}": decode_rate(model, prompts[:b], d["new_tokens"], d["reps"]) for b in d["batches"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--readme", type=Path, help="update this README's results block")
+    args = ap.parse_args()
+    cfg = yaml.safe_load(args.config.read_text())
+    work = Path(cfg["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    state = State(work / "state.json")
+    torch.manual_seed(0)
+    start = time.time()
+
+    tok = sources.load_tokenizer(sources.resolve(cfg["source"]).folder)
+    windows = {"tempest16": tempest16(tok), "docutils16": docutils16(tok)}
+    max_batch = max(cfg["decode"]["batches"])
+    prompts = windows["tempest16"][:max_batch, : cfg["decode"]["prompt_tokens"]]
+
+    # the untouched source's greedy tokens: the reference for agreement
+    source_dir = convert_variant({"kind": "source"}, cfg, work)
+    ref_path = work / "source-argmax.pt"
+    if not ref_path.is_file():
+        model = load_checkpoint(source_dir).eval()
+        with torch.no_grad():
+            ref = torch.cat([model(input_ids=w, use_cache=False).logits.argmax(-1) for w in windows["tempest16"].split(4)])
+        torch.save(ref, ref_path)
+    reference = torch.load(ref_path)
+
+    for v in cfg["variants"]:
+        name = v["name"]
+        if state.get("variants", name, "done"):
+            console.print(f"[dim]{name}: done before[/]")
+            continue
+        console.print(f"[bold]{name}[/]: converting")
+        ckpt = convert_variant(v, cfg, work)
+        row = state.get("variants", name) or {}
+        if "before" not in row:
+            model = load_checkpoint(ckpt).eval()
+            row["before"] = {k: perplexity(model, w) for k, w in windows.items()}
+            row["params"] = model.parameter_counts()["total"]
+            row["unique_layers"] = model.config.layout.unique_layers
+            row["layout"] = str(model.config.layout)
+            state.put(row, "variants", name)
+        final = ckpt
+        if v["kind"] != "source":
+            if "heal" not in row:
+                console.print(f"[bold]{name}[/]: healing")
+                healed, info = heal_variant(v, ckpt, cfg, work)
+                row["heal"] = info
+                state.put(row, "variants", name)
+            final = work / f"healed-{slug(name)}"
+        console.print(f"[bold]{name}[/]: measuring")
+        model = load_checkpoint(final).eval()
+        row["after"] = quality(model, windows, reference)
+        row.update(speed(model, prompts, cfg))
+        row["checkpoint"] = str(final)
+        row["done"] = True
+        state.put(row, "variants", name)
+        console.print(name, {k: row["after"][k] for k in ("tempest16", "docutils16", "agreement")})
+
+    ee = cfg.get("early_exit")
+    if ee:
+        healed = Path(state.get("variants", ee["variant"], "checkpoint"))
+        runs = [("full depth", 2.0)]
+        for target in ee.get("calibrate_wall", []):
+            label = f"calibrated {target}× wall"
+            found = state.get("early_exit", label, "threshold")
+            if found is None and not state.get("early_exit", label, "error"):
+                copy = work / f"calibrate-{target}"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(healed, copy)
+                try:
+                    report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
+                                                        speedup_metric="wall"))
+                    state.put({"threshold": report["chosen"]["threshold"], "calibration": report["chosen"]},
+                              "early_exit", label)
+                except CalibrationError as e:
+                    state.put({"error": e.message}, "early_exit", label)
+            if state.get("early_exit", label, "threshold") is not None:
+                runs.append((label, state.get("early_exit", label, "threshold")))
+        runs += [(f"fixed P = {p}", p) for p in ee.get("fixed", [])]
+        model = load_checkpoint(healed).eval()
+        for label, threshold in runs:
+            if state.get("early_exit", label, "done"):
+                continue
+            console.print(f"early exit: {label} (threshold {threshold:.4g})")
+            entry = state.get("early_exit", label) or {}
+            entry.update(threshold=threshold, **quality(model, windows, reference, threshold))
+            model.config.exit_threshold = threshold
+            entry.update(speed(model, prompts, cfg))
+            model.config.exit_threshold = 2.0
+            entry["done"] = True
+            state.put(entry, "early_exit", label)
+
+    report = {
+        "profile": cfg["profile"], "config": cfg, "variants": state.get("variants"), "early_exit": state.get("early_exit"),
+        "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
+                    "docutils": f"{DOCUTILS.name}=={DOCUTILS.version} sha256 {DOCUTILS.sha256}"},
+        "meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+                 "device": cfg.get("device", "cpu"), "date": time.strftime("%Y-%m-%d"),
+                 "wall_s_this_run": time.time() - start},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"compare-{cfg['profile']}"
+    write_json(stem.with_suffix(".json"), report)
+    table = markdown(report)
+    stem.with_suffix(".md").write_text(table)
+    plot(report, stem.with_suffix(".png"))
+    if args.readme:
+        update_readme(args.readme, cfg["profile"], table, stem.with_suffix(".png"))
+    console.print(table)
+
+
+def markdown(r: dict) -> str:
+    cfg, h = r["config"], r["config"]["heal"]
+    tokens = next((v["heal"]["tokens"] for v in r["variants"].values() if "heal" in v), 0)
+    lines = [
+        f"Profile **{r['profile']}** on {r['meta']['device']} ({r['meta']['machine']}, torch {r['meta']['torch']}), "
+        f"{r['meta']['date']}. Source `{cfg['source']}`; healing: `{h['data']}`, {h['steps']} steps × {h['batch_size']} × "
+        f"{h['seq_len']} tokens = {tokens:,} tokens per variant, lr {h['lr']}, seed {h['seed']}, teacher = the source. "
+        f"Docutils-16: {r['corpora']['docutils']}.",
+        "",
+        "| variant | layout | unique layers | parameters | Tempest-16 before → after | Docutils-16 after | "
+        "agreement with source | decode tok/s b1 / b8 | healing tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in r["variants"].items():
+        a = v["after"]
+        heal = f"{v['heal']['train_tokens_per_s']:.0f}" if "heal" in v else "–"
+        before = f"{v['before']['tempest16']:.2f} → {a['tempest16']:.2f}" if "heal" in v else f"{a['tempest16']:.2f}"
+        lines.append(
+            f"| {name} | {v['layout']} | {v['unique_layers']} | {v['params'] / 1e6:.1f} M | {before} | "
+            f"{a['docutils16']:.2f} | {100 * a['agreement']:.1f}% | {v.get('decode_tok_s_b1', 0):.1f} / "
+            f"{v.get('decode_tok_s_b8', 0):.1f} | {heal} |"
+        )
+    if r.get("early_exit"):
+        lines += ["", f"Early exit on **{cfg['early_exit']['variant']}** (per-token, zero-attention signal):", "",
+                  "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement | decode tok/s b1 / b8 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, e in r["early_exit"].items():
+            if "error" in e:
+                lines.append(f"| {label} | not reached: {e['error']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | {100 * e['compute_saved']:.1f}% | "
+                f"{e['tempest16']:.2f} | {e['docutils16']:.2f} | {100 * e['agreement']:.1f}% | "
+                f"{e.get('decode_tok_s_b1', 0):.1f} / {e.get('decode_tok_s_b8', 0):.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(r["variants"])
+    after = [r["variants"][n]["after"]["tempest16"] for n in names]
+    second = [r["variants"][n]["after"]["docutils16"] for n in names]
+    x = range(len(names))
+    a.bar([i - 0.2 for i in x], after, 0.4, label="Tempest-16")
+    a.bar([i + 0.2 for i in x], second, 0.4, label="Docutils-16")
+    a.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+    a.set_ylabel("perplexity after healing (lower is better)")
+    a.legend()
+    a.set_title("variants at the same unique-layer budget")
+    if r.get("early_exit"):
+        pts = [(e["compute_saved"], e["tempest16"], label) for label, e in r["early_exit"].items() if "error" not in e]
+        b.plot([p[0] * 100 for p in pts], [p[1] for p in pts], "o")
+        for s, ppl, label in pts:
+            b.annotate(label, (s * 100, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        b.set_xlabel("compute saved by early exit (%)")
+        b.set_ylabel("Tempest-16 perplexity")
+        b.set_title("early exit on the ZTT variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, profile: str, table: str, png: Path) -> None:
+    start, end = f"<!-- compare:{profile} -->", f"<!-- /compare:{profile} -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} … {end} block")
+    rel = png.resolve().relative_to(readme.resolve().parent)
+    block = f"{start}\n{table}\n![{profile} results]({rel})\n{end}"
+    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
+
+
+if __name__ == "__main__":
+    main()
