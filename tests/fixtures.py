@@ -131,3 +131,12 @@ def unrolled_reference(ztt):
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k or "lm_head" in k or "bias" in k for k in missing), missing
     return ref
+
+
+def cli(*args):
+    """Run the ``ztt`` command line in-process (arguments may be paths or numbers)."""
+    from typer.testing import CliRunner
+
+    from ztt_cli.cli import app
+
+    return CliRunner().invoke(app, [*map(str, args)], env={"COLUMNS": "200"})

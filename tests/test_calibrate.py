@@ -4,15 +4,13 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
-from ztt_cli.cli import app
 from ztt_cli.convert import convert
 from ztt_cli.options import ConvertOptions
 
+from .fixtures import cli as run
 from .fixtures import corpus, save_source
 
-runner = CliRunner()
 FAST = ["--windows", "6", "--seq-len", "64", "--reps", "1", "--decode-tokens", "4", "--prompts", "1", "--candidates", "10"]
 
 
@@ -33,10 +31,6 @@ def ckpt(base, tmp_path):
     return tmp_path / "ztt"
 
 
-def run(*args):
-    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
-
-
 def test_calibration_reaches_the_compute_target(ckpt, base):
     result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric", "compute", *FAST)
     assert result.exit_code == 0, result.output
@@ -51,6 +45,7 @@ def test_calibration_reaches_the_compute_target(ckpt, base):
     assert "chose threshold" in result.stdout
     # the model now exits early by itself, at about that compute speedup
     from transformers import AutoModelForCausalLM
+
     from ztt_cli.data import prepare
     from ztt_cli.io.sources import load_tokenizer
 

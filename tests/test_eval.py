@@ -7,18 +7,15 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ztt_cli.cli import app
 from ztt_cli.convert import convert
 from ztt_cli.harness import TaskScore, evaluate, recovery, resolve_tasks
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.io.sources import load_tokenizer
 from ztt_cli.options import ConvertOptions, EvalOptions
 
+from .fixtures import cli as run
 from .fixtures import corpus, save_source
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +38,6 @@ def base(tmp_path_factory):
 def ckpt(base, tmp_path):
     shutil.copytree(base / "ztt", tmp_path / "ztt")
     return tmp_path / "ztt"
-
-
-def run(*args):
-    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.01, 2.0])

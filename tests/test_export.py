@@ -8,20 +8,13 @@ import textwrap
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ztt_cli.cli import app
 from ztt_cli.convert import convert
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.options import ConvertOptions
 
+from .fixtures import cli as run
 from .fixtures import save_source, token_ids
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from ztt_cli.cli import app
 from ztt_cli.pipeline import run as run_pipeline
 from ztt_cli.recipe import RecipeError, load
 
-from .fixtures import corpus, save_source
+from .fixtures import cli, corpus, save_source
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cli(*args):
-    return runner.invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ import torch
 
 from .errors import ZTTError
 from .io import sources
-from .io.checkpoint import (
-    PROVENANCE,
-    load_checkpoint,
-    now,
-    read_provenance,
-    versions,
-    write_json,
-)
+from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
 from .options import EvalOptions
 
 Progress = Callable[[str], None]

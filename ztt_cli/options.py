@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average"]
 DtypeChoice = Literal["float32", "bfloat16", "float16"]
@@ -21,6 +21,14 @@ def parse_size(text: str) -> int:
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
     return int(float(m.group(1)) * base**power)
+
+
+def _valid_size(text: str) -> str:
+    parse_size(text)
+    return text
+
+
+ShardSize = Annotated[str, AfterValidator(_valid_size)]
 
 
 def describe_error(err: dict) -> str:
@@ -54,7 +62,7 @@ class ConvertOptions(BaseModel):
     pool: bool = Field(True, description="add the zero-token pool (off: head-tail cycling)")
     log_n: bool = Field(False, description="add log(visible keys) to the zero-token logit")
     dtype: DtypeChoice = Field("float32", description="dtype of the written weights")
-    shard_size: str = Field("2GB", description="largest safetensors shard")
+    shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     drop: int | None = Field(
         None, ge=1, description="baseline: drop N layers instead of sharing (a one-cycle model of the kept layers)"
     )
@@ -67,12 +75,6 @@ class ConvertOptions(BaseModel):
     calib_windows: int = Field(4, ge=1, description="calibration windows for --init auto")
     calib_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     overwrite: bool = Field(False, description="replace --out if it exists")
-
-    @field_validator("shard_size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        parse_size(v)
-        return v
 
 
 def default(model: type[BaseModel], name: str):
@@ -233,11 +235,5 @@ class ExportOptions(BaseModel):
         "hf", description="hf: for users with ztt installed; remote-code: self-contained (trust_remote_code=True)"
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the written weights")
-    shard_size: str = Field("2GB", description="largest safetensors shard")
+    shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     overwrite: bool = Field(False, description="replace --out if it exists")
-
-    @field_validator("shard_size")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        parse_size(v)
-        return v
