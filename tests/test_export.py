@@ -1,6 +1,7 @@
 """`ztt export`: hf and self-contained remote-code folders."""
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -90,13 +91,19 @@ def test_remote_code_export_loads_without_ztt(ckpt, bare_venv, tmp_path):
 
 def test_hf_export_card_and_files(ckpt, tmp_path):
     out = tmp_path / "hf"
-    result = run("export", ckpt, "--out", out, "--dtype", "bf16")
+    old_umask = os.umask(0o022)
+    try:
+        result = run("export", ckpt, "--out", out, "--dtype", "bf16", "--name", "tiny-ztt")
+    finally:
+        os.umask(old_umask)
     assert result.exit_code == 0, result.output
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # shareable, not mkstemp's 0600
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "ztt.json", "recipe.yaml"} <= names
     assert not any(n.endswith(".py") for n in names)
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card and "tags:" in card
+    assert "# tiny-ztt" in card
     assert "1/2×2/1" in card and "## Recipe" in card and "threshold 0.01" in card
     assert json.loads((out / "ztt.json").read_text())["stages"][-1]["stage"] == "export"
     exported = load_checkpoint(out, dtype=torch.bfloat16).eval()

@@ -49,7 +49,14 @@ def _quiet_libraries() -> None:
     from huggingface_hub.utils import disable_progress_bars
 
     if not getattr(tqdm.tqdm, "_ztt_quiet", False):  # lm-eval's and datasets' bars; the CLI draws its own
-        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        init = tqdm.tqdm.__init__
+
+        @functools.wraps(init)
+        def quiet_init(self, *args, **kwargs):
+            kwargs["disable"] = True  # also where a library passes disable=False explicitly
+            init(self, *args, **kwargs)
+
+        tqdm.tqdm.__init__ = quiet_init
         tqdm.tqdm._ztt_quiet = True
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -151,6 +151,6 @@ def export(opts: ExportOptions, progress: Progress = lambda m: None) -> ExportRe
             "stage": "export", "time": now(), "options": opts.model_dump(mode="json"), "versions": versions(),
         })
         write_json(tmp / PROVENANCE, prov)
-        (tmp / "README.md").write_text(model_card(opts.out.name, model, prov, opts.format, opts.dtype, recipe))
+        (tmp / "README.md").write_text(model_card(opts.name or opts.out.name, model, prov, opts.format, opts.dtype, recipe))
         files = sorted(p.name for p in tmp.iterdir())
     return ExportResult(opts.out, files, model.parameter_counts())

@@ -236,4 +236,5 @@ class ExportOptions(BaseModel):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the written weights")
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
+    name: str | None = Field(None, description="the model's name in its card (default: the --out folder's name)")
     overwrite: bool = Field(False, description="replace --out if it exists")

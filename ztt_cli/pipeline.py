@@ -107,6 +107,7 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
     checkpoint: Path | None = None
     previous_key = ""
     for name in stages:
+        t0 = time.perf_counter()  # a stage's time includes finding its input (fetching the source)
         if name == "convert":
             source = resolve(recipe.source)
             opts = stage_options(recipe, name, None, out=out / "convert", overwrite=True)
@@ -140,7 +141,6 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
             result.stages.append(StageRun(name, "skipped", done.get("wall_s", 0.0), str(output), done.get("summary", {})))
         else:
             progress({"event": "stage", "name": name, "status": "running"})
-            t0 = time.perf_counter()
             record["stages"].pop(name, None)  # not done until it finishes again
             write_json(record_path, record)
             summary = _run_stage(name, opts, checkpoint, output, progress,

@@ -150,5 +150,6 @@ def stage_options(recipe: Recipe, name: str, checkpoint: Path, **paths) -> BaseM
         section["compare"] = recipe.source
     if name == "export":
         section.setdefault("out", recipe.output / "export")
+        section.setdefault("name", recipe.name)
         section["out"] = Path(section["out"])
     return model(checkpoint=checkpoint, **section, **paths)

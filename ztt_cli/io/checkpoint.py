@@ -45,6 +45,9 @@ def atomic_dir(out: Path, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers create files 0600 through mkstemp: use the umask
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         if out.exists():
             if not overwrite:
                 raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it")
