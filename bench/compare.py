@@ -71,6 +71,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def load(folder: Path, cfg: dict):
+    """A checkpoint on the profile's device (``device: cuda`` on GPUs), in eval mode."""
+    return load_checkpoint(folder).eval().to(cfg.get("device", "cpu"))
+
+
 def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
     lay = cfg["layout"]
     n_drop = lay["block"] * (lay["cycles"] - 1)
@@ -78,9 +83,11 @@ def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
         out, opts = work / "source", dict(head=0, block=sources_layers(cfg), cycles=1, tail=0, pool=False)
     elif v["kind"] == "drop":
         out, opts = work / f"drop-{v['select']}", dict(drop=n_drop, select=v["select"], tail=lay["tail"])
-    else:
-        out = work / ("cycle" if v.get("pool", True) else "cycle-nopool")
-        opts = dict(lay, init="lower", pool=v.get("pool", True))
+    else:  # a variant may bring its own layout (basic cycling: head 0, tail 0)
+        layout = v.get("layout", lay)
+        out = work / (("cycle" if v.get("pool", True) else "cycle-nopool")
+                      + ("" if layout == lay else "-{head}-{block}x{cycles}-{tail}".format(**layout)))
+        opts = dict(layout, init="lower", pool=v.get("pool", True))
     if not (out / "config.json").is_file():
         convert(ConvertOptions(source=cfg["source"], out=out, overwrite=True, **opts))
     return out
@@ -108,14 +115,17 @@ def heal_variant(v: dict, ckpt: Path, cfg: dict, work: Path) -> tuple[Path, dict
 
 @torch.no_grad()
 def decode_rate(model, prompts: torch.Tensor, new_tokens: int, reps: int) -> float:
-    """Greedy decoding tokens/s (median of reps, after one warm-up)."""
+    """Greedy decoding tokens/s (median of reps, after one warm-up; synchronised on GPUs)."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(prompts), pad_token_id=model.config.text_config.eos_token_id)
     model.generate(prompts, **kwargs)
     times = []
+    sync = torch.cuda.synchronize if prompts.is_cuda else (lambda: None)
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         model.generate(prompts, **kwargs)
+        sync()
         times.append(time.perf_counter() - t0)
     return prompts.shape[0] * new_tokens / statistics.median(times)
 
@@ -127,9 +137,9 @@ def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, th
     lay = model.config.layout
     agree, layers, count = 0, 0.0, 0
     for ids, ref in zip(windows["tempest16"].split(4), reference.split(4)):
-        out = model(input_ids=ids, use_cache=False, **kw)
-        agree += (out.logits.argmax(-1) == ref).sum().item()
-        cycles = out.exit_cycles if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
+        out = model(input_ids=ids.to(model.device), use_cache=False, **kw)
+        agree += (out.logits.argmax(-1).cpu() == ref).sum().item()
+        cycles = out.exit_cycles.cpu() if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
         layers += (lay.head + lay.tail + lay.block * cycles.double()).sum().item()
         count += ids.numel()
     saved_cfg = model.config.exit_threshold
@@ -146,6 +156,7 @@ def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, th
 
 def speed(model, prompts: torch.Tensor, cfg: dict) -> dict:
     d = cfg["decode"]
+    prompts = prompts.to(model.device)
     return {f"decode_tok_s_b{b}": decode_rate(model, prompts[:b], d["new_tokens"], d["reps"]) for b in d["batches"]}
 
 
@@ -170,9 +181,10 @@ def main() -> None:
     source_dir = convert_variant({"kind": "source"}, cfg, work)
     ref_path = work / "source-argmax.pt"
     if not ref_path.is_file():
-        model = load_checkpoint(source_dir).eval()
+        model = load(source_dir, cfg)
         with torch.no_grad():
-            ref = torch.cat([model(input_ids=w, use_cache=False).logits.argmax(-1) for w in windows["tempest16"].split(4)])
+            ref = torch.cat([model(input_ids=w.to(model.device), use_cache=False).logits.argmax(-1).cpu()
+                             for w in windows["tempest16"].split(4)])
         torch.save(ref, ref_path)
     reference = torch.load(ref_path)
 
@@ -185,7 +197,7 @@ def main() -> None:
         ckpt = convert_variant(v, cfg, work)
         row = state.get("variants", name) or {}
         if "before" not in row:
-            model = load_checkpoint(ckpt).eval()
+            model = load(ckpt, cfg)
             row["before"] = {k: perplexity(model, w) for k, w in windows.items()}
             row["params"] = model.parameter_counts()["total"]
             row["unique_layers"] = model.config.layout.unique_layers
@@ -200,7 +212,7 @@ def main() -> None:
                 state.put(row, "variants", name)
             final = work / f"healed-{slug(name)}"
         console.print(f"[bold]{name}[/]: measuring")
-        model = load_checkpoint(final).eval()
+        model = load(final, cfg)
         row["after"] = quality(model, windows, reference)
         row.update(speed(model, prompts, cfg))
         row["checkpoint"] = str(final)
@@ -229,7 +241,7 @@ def main() -> None:
             if state.get("early_exit", label, "threshold") is not None:
                 runs.append((label, state.get("early_exit", label, "threshold")))
         runs += [(f"fixed P = {p}", p) for p in ee.get("fixed", [])]
-        model = load_checkpoint(healed).eval()
+        model = load(healed, cfg)
         for label, threshold in runs:
             if state.get("early_exit", label, "done"):
                 continue

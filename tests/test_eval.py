@@ -188,3 +188,14 @@ def test_shipped_tasks_build_from_registry_text():
     # the answer is spread over the positions (the order is shuffled, not always last)
     positions = {q["answer"] for q in questions}
     assert positions == {0, 1, 2, 3}
+
+
+def test_limit_is_global_or_per_task():
+    from pydantic import ValidationError
+
+    opts = EvalOptions(checkpoint=".", tasks="a,b", limit="a=2,text:/x.txt=5")
+    assert opts.limit_for("a") == 2 and opts.limit_for("b") is None and opts.limit_for("text:/x.txt") == 5
+    assert EvalOptions(checkpoint=".", tasks="a", limit=7).limit_for("anything") == 7
+    for bad in ("a=0", "x", "a=2,b"):
+        with pytest.raises(ValidationError):
+            EvalOptions(checkpoint=".", tasks="a", limit=bad)
