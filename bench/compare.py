@@ -299,7 +299,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"Early exit on **{cfg['early_exit']['variant']}** (per-token, zero-attention signal):", "",
                   "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement | decode tok/s b1 / b8 |",
                   "|---|---|---|---|---|---|---|---|"]
-        for label, e in r["early_exit"].items():
+        rows = sorted(r["early_exit"].items(), key=lambda kv: (kv[0] != "full depth", kv[0].startswith("fixed")))
+        for label, e in rows:
             if "error" in e:
                 lines.append(f"| {label} | not reached: {e['error']} | | | | | | |")
                 continue
@@ -311,31 +312,52 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _depth(layout: str) -> int:
+    head, rest = layout.split("/", 1)
+    block_cycles, tail = rest.split("/")
+    block, cycles = block_cycles.split("×")
+    return int(head) + int(block) * int(cycles) + int(tail)
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(r["variants"])
-    after = [r["variants"][n]["after"]["tempest16"] for n in names]
-    second = [r["variants"][n]["after"]["docutils16"] for n in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    variants = r["variants"]
+    names = list(variants)
     x = range(len(names))
-    a.bar([i - 0.2 for i in x], after, 0.4, label="Tempest-16")
-    a.bar([i + 0.2 for i in x], second, 0.4, label="Docutils-16")
+    a.bar([i - 0.2 for i in x], [variants[n]["after"]["tempest16"] for n in names], 0.4, label="Tempest-16")
+    a.bar([i + 0.2 for i in x], [variants[n]["after"]["docutils16"] for n in names], 0.4, label="Docutils-16")
     a.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
     a.set_ylabel("perplexity after healing (lower is better)")
     a.legend()
     a.set_title("variants at the same unique-layer budget")
-    if r.get("early_exit"):
-        pts = [(e["compute_saved"], e["tempest16"], label) for label, e in r["early_exit"].items() if "error" not in e]
-        b.plot([p[0] * 100 for p in pts], [p[1] for p in pts], "o")
-        for s, ppl, label in pts:
-            b.annotate(label, (s * 100, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        b.set_xlabel("compute saved by early exit (%)")
-        b.set_ylabel("Tempest-16 perplexity")
-        b.set_title("early exit on the ZTT variant")
+
+    # layers run per token against the source's depth: dropping layers and exiting early on one axis
+    source_depth = max(_depth(v["layout"]) for v in variants.values() if v["unique_layers"] == _depth(v["layout"]))
+    points: dict[tuple, list[str]] = {}
+    for n, v in variants.items():
+        if n == "source":
+            continue
+        saved = 1 - _depth(v["layout"]) * (1 - v["after"]["compute_saved"]) / source_depth
+        points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(n)
+    ee = r.get("early_exit") or {}
+    ee_depth = _depth(variants[r["config"]["early_exit"]["variant"]]["layout"]) if ee else 0
+    for label, e in ee.items():
+        if "error" not in e and e["mean_cycles"] < 2:
+            saved = 1 - ee_depth * (1 - e["compute_saved"]) / source_depth
+            points.setdefault((round(100 * saved, 2), round(e["tempest16"], 3)), []).append(f"ZTT, {label}")
+    markers = "osD^vP*X<>"
+    for i, ((sx, ppl), labels) in enumerate(points.items()):  # a legend, not labels: points sit close together
+        b.plot(sx, ppl, markers[i % len(markers)], markersize=8, label=" = ".join(labels))
+    b.legend(fontsize=7, loc="best")
+    b.set_xlabel(f"compute saved against the source's {source_depth} layers (%)")
+    b.set_ylabel("Tempest-16 perplexity after healing")
+    b.set_title("quality against compute (early exit included)")
+    b.margins(x=0.15, y=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

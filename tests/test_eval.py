@@ -126,6 +126,23 @@ def test_compare_gate_exit_codes(base, tmp_path):
     assert stages[-1]["versions"]["lm_eval"] == report["lm_eval"]
 
 
+def test_gate_on_chosen_metrics(base, tmp_path):
+    text = f"text:{base / 'text.txt'}"
+    ztt = tmp_path / "ztt"
+    shutil.copytree(base / "ztt", ztt)
+    args = ("eval", ztt, "--tasks", text, "--compare", base / "src", "--min-recovery", "0.5")
+    report_all = run(*args)
+    report = json.loads((ztt / "eval.json").read_text())
+    ratios = report["tasks"][text]["recovery"]
+    assert report["gate"]["metrics"] == "all" and report["gate"]["worst"]["recovery"] == min(ratios.values())
+    chosen = run(*args, "--gate-metrics", "bits_per_byte")
+    report = json.loads((ztt / "eval.json").read_text())
+    assert report["gate"]["metrics"] == ["bits_per_byte"]
+    assert report["gate"]["worst"] == {"task": text, "metric": "bits_per_byte", "recovery": ratios["bits_per_byte"]}
+    assert {report_all.exit_code, chosen.exit_code} <= {0, 1}
+    _one_line_error(run(*args, "--gate-metrics", "accuracy"), "--gate-metrics accuracy", "bits_per_byte")
+
+
 def _one_line_error(result, *fragments):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

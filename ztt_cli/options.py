@@ -194,6 +194,9 @@ class EvalOptions(BaseModel):
     min_recovery: float | None = Field(
         None, gt=0, description="exit 1 if any metric's recovery against --compare falls below this (e.g. 0.9)"
     )
+    gate_metrics: str | None = Field(
+        None, description="comma-separated metrics the --min-recovery gate checks, e.g. acc,bits_per_byte (default: all)"
+    )
     bootstrap_iters: int = Field(1000, ge=0, description="bootstrap resamples for lm-eval's standard errors")
     seed: int = Field(0, description="seed for few-shot sampling")
 
@@ -221,6 +224,8 @@ class EvalOptions(BaseModel):
     def _consistent(self):
         if self.min_recovery is not None and self.compare is None:
             raise ValueError("min_recovery needs compare: the source model to measure recovery against")
+        if self.gate_metrics is not None and self.min_recovery is None:
+            raise ValueError("gate_metrics needs min_recovery: the recovery the gate asks for")
         if self.full_depth and self.threshold is not None:
             raise ValueError("threshold and full_depth exclude each other")
         return self
