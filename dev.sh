@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bootstrap a virtual environment and run a job.
-#   ./dev.sh demo    the default recipe end to end on the built-in SmolLM2-135M (about 15 minutes on 2 cores)
+#   ./dev.sh demo    the default recipe end to end on the built-in SmolLM2-135M (about 11 minutes on 2 cores)
 #   ./dev.sh test    run the test suite
 #   ./dev.sh bench   run the benchmarks in bench/
 # Needs only Python 3.11 (PYTHON=... to pick another interpreter).
