@@ -66,7 +66,7 @@ def _copy_into(src: Path, dst: Path) -> Path:
     return tmp
 
 
-def _summary_convert(opts, out: Path) -> dict:
+def _summary_convert(out: Path) -> dict:
     prov = json.loads((out / "ztt.json").read_text())
     return {"layout": "{head}/{block}×{cycles}/{tail}".format(**prov["layout"]),
             "source_parameters": prov["source"].get("parameters")}
@@ -169,7 +169,7 @@ def _run_stage(name, opts, checkpoint, output, progress, **fns) -> dict:
     say = lambda m: progress({"event": "message", "text": m})
     if name == "convert":
         fns["convert"](opts, progress=say)
-        return _summary_convert(opts, output)
+        return _summary_convert(output)
     if name == "finetune":
         resume = fns["can_resume"](opts)
         opts = opts.model_copy(update={"resume": resume, "overwrite": not resume})
