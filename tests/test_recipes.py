@@ -201,3 +201,20 @@ def test_run_flags_name_a_stage(assets, tmp_path):
     assert result.exit_code == 2 and "not a stage of this recipe" in result.output
     result = cli("run", recipe, "--only", "eval")
     assert result.exit_code == 2 and "stage convert is not done" in result.output
+
+
+def test_rerun_with_a_hub_source_offline_skips_without_the_hub(assets, tmp_path, monkeypatch):
+    from ztt_cli import pipeline
+    from ztt_cli.errors import OfflineError
+
+    recipe = write(tmp_path / "tiny.yaml", tiny_recipe(assets, tmp_path / "out", finetune=None, eval=None, export=None))
+    assert statuses(run_pipeline(recipe)) == {"convert": "ran", "calibrate": "ran"}
+
+    def offline(ref):
+        raise OfflineError("cannot reach the model hub")
+
+    monkeypatch.setattr(pipeline, "_is_hub_ref", lambda ref: True)  # as if the source were a hub id
+    monkeypatch.setattr(pipeline, "resolve", offline)
+    assert set(statuses(run_pipeline(recipe)).values()) == {"skipped"}
+    with pytest.raises(OfflineError):  # forcing the conversion needs the hub again
+        run_pipeline(recipe, only="convert")

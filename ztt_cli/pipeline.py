@@ -52,6 +52,13 @@ def _fingerprint(folder: Path) -> str:
     return _sha([weights_sha256(folder), (folder / "config.json").read_text()])
 
 
+def _is_hub_ref(ref: str) -> bool:
+    """A model-hub id (not a built-in name or a local path): resolving it needs the network."""
+    from .io.sources import BUILTIN_MODELS, looks_like_path
+
+    return ref not in BUILTIN_MODELS and not looks_like_path(ref) and not Path(ref).expanduser().exists()
+
+
 def _options_key(opts) -> dict:
     """Options without the paths the pipeline sets: moving OUTPUT does not invalidate stages."""
     dump = opts.model_dump(mode="json")
@@ -109,10 +116,14 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
     for name in stages:
         t0 = time.perf_counter()  # a stage's time includes finding its input (fetching the source)
         if name == "convert":
-            source = resolve(recipe.source)
             opts = stage_options(recipe, name, None, out=out / "convert", overwrite=True)
-            stage_input = {"source": source.ref, "sha256": source.sha256}
             output = out / "convert"
+            recorded = (record["stages"].get("convert") or {}).get("input", {})
+            if _is_hub_ref(recipe.source) and recorded.get("source") == recipe.source and not forced(name):
+                stage_input = recorded  # a converted hub model: no need to reach the hub again
+            else:
+                source = resolve(recipe.source)
+                stage_input = {"source": source.ref, "sha256": source.sha256}
         else:
             if checkpoint is None or not checkpoint.is_dir():
                 raise ZTTError(f"stage {name} needs the output of the stage before it, which is not there",
@@ -149,7 +160,8 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
             wall = time.perf_counter() - t0
             if name != "eval":
                 (output / "recipe.yaml").write_text(loaded.text)  # the card of an export shows it
-            record["stages"][name] = {"key": key, "finished": now(), "wall_s": wall, "output": str(output), "summary": summary}
+            record["stages"][name] = {"key": key, "finished": now(), "wall_s": wall, "output": str(output),
+                                      "input": stage_input if name == "convert" else None, "summary": summary}
             write_json(record_path, record)
             progress({"event": "stage", "name": name, "status": "done", "wall_s": wall})
             result.stages.append(StageRun(name, "ran", wall, str(output), summary))
