@@ -140,7 +140,7 @@ def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, th
         out = model(input_ids=ids.to(model.device), use_cache=False, **kw)
         agree += (out.logits.argmax(-1).cpu() == ref).sum().item()
         cycles = out.exit_cycles.cpu() if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
-        layers += (lay.head + lay.tail + lay.block * cycles.double()).sum().item()
+        layers += lay.layers_run(cycles.double()).sum().item()
         count += ids.numel()
     saved_cfg = model.config.exit_threshold
     if threshold is not None:
@@ -150,7 +150,7 @@ def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, th
     finally:
         model.config.exit_threshold = saved_cfg
     mean_layers = layers / count
-    return {**ppl, "agreement": agree / count, "mean_cycles": (mean_layers - lay.head - lay.tail) / lay.block,
+    return {**ppl, "agreement": agree / count, "mean_cycles": lay.cycles_run(mean_layers),
             "compute_saved": 1 - mean_layers / lay.depth}
 
 

@@ -59,11 +59,11 @@ def _score(model, windows: torch.Tensor, threshold: float, full_logits: list[tor
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item())
         agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
         cycles = out.exit_cycles if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
-        layers += (lay.head + lay.tail + lay.block * cycles.double()).sum().item()
+        layers += lay.layers_run(cycles.double()).sum().item()
         count += ids.numel()
     n_pred = windows.shape[0] * (windows.shape[1] - 1)
     mean_layers = layers / count
-    return math.exp(sum(losses) / n_pred), agree / count, lay.depth / mean_layers, (mean_layers - lay.head - lay.tail) / lay.block
+    return math.exp(sum(losses) / n_pred), agree / count, lay.depth / mean_layers, lay.cycles_run(mean_layers)
 
 
 @torch.no_grad()

@@ -201,11 +201,10 @@ def _metered_lm_class():
             self.tokens += int(real.sum())
             cfg = self.model.config
             if getattr(out, "exit_cycles", None) is not None:
-                per_token = cfg.head + cfg.tail + cfg.block * out.exit_cycles.double()
-            elif cfg.model_type == "ztt":
-                per_token = torch.full(inps.shape, float(cfg.layout.depth), dtype=torch.float64)
-            else:
-                per_token = torch.full(inps.shape, float(cfg.num_hidden_layers), dtype=torch.float64)
+                per_token = cfg.layout.layers_run(out.exit_cycles.double())
+            else:  # no exits: every token runs the whole (unrolled) depth
+                depth = cfg.layout.depth if cfg.model_type == "ztt" else cfg.num_hidden_layers
+                per_token = torch.full(inps.shape, float(depth), dtype=torch.float64)
             self.layers += float(per_token.to(real.device)[real].sum())
             return out.logits
 
@@ -284,7 +283,7 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
         check_writable(opts.output)
     if opts.gate_metrics:  # fail before scoring if the gate names a metric no task reports
         known = {m for name in names for task in tasks.load(name) for m in task._metric_fn_list}
-        unknown = sorted({m.strip() for m in opts.gate_metrics.split(",")} - known)
+        unknown = sorted(opts.gated_metrics - known)
         if unknown:
             raise EvalError(f"--gate-metrics {', '.join(unknown)}: no requested task reports it",
                             hint=f"these tasks report: {', '.join(sorted(known))}")
@@ -308,7 +307,7 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
     for name, s in ztt_scores.items():
         report["tasks"][name] = {
             "metrics": s.metrics, "higher_is_better": s.higher_is_better, "samples": s.n_samples,
-            "mean_cycles": (s.mean_layers - model.config.head - model.config.tail) / model.config.block,
+            "mean_cycles": model.config.layout.cycles_run(s.mean_layers),
             "compute_speedup": depth / s.mean_layers, "tokens": s.tokens, "tokens_per_s": s.tokens_per_s,
             "forward_s": s.forward_s, "wall_s": s.wall_s,
         }
@@ -320,7 +319,6 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
         src_lm = MeteredLM(pretrained=src_model, **{**lm_args, "tokenizer": src_tok})
         src_scores = _score_tasks(src_lm, tasks, opts, "source", progress)
         report["source"] = {"ref": source_ref.ref, "params": sum(p.numel() for p in src_model.parameters())}
-        gated = {m.strip() for m in opts.gate_metrics.split(",")} if opts.gate_metrics else None
         worst = None
         for name, s in src_scores.items():
             entry = report["tasks"].setdefault(name, {})
@@ -329,13 +327,13 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
                                "forward_s": s.forward_s, "wall_s": s.wall_s}
             entry["recovery"] = ratios
             for metric, r in ratios.items():
-                if gated is not None and metric not in gated:
+                if opts.gated_metrics is not None and metric not in opts.gated_metrics:
                     continue
                 if worst is None or r < worst[2]:
                     worst = (name, metric, r)
         if opts.min_recovery is not None:
             report["gate"] = {
-                "min_recovery": opts.min_recovery, "metrics": sorted(gated) if gated else "all",
+                "min_recovery": opts.min_recovery, "metrics": sorted(opts.gated_metrics) if opts.gated_metrics else "all",
                 "worst": {"task": worst[0], "metric": worst[1], "recovery": worst[2]} if worst else None,
                 "passed": worst is None or worst[2] >= opts.min_recovery,
             }

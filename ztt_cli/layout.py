@@ -40,7 +40,15 @@ class Layout:
     @property
     def speedup_bound(self) -> float:
         """Compute speedup of exiting after cycle 1 on every token (the most early exit can give)."""
-        return self.depth / (self.head + self.block + self.tail)
+        return self.depth / self.layers_run(1)
+
+    def layers_run(self, cycles):
+        """Layers a token runs when it exits after ``cycles`` cycles (a number or a tensor)."""
+        return self.head + self.tail + self.block * cycles
+
+    def cycles_run(self, layers: float) -> float:
+        """The inverse: cycles that correspond to ``layers`` layers per token (e.g. a mean)."""
+        return (layers - self.head - self.tail) / self.block
 
     def __str__(self) -> str:
         return f"{self.head}/{self.block}×{self.cycles}/{self.tail}"

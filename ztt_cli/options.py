@@ -212,6 +212,11 @@ class EvalOptions(BaseModel):
                 raise ValueError("must be a count N >= 1, or task=N pairs separated by commas")
         return text
 
+    @property
+    def gated_metrics(self) -> set[str] | None:
+        """The metrics the recovery gate checks (``None``: all)."""
+        return {m.strip() for m in self.gate_metrics.split(",") if m.strip()} if self.gate_metrics else None
+
     def limit_for(self, task: str) -> int | None:
         if self.limit is None:
             return None
