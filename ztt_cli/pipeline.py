@@ -81,12 +81,6 @@ def _summary_convert(out: Path) -> dict:
 
 def run(recipe_path: Path, start_from: str | None = None, only: str | None = None,
         progress: Progress = lambda e: None) -> RunResult:
-    from .calibrate import calibrate
-    from .convert import convert
-    from .export import export
-    from .finetune import can_resume, finetune
-    from .harness import evaluate
-
     loaded = load(recipe_path)
     recipe = loaded.recipe
     stages = recipe.stages()
@@ -154,9 +148,7 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
             progress({"event": "stage", "name": name, "status": "running"})
             record["stages"].pop(name, None)  # not done until it finishes again
             write_json(record_path, record)
-            summary = _run_stage(name, opts, checkpoint, output, progress,
-                                 convert=convert, finetune=finetune, can_resume=can_resume,
-                                 calibrate=calibrate, evaluate=evaluate, export=export)
+            summary = _run_stage(name, opts, checkpoint, output, progress)
             wall = time.perf_counter() - t0
             if name != "eval":
                 (output / "recipe.yaml").write_text(loaded.text)  # the card of an export shows it
@@ -177,22 +169,30 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
     return result
 
 
-def _run_stage(name, opts, checkpoint, output, progress, **fns) -> dict:
-    say = lambda m: progress({"event": "message", "text": m})
+def _run_stage(name, opts, checkpoint, output, progress) -> dict:
+    from .calibrate import calibrate
+    from .convert import convert
+    from .export import export
+    from .finetune import can_resume, finetune
+    from .harness import evaluate
+
+    def say(message: str) -> None:
+        progress({"event": "message", "text": message})
+
     if name == "convert":
-        fns["convert"](opts, progress=say)
+        convert(opts, progress=say)
         return _summary_convert(output)
     if name == "finetune":
-        resume = fns["can_resume"](opts)
+        resume = can_resume(opts)
         opts = opts.model_copy(update={"resume": resume, "overwrite": not resume})
-        res = fns["finetune"](opts, progress=lambda e: progress({**e, "event": "finetune", "kind": e["event"]}))
+        res = finetune(opts, progress=lambda e: progress({**e, "event": "finetune", "kind": e["event"]}))
         if res.out is None:
             raise ZTTError("healing stopped before its budget", hint="rerun the recipe to resume it")
         return {"steps": res.steps, "tokens": res.tokens, "resumed": resume, **{k: res.metrics[k] for k in ("val_loss", "val_ppl") if k in res.metrics}}
     if name == "calibrate":
         tmp = _copy_into(checkpoint, output)
         try:
-            report = fns["calibrate"](opts.model_copy(update={"checkpoint": tmp}), progress=say)
+            report = calibrate(opts.model_copy(update={"checkpoint": tmp}), progress=say)
             if output.exists():
                 shutil.rmtree(output)
             tmp.rename(output)
@@ -201,10 +201,10 @@ def _run_stage(name, opts, checkpoint, output, progress, **fns) -> dict:
         c = report["chosen"]
         return {k: c[k] for k in ("threshold", "compute_speedup", "wall_speedup", "perplexity", "quality_loss")}
     if name == "eval":
-        report = fns["evaluate"](opts, progress=say)
+        report = evaluate(opts, progress=say)
         tasks = {t: {"metrics": v["metrics"], "recovery": v.get("recovery"), "compute_speedup": v["compute_speedup"],
                      "tokens_per_s": v["tokens_per_s"], "source_tokens_per_s": v.get("source", {}).get("tokens_per_s")}
                  for t, v in report["tasks"].items()}
         return {"tasks": tasks, "gate": report.get("gate")}
-    res = fns["export"](opts, progress=say)
+    res = export(opts, progress=say)
     return {"out": str(res.out), "format": opts.format, "files": len(res.files)}
