@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from ztt_cli.convert import convert
 from ztt_cli.options import ConvertOptions
@@ -43,6 +44,7 @@ def test_calibration_reaches_the_compute_target(ckpt, base):
     stages = [s["stage"] for s in json.loads((ckpt / "ztt.json").read_text())["stages"]]
     assert stages[-1] == "calibrate"
     assert "chose threshold" in result.stdout
+    assert report["device"].startswith("cuda" if torch.cuda.is_available() else "cpu (")  # --device auto
     # the model now exits early by itself, at about that compute speedup
     from transformers import AutoModelForCausalLM
 
@@ -60,6 +62,9 @@ def test_calibration_reaches_the_compute_target(ckpt, base):
     ("unreachable", ["--target-speedup", "1.499"], "no threshold reaches"),
     ("speedup not above 1", ["--target-speedup", "1.0"], "must be above 1"),
     ("unknown signal", ["--target-speedup", "1.1", "--signal", "vibes"], "--signal"),
+    ("not a device", ["--target-speedup", "1.1", "--device", "tpu"], "not a device"),
+    pytest.param("no GPU here", ["--target-speedup", "1.1", "--device", "cuda"], "torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_refusals_leave_the_config_untouched(ckpt, base, case, args, words):
     before = (ckpt / "config.json").read_bytes()

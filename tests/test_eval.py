@@ -64,6 +64,7 @@ def test_perplexity_task_equals_the_models_own_loss(ckpt, base, threshold):
     if threshold == 2.0:
         assert task["mean_cycles"] == pytest.approx(2.0)
     assert task["tokens"] == count and task["tokens_per_s"] > 0 and task["wall_s"] > 0
+    assert report["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
 
 
 def test_multiple_choice_accuracy_equals_an_argmax_count(ckpt, base):
@@ -164,6 +165,9 @@ def test_bad_input_gives_one_line_and_exit_2(ckpt, base, tmp_path):
     _one_line_error(run("eval", ckpt, "--tasks", f"mc:{tmp_path / 'bad.jsonl'}"), "bad.jsonl:1")
     _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--min-recovery", "0.9"), "needs compare")
     _one_line_error(run("eval", ckpt, "--tasks", f"text:{base / 'text.txt'}", "--compare", tmp_path / "nosrc"))
+    _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--device", "gpu0"), "not a device")
+    if not torch.cuda.is_available():
+        _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--device", "cuda"), "torch sees no CUDA GPU", "--device cpu")
     assert not (ckpt / "eval.json").exists()
     assert [s["stage"] for s in json.loads((ckpt / "ztt.json").read_text())["stages"]] == ["convert"]
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .data import prepare
+from .device import resolve_device, synchronize
 from .errors import ZTTError
 from .evaluate import signals_and_targets, spearman
 from .io.checkpoint import load_checkpoint
@@ -52,7 +53,7 @@ def _score(model, windows: torch.Tensor, threshold: float, full_logits: list[tor
     """Perplexity, agreement and mean layers run with per-token exits at ``threshold``."""
     lay = model.config.layout
     losses, agree, layers, count = [], 0, 0.0, 0
-    for ids, ref in zip(windows.split(4), full_logits):
+    for ids, ref in zip(windows.to(model.device).split(4), full_logits):
         out = model(input_ids=ids, exit_threshold=threshold, use_cache=False)
         logits = out.logits.float()
         losses.append(torch.nn.functional.cross_entropy(
@@ -81,16 +82,19 @@ def _wall_speedups(model, prompts: list[torch.Tensor], thresholds: list[float], 
         _decode(model, p, 2, NEVER)
     for _ in range(opts.reps):
         for t in times:
+            synchronize(model.device)
             start = time.perf_counter()
             for p in prompts:
                 _decode(model, p, opts.decode_tokens, t)
+            synchronize(model.device)
             times[t].append(time.perf_counter() - start)
     full = statistics.median(times[NEVER])
     return {t: full / statistics.median(times[t]) for t in thresholds}
 
 
 def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> dict:
-    model = load_checkpoint(opts.checkpoint).eval()
+    device = resolve_device(opts.device)
+    model = load_checkpoint(opts.checkpoint).eval().to(device)
     config_path = opts.checkpoint / "config.json"
     lay = model.config.layout
     if lay.cycles < 2:
@@ -123,7 +127,7 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
         ppl, agreement, compute, cycles = _score(model, windows, t, full_logits)
         rows.append(Candidate(t, compute, float("nan"), cycles, ppl, ppl / base_ppl - 1, agreement, correlation))
     progress("timing batch-1 greedy decoding")
-    prompts = [w[None, :16] for w in windows[: opts.prompts]]
+    prompts = [w[None, :16].to(device) for w in windows[: opts.prompts]]
     walls = _wall_speedups(model, prompts, thresholds, opts)
     for row in rows:
         row.wall_speedup = walls[row.threshold]
@@ -135,6 +139,7 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     reaching = [r for r in allowed if speed(r) >= opts.target_speedup]
     report = {
         "target_speedup": opts.target_speedup, "speedup_metric": opts.speedup_metric, "signal": signal,
+        "device": _device_name(device),
         "max_quality_loss": opts.max_quality_loss, "full_depth_perplexity": base_ppl, "bound": lay.speedup_bound,
         "spearman_cycle1": correlation, "candidates": [asdict(r) for r in rows],
     }
@@ -169,6 +174,13 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     })
     write_json(opts.checkpoint / PROVENANCE, prov)
     return report
+
+
+def _device_name(device: torch.device) -> str:
+    """What the wall-clock figures were measured on: 'cpu (2 threads)' or the GPU's name."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _plot(rows: list[Candidate], chosen: Candidate, opts: CalibrateOptions, path: Path) -> None:

@@ -286,7 +286,7 @@ def calibrate(opts: CalibrateOptions) -> None:
     out.print(table)
     c = report["chosen"]
     out.print(f"chose threshold [bold]{c['threshold']:.4g}[/]: {c['compute_speedup']:.2f}× compute, "
-              f"{c['wall_speedup']:.2f}× wall clock, perplexity {c['perplexity']:.2f} ({100 * c['quality_loss']:+.1f}%); "
+              f"{c['wall_speedup']:.2f}× wall clock on {report['device']}, perplexity {c['perplexity']:.2f} ({100 * c['quality_loss']:+.1f}%); "
               f"signal/exit-cost Spearman {report['spearman_cycle1']:.2f}. Written to {opts.checkpoint / 'config.json'}")
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .errors import ZTTError
 from .io import sources
+from .device import resolve_device, synchronize
 from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
 from .options import EvalOptions
 
@@ -190,13 +191,11 @@ def _metered_lm_class():
             # HFLM right-pads with zeros: a row's real tokens end at its last non-zero id
             idx = torch.arange(inps.shape[1], device=inps.device)
             real = idx[None] <= torch.where(inps != 0, idx, -1).max(1, keepdim=True).values
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(self.device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = self.model(inps)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(self.device)
             self.seconds += time.perf_counter() - t0
             self.tokens += int(real.sum())
             cfg = self.model.config
@@ -271,7 +270,8 @@ def recovery(ztt: TaskScore, source: TaskScore) -> dict[str, float]:
 def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
     import lm_eval
 
-    model = load_checkpoint(opts.checkpoint).eval()  # one clear error for a missing or foreign folder
+    device = resolve_device(opts.device)
+    model = load_checkpoint(opts.checkpoint).eval().to(device)  # one clear error for a missing or foreign folder
     names = [t.strip() for t in opts.tasks.split(",") if t.strip()]
     if not names:
         raise EvalError("no tasks given", hint="--tasks ztt_shakespeare_ppl,ztt_docutils_cloze")
@@ -314,7 +314,7 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
     del model
     if source_ref is not None:
         progress(f"loading the source {source_ref.ref}")
-        src_model = sources.load_model(source_ref.folder, torch.float32).eval()
+        src_model = sources.load_model(source_ref.folder, torch.float32).eval().to(device)
         src_tok = sources.load_tokenizer(source_ref.folder)
         src_lm = MeteredLM(pretrained=src_model, **{**lm_args, "tokenizer": src_tok})
         src_scores = _score_tasks(src_lm, tasks, opts, "source", progress)

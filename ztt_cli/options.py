@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .device import valid_device
+
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average"]
 DtypeChoice = Literal["float32", "bfloat16", "float16"]
 
@@ -29,6 +31,7 @@ def _valid_size(text: str) -> str:
 
 
 ShardSize = Annotated[str, AfterValidator(_valid_size)]
+Device = Annotated[str, AfterValidator(valid_device)]
 
 
 def describe_error(err: dict) -> str:
@@ -152,6 +155,7 @@ class CalibrateOptions(BaseModel):
     prompts: int = Field(2, ge=1, description="prompts decoded per wall-clock measurement")
     reps: int = Field(3, ge=1, description="interleaved repetitions of the wall-clock measurement (median)")
     seed: int = Field(0, description="seed for the calibration split")
+    device: Device = Field("auto", description="where to measure: auto (a CUDA GPU if present), cpu, cuda, cuda:N")
 
     @field_validator("target_speedup")
     @classmethod
@@ -199,6 +203,7 @@ class EvalOptions(BaseModel):
     )
     bootstrap_iters: int = Field(1000, ge=0, description="bootstrap resamples for lm-eval's standard errors")
     seed: int = Field(0, description="seed for few-shot sampling")
+    device: Device = Field("auto", description="where to score: auto (a CUDA GPU if present), cpu, cuda, cuda:N")
 
     @field_validator("limit", mode="before")
     @classmethod
