@@ -70,6 +70,18 @@ def test_inference_shortcut_matches_reference(q_len, kv_len, mask_kind, log_n):
     torch.testing.assert_close(p0, p0_ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("q_len,kv_len,mask_kind", [(6, 6, None), (1, 7, None), (4, 7, "bool"), (5, 5, "float")])
+def test_inference_shortcut_under_bf16_autocast(q_len, kv_len, mask_kind):
+    """bf16 autocast on the CPU, as in `ztt finetune --precision bf16`: rotary embeddings hand over
+    query and key in float32 beside a bf16 value. The shortcut agrees with float64 to bf16 precision."""
+    q, k, v, z, b, mask = make_inputs(6, 2, q_len, kv_len, mask_kind)
+    out_ref, p0_ref = zero_token_attention_eager(q, k, v, mask, SCALE, z, b)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, p0 = zero_token_attention_sdpa(q.float(), k.float(), v.bfloat16(), mask, SCALE, z.float(), b.float())
+    torch.testing.assert_close(out.double(), out_ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(p0.double(), p0_ref, atol=0.02, rtol=0.05)
+
+
 def test_zero_token_definition():
     """p0 = sigmoid(s0 - LSE(regular logits)) and out = (1 - p0) * plain attention."""
     q, k, v, z, b, _ = make_inputs(4, 4, 1, 5, None)

@@ -1,6 +1,7 @@
 """`ztt finetune` on tiny models: learning, exact resume, faults, torchrun, the exit terms."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -296,7 +297,11 @@ def test_an_unfinished_run_is_never_overwritten_silently(workdir, tmp_path):
     assert (partial_dir(tmp_path / "out") / "checkpoint" / "trainer.json").is_file()
 
 
-def test_bf16_autocast_run(workdir, tmp_path):
-    finetune(opts(workdir, tmp_path / "bf16", steps=2, precision="bf16"))
-    losses = [r["loss"] for r in log_of(tmp_path / "bf16") if r["event"] == "step"]
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama: rotary embeddings leave q, k in float32
+def test_bf16_autocast_run(workdir, tmp_path, family):
+    finetune(opts(workdir, tmp_path / "bf16", family=family, steps=2, precision="bf16"))
+    log = log_of(tmp_path / "bf16")
+    losses = [r["loss"] for r in log if r["event"] == "step"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    val = [r for r in log if r["event"] == "val"]  # the no-grad path (the fused inference shortcut on CPU)
+    assert len(val) == 1 and math.isfinite(val[0]["val_ppl"])

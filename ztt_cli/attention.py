@@ -107,6 +107,12 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_b
 
     Exact, and as fast as plain attention, but the LSE carries no gradient: only used
     when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
+    if torch.is_autocast_enabled("cpu"):
+        # the raw kernel is not autocast-aware: under bf16 autocast, rotary embeddings leave query
+        # and key in float32 beside a bf16 value; cast all three as autocast does for SDPA
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
     q_len, kv_len = query.shape[2], key.shape[2]
     n_visible = visible_keys(mask, q_len, kv_len, query.device)
     is_causal = mask is None and q_len > 1
