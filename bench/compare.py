@@ -5,14 +5,18 @@ finished step is recorded in WORK/state.json and skipped on a rerun, an interrup
 resumes from its checkpoint. Every variant is a ztt checkpoint (the source itself as a no-share
 conversion, whose logits equal the source's) healed by `ztt finetune` with the same options.
 
-Metrics: Tempest-16 (DESIGN §3) before and after healing; Docutils-16 (the same protocol on
+Metrics: Tempest-16 (The Tempest from character 3000, 16 windows of 512 tokens) before and after healing; Docutils-16 (the same protocol on
 four PEPs of the docutils documentation, a domain never used in healing); greedy next-token
 agreement with the untouched source on Tempest-16; parameters; greedy decoding tokens/s at
 batch 1 and 8. Early exit on the ZTT variant: the thresholds `ztt calibrate` picks for
 wall-clock targets and fixed thresholds, each with mean cycles, compute saved, perplexity.
 
-Writes bench/results/compare-PROFILE.{json,md,png}; --readme README.md replaces the block
-between <!-- compare:PROFILE --> and <!-- /compare:PROFILE --> with the table.
+Writes bench/results/compare-PROFILE.{json,md,png} (--results DIR elsewhere) after every
+finished step, so an interrupted run (Ctrl-C, `timeout -s INT`) leaves its partial results and
+resumes on the next run; --readme README.md replaces the block between <!-- compare:PROFILE -->
+and <!-- /compare:PROFILE --> with the table. --render JSON rebuilds the table, plot and README
+block from a results file (one measured on another machine). --smoke runs every step of a
+config at a toy budget (2 healing steps) in WORK-smoke, to check a config before a long run.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from rich.console import Console
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.calibrate import CalibrationError, calibrate
 from ztt_cli.convert import convert
+from ztt_cli.device import synchronize
 from ztt_cli.evaluate import perplexity
-from ztt_cli.finetune import can_resume, finetune
+from ztt_cli.finetune import Interrupted, can_resume, finetune
 from ztt_cli.io import sources
 from ztt_cli.io.assets import DOCUTILS, SHAKESPEARE
 from ztt_cli.io.checkpoint import load_checkpoint, write_json
@@ -105,12 +110,17 @@ def heal_variant(v: dict, ckpt: Path, cfg: dict, work: Path) -> tuple[Path, dict
     if v["kind"] in ("dense", "drop"):  # one cycle: the exit terms do not apply
         options.setdefault("exit_aware_weight", 0.0)
         options.setdefault("exit_objective_weight", 0.0)
-    opts = FinetuneOptions(checkpoint=ckpt, out=out, teacher=cfg["source"], eval_every=10_000, save_every=20,
-                           log_every=10, **options)
+    # no validation passes (the bench measures after healing); checkpoints for resuming
+    opts = FinetuneOptions(**{"eval_every": 10_000, "save_every": 20, "log_every": 10, **options},
+                           checkpoint=ckpt, out=out, teacher=cfg["source"])
     resume = can_resume(opts)
     result = finetune(opts.model_copy(update={"resume": resume, "overwrite": not resume}))
-    return out, {"steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
-                 "train_tokens_per_s": result.tokens / result.wall_s, "options": options}
+    # throughput from the training log's windows: a resumed run's wall time covers only its part
+    steps = [r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if r.get("event") == "step"]
+    window_tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}, *steps], steps)]
+    return out, {"steps": result.steps, "tokens": result.tokens, "wall_s_last_run": result.wall_s,
+                 "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+                 "train_s": sum(t / r["tokens_per_s"] for t, r in zip(window_tokens, steps)), "options": options}
 
 
 @torch.no_grad()
@@ -120,12 +130,11 @@ def decode_rate(model, prompts: torch.Tensor, new_tokens: int, reps: int) -> flo
                   attention_mask=torch.ones_like(prompts), pad_token_id=model.config.text_config.eos_token_id)
     model.generate(prompts, **kwargs)
     times = []
-    sync = torch.cuda.synchronize if prompts.is_cuda else (lambda: None)
     for _ in range(reps):
-        sync()
+        synchronize(prompts.device)
         t0 = time.perf_counter()
         model.generate(prompts, **kwargs)
-        sync()
+        synchronize(prompts.device)
         times.append(time.perf_counter() - t0)
     return prompts.shape[0] * new_tokens / statistics.median(times)
 
@@ -160,34 +169,17 @@ def speed(model, prompts: torch.Tensor, cfg: dict) -> dict:
     return {f"decode_tok_s_b{b}": decode_rate(model, prompts[:b], d["new_tokens"], d["reps"]) for b in d["batches"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", type=Path)
-    ap.add_argument("--readme", type=Path, help="update this README's results block")
-    args = ap.parse_args()
-    cfg = yaml.safe_load(args.config.read_text())
-    work = Path(cfg["work"])
-    work.mkdir(parents=True, exist_ok=True)
-    state = State(work / "state.json")
-    torch.manual_seed(0)
-    start = time.time()
+def smoke(cfg: dict) -> dict:
+    """The same steps at a toy budget, in their own work folder: a check of the config and code paths
+    (on the CPU where the config names a GPU this machine does not have)."""
+    device = cfg.get("device", "cpu") if torch.cuda.is_available() else "cpu"
+    return {**cfg, "work": cfg["work"] + "-smoke", "profile": cfg["profile"] + "-smoke", "device": device,
+            "heal": {**cfg["heal"], "steps": 2, "batch_size": 1, "seq_len": 64, "save_every": 1},
+            "decode": {**cfg["decode"], "new_tokens": 4, "reps": 1}}
 
-    tok = sources.load_tokenizer(sources.resolve(cfg["source"]).folder)
-    windows = {"tempest16": tempest16(tok), "docutils16": docutils16(tok)}
-    max_batch = max(cfg["decode"]["batches"])
-    prompts = windows["tempest16"][:max_batch, : cfg["decode"]["prompt_tokens"]]
 
-    # the untouched source's greedy tokens: the reference for agreement
-    source_dir = convert_variant({"kind": "source"}, cfg, work)
-    ref_path = work / "source-argmax.pt"
-    if not ref_path.is_file():
-        model = load(source_dir, cfg)
-        with torch.no_grad():
-            ref = torch.cat([model(input_ids=w.to(model.device), use_cache=False).logits.argmax(-1).cpu()
-                             for w in windows["tempest16"].split(4)])
-        torch.save(ref, ref_path)
-    reference = torch.load(ref_path)
-
+def run_variants(cfg: dict, state: State, work: Path, windows: dict, reference: torch.Tensor, prompts: torch.Tensor,
+                 checkpointed) -> None:
     for v in cfg["variants"]:
         name = v["name"]
         if state.get("variants", name, "done"):
@@ -219,60 +211,137 @@ def main() -> None:
         row["done"] = True
         state.put(row, "variants", name)
         console.print(name, {k: row["after"][k] for k in ("tempest16", "docutils16", "agreement")})
+        checkpointed()
 
-    ee = cfg.get("early_exit")
-    if ee:
-        healed = Path(state.get("variants", ee["variant"], "checkpoint"))
-        runs = [("full depth", 2.0)]
-        for target in ee.get("calibrate_wall", []):
-            label = f"calibrated {target}× wall"
-            found = state.get("early_exit", label, "threshold")
-            if found is None and not state.get("early_exit", label, "error"):
-                copy = work / f"calibrate-{target}"
-                shutil.rmtree(copy, ignore_errors=True)
-                shutil.copytree(healed, copy)
-                try:
-                    report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
-                                                        speedup_metric="wall"))
-                    state.put({"threshold": report["chosen"]["threshold"], "calibration": report["chosen"]},
-                              "early_exit", label)
-                except CalibrationError as e:
-                    state.put({"error": e.message}, "early_exit", label)
-            if state.get("early_exit", label, "threshold") is not None:
-                runs.append((label, state.get("early_exit", label, "threshold")))
-        runs += [(f"fixed P = {p}", p) for p in ee.get("fixed", [])]
-        model = load(healed, cfg)
-        for label, threshold in runs:
-            if state.get("early_exit", label, "done"):
-                continue
-            console.print(f"early exit: {label} (threshold {threshold:.4g})")
-            entry = state.get("early_exit", label) or {}
-            entry.update(threshold=threshold, **quality(model, windows, reference, threshold))
-            model.config.exit_threshold = threshold
-            entry.update(speed(model, prompts, cfg))
-            model.config.exit_threshold = 2.0
-            entry["done"] = True
-            state.put(entry, "early_exit", label)
+
+def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference: torch.Tensor, prompts: torch.Tensor,
+                   checkpointed) -> None:
+    ee = cfg["early_exit"]
+    if not state.get("variants", ee["variant"], "done"):
+        return
+    healed = Path(state.get("variants", ee["variant"], "checkpoint"))
+    runs = [("full depth", 2.0)]
+    for target in ee.get("calibrate_wall", []):
+        label = f"calibrated {target}× wall"
+        found = state.get("early_exit", label, "threshold")
+        if found is None and not state.get("early_exit", label, "error"):
+            console.print(f"early exit: calibrating for {target}× wall clock")
+            copy = work / f"calibrate-{target}"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(healed, copy)
+            try:
+                report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
+                                                    speedup_metric="wall", device=cfg.get("device", "cpu")))
+                state.put({"threshold": report["chosen"]["threshold"], "calibration": report["chosen"],
+                           "calibrated_on": report["device"]}, "early_exit", label)
+            except CalibrationError as e:
+                state.put({"error": e.message}, "early_exit", label)
+        if state.get("early_exit", label, "threshold") is not None:
+            runs.append((label, state.get("early_exit", label, "threshold")))
+    runs += [(f"fixed P = {p}", p) for p in ee.get("fixed", [])]
+    model = load(healed, cfg)
+    for label, threshold in runs:
+        if state.get("early_exit", label, "done"):
+            continue
+        console.print(f"early exit: {label} (threshold {threshold:.4g})")
+        entry = state.get("early_exit", label) or {}
+        entry.update(threshold=threshold, **quality(model, windows, reference, threshold))
+        model.config.exit_threshold = threshold
+        entry.update(speed(model, prompts, cfg))
+        model.config.exit_threshold = 2.0
+        entry["done"] = True
+        state.put(entry, "early_exit", label)
+        checkpointed()
+
+
+def device_name(cfg: dict) -> str:
+    device = cfg.get("device", "cpu")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def build_report(cfg: dict, state: State, wall_s: float) -> dict:
+    import transformers
 
     done = state.get("variants") or {}
-    variants = {v["name"]: done[v["name"]] for v in cfg["variants"] if v["name"] in done}  # the config's order
-    report = {
-        "profile": cfg["profile"], "config": cfg, "variants": variants, "early_exit": state.get("early_exit"),
+    variants = {v["name"]: done[v["name"]] for v in cfg["variants"] if done.get(v["name"], {}).get("done")}
+    return {
+        "profile": cfg["profile"], "config": cfg, "variants": variants,
+        "early_exit": {k: e for k, e in (state.get("early_exit") or {}).items() if e.get("done") or "error" in e},
+        "complete": len(variants) == len(cfg["variants"]),
         "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
                     "docutils": f"{DOCUTILS.name}=={DOCUTILS.version} sha256 {DOCUTILS.sha256}"},
         "meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-                 "device": cfg.get("device", "cpu"), "date": time.strftime("%Y-%m-%d"),
-                 "wall_s_this_run": time.time() - start},
+                 "transformers": transformers.__version__, "device": device_name(cfg),
+                 "date": time.strftime("%Y-%m-%d"), "wall_s_this_run": wall_s},
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"compare-{cfg['profile']}"
+
+
+def write_outputs(report: dict, results: Path, readme: Path | None = None) -> str:
+    """compare-PROFILE.{json,md,png} in ``results`` (and the README block): the table."""
+    results.mkdir(parents=True, exist_ok=True)
+    stem = results / f"compare-{report['profile']}"
     write_json(stem.with_suffix(".json"), report)
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)
-    plot(report, stem.with_suffix(".png"))
-    if args.readme:
-        update_readme(args.readme, cfg["profile"], table, stem.with_suffix(".png"))
-    console.print(table)
+    if report["variants"]:
+        plot(report, stem.with_suffix(".png"))
+    if readme:
+        update_readme(readme, report["profile"], table, stem.with_suffix(".png"))
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--readme", type=Path, help="update this README's results block")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for compare-PROFILE.{json,md,png}")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="only rebuild the table, plot and README block from this results file")
+    ap.add_argument("--smoke", action="store_true", help="every step at a toy budget, in WORK-smoke (checks a config)")
+    args = ap.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        console.print(write_outputs(report, args.results, args.readme))
+        return
+    cfg = yaml.safe_load(args.config.read_text())
+    if args.smoke:
+        cfg = smoke(cfg)
+    work = Path(cfg["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    state = State(work / "state.json")
+    torch.manual_seed(0)
+    start = time.time()
+
+    def checkpointed() -> None:  # results so far, after every finished step
+        write_outputs(build_report(cfg, state, time.time() - start), args.results)
+
+    tok = sources.load_tokenizer(sources.resolve(cfg["source"]).folder)
+    windows = {"tempest16": tempest16(tok), "docutils16": docutils16(tok)}
+    max_batch = max(cfg["decode"]["batches"])
+    prompts = windows["tempest16"][:max_batch, : cfg["decode"]["prompt_tokens"]]
+
+    # the untouched source's greedy tokens: the reference for agreement
+    source_dir = convert_variant({"kind": "source"}, cfg, work)
+    ref_path = work / "source-argmax.pt"
+    if not ref_path.is_file():
+        model = load(source_dir, cfg)
+        with torch.no_grad():
+            ref = torch.cat([model(input_ids=w.to(model.device), use_cache=False).logits.argmax(-1).cpu()
+                             for w in windows["tempest16"].split(4)])
+        torch.save(ref, ref_path)
+    reference = torch.load(ref_path)
+
+    try:
+        run_variants(cfg, state, work, windows, reference, prompts, checkpointed)
+        if cfg.get("early_exit"):
+            run_early_exit(cfg, state, work, windows, reference, prompts, checkpointed)
+    except (KeyboardInterrupt, Interrupted):
+        checkpointed()
+        console.print(f"[yellow]interrupted[/]: partial results in {args.results}; run again to continue")
+        raise SystemExit(130)
+    report = build_report(cfg, state, time.time() - start)
+    console.print(write_outputs(report, args.results, None if args.smoke else args.readme))
 
 
 def markdown(r: dict) -> str:
@@ -285,18 +354,24 @@ def markdown(r: dict) -> str:
         f"Docutils-16: {r['corpora']['docutils']}.",
         "",
         "| variant | layout | unique layers | parameters | Tempest-16 before → after | Docutils-16 after | "
-        "agreement with source | decode tok/s b1 / b8 | healing tok/s |",
+        "agreement with source | decode tok/s b1 / b8 | healing tok/s (time) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in r["variants"].items():
         a = v["after"]
-        heal = f"{v['heal']['train_tokens_per_s']:.0f}" if "heal" in v else "–"
+        heal = "–"
+        if "heal" in v:
+            seconds = v["heal"].get("train_s", v["heal"].get("wall_s", 0))
+            heal = f"{v['heal']['train_tokens_per_s']:,.0f} ({seconds / 60:.1f} min)"
         before = f"{v['before']['tempest16']:.2f} → {a['tempest16']:.2f}" if "heal" in v else f"{a['tempest16']:.2f}"
         lines.append(
             f"| {name} | {v['layout']} | {v['unique_layers']} | {v['params'] / 1e6:.1f} M | {before} | "
             f"{a['docutils16']:.2f} | {100 * a['agreement']:.1f}% | {v.get('decode_tok_s_b1', 0):.1f} / "
             f"{v.get('decode_tok_s_b8', 0):.1f} | {heal} |"
         )
+    if not r.get("complete", True):
+        missing = [v["name"] for v in cfg["variants"] if v["name"] not in r["variants"]]
+        lines += ["", f"Partial run: not yet measured: {', '.join(missing)}."]
     if r.get("early_exit"):
         lines += ["", f"Early exit on **{cfg['early_exit']['variant']}** (per-token, zero-attention signal):", "",
                   "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement | decode tok/s b1 / b8 |",
@@ -355,7 +430,8 @@ def plot(r: dict, path: Path) -> None:
     markers = "osD^vP*X<>"
     for i, ((sx, ppl), labels) in enumerate(points.items()):  # a legend, not labels: points sit close together
         b.plot(sx, ppl, markers[i % len(markers)], markersize=8, label=" = ".join(labels))
-    b.legend(fontsize=7, loc="best")
+    if points:
+        b.legend(fontsize=7, loc="best")
     b.set_xlabel(f"compute saved against the source's {source_depth} layers (%)")
     b.set_ylabel("Tempest-16 perplexity after healing")
     b.set_title("quality against compute (early exit included)")

@@ -1,5 +1,7 @@
-"""The benchmark configurations in bench/ are well formed (the runs themselves are benchmarks, not tests)."""
+"""bench/: the comparison configs are well formed and its results table, partial runs and README block come out right
+(the runs themselves are benchmarks, not tests)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,52 @@ def test_compare_config(path):
         FinetuneOptions(checkpoint=".", out=".", **{**cfg["heal"], **v.get("heal", {})})
     if "early_exit" in cfg:
         assert cfg["early_exit"]["variant"] in names
+
+
+def _compare_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_compare", BENCH / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(ppl: float, layout: str, unique: int, heal: bool) -> dict:
+    after = {"tempest16": ppl, "docutils16": 2 * ppl, "agreement": 0.6, "mean_cycles": 1.0, "compute_saved": 0.0}
+    row = {"before": {"tempest16": 3 * ppl, "docutils16": 5 * ppl}, "after": after, "params": 100e6,
+           "unique_layers": unique, "layout": layout, "decode_tok_s_b1": 20.0, "decode_tok_s_b8": 100.0, "done": True}
+    if heal:
+        row["heal"] = {"tokens": 30720, "train_tokens_per_s": 70.0, "train_s": 438.0}
+    return row
+
+
+def test_results_table_partial_runs_and_readme_block(tmp_path):
+    compare = _compare_module()
+    cfg = yaml.safe_load((BENCH / "compare.yaml").read_text())
+    report = {
+        "profile": "cpu", "config": cfg, "complete": False,
+        "variants": {"source": _row(44.08, "0/30×1/0", 30, False), "ZTT": _row(45.04, "10/5×2/10", 25, True)},
+        "early_exit": {"full depth": {"threshold": 2.0, "tempest16": 45.04, "docutils16": 36.6, "agreement": 0.63,
+                                      "mean_cycles": 2.0, "compute_saved": 0.0, "done": True},
+                       "calibrated 1.25× wall": {"error": "target 1.25× is above this layout's bound"}},
+        "corpora": {"docutils": "docutils==0.21.2 sha256 abc"},
+        "meta": {"device": "cpu", "machine": "x86_64, 2 threads", "torch": "2.13.0", "date": "2026-11-26"},
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nbefore\n<!-- compare:cpu -->\nold table\n<!-- /compare:cpu -->\nafter\n")
+    table = compare.write_outputs(report, tmp_path / "results", readme)
+    lines = table.splitlines()
+    assert any(ln.startswith("| ZTT | 10/5×2/10 | 25 | 100.0 M | 135.12 → 45.04 |") and "70 (7.3 min)" in ln for ln in lines)
+    assert any(ln.startswith("| source | 0/30×1/0 | 30 |") and ln.endswith("| – |") for ln in lines)
+    missing = [v["name"] for v in cfg["variants"] if v["name"] not in report["variants"]]
+    assert f"Partial run: not yet measured: {', '.join(missing)}." in lines
+    assert "| calibrated 1.25× wall | not reached: target 1.25× is above this layout's bound |" in table
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n<!-- compare:cpu -->\n") and text.endswith("<!-- /compare:cpu -->\nafter\n")
+    assert "old table" not in text and table in text and "![cpu results](results/compare-cpu.png)" in text
+    assert (tmp_path / "results" / "compare-cpu.png").stat().st_size > 1000
+    # rebuilt from its own JSON (results measured elsewhere): the same table, the README unchanged
+    again = compare.write_outputs(json.loads((tmp_path / "results" / "compare-cpu.json").read_text()),
+                                  tmp_path / "results", readme)
+    assert again == table and readme.read_text() == text

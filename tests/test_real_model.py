@@ -1,4 +1,5 @@
-"""SmolLM2-135M from the package registry, measured with the Tempest-16 protocol (DESIGN §3).
+"""SmolLM2-135M from the package registry, measured with the Tempest-16 protocol
+(The Tempest from character 3000, the first 16 non-overlapping 512-token windows).
 
 Slow (about two minutes on two cores) but run by CI: it is the check that the tool works on a
 real pretrained model, not only on tiny random ones."""
