@@ -204,6 +204,10 @@ def convert(opts: ConvertOptions, progress: Progress = lambda message: None) -> 
         dtype=opts.dtype,
     )
     ztt = ZTTForCausalLM(ztt_config, source=model).eval()
+    if ztt.pool is not None:  # the zero-token keys are random: seeded, so a conversion is reproducible
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)
+            ztt.pool.reset_parameters()
 
     def use(strategy: str) -> None:
         plan = layout.source_layers(len(source_layers), strategy)[layout.head : layout.head + layout.block]

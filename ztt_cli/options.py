@@ -64,6 +64,7 @@ class ConvertOptions(BaseModel):
     init: InitChoice = Field("auto", description="how the shared block is initialised from the middle layers")
     pool: bool = Field(True, description="add the zero-token pool (off: head-tail cycling)")
     log_n: bool = Field(False, description="add log(visible keys) to the zero-token logit")
+    seed: int = Field(0, description="seed for the zero-token keys (the only random weights)")
     dtype: DtypeChoice = Field("float32", description="dtype of the written weights")
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     drop: int | None = Field(
