@@ -23,9 +23,8 @@ from .data import prepare
 from .device import resolve_device, synchronize
 from .errors import ZTTError
 from .evaluate import signals_and_targets, spearman
-from .io.checkpoint import load_checkpoint
 from .io import sources
-from .io.checkpoint import PROVENANCE, now, read_provenance, versions, write_json
+from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
 from .options import CalibrateOptions
 
 Progress = Callable[[str], None]

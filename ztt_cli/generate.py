@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 
 from .errors import ZTTError
-from .io.checkpoint import load_checkpoint
 from .io import sources
+from .io.checkpoint import load_checkpoint
 from .options import GenerateOptions
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .device import resolve_device, synchronize
 from .errors import ZTTError
 from .io import sources
-from .device import resolve_device, synchronize
 from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
 from .options import EvalOptions
 

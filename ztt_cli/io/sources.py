@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, OfflineError, SourceError
-from .checkpoint import atomic_dir
 from .assets import SMOLLM2_135M, Package, cache_dir, fetch, sha256_file
+from .checkpoint import atomic_dir
 
 BUILTIN_MODELS: dict[str, Package] = {"smollm2-135m": SMOLLM2_135M}
 ALTERNATIVES = f"a local Hugging Face folder, a .gguf file, or a built-in name ({', '.join(BUILTIN_MODELS)})"
