@@ -79,7 +79,7 @@ def slug(name: str) -> str:
 
 def load(folder: Path, cfg: dict):
     """A checkpoint on the profile's device (``device: cuda`` on GPUs), in eval mode."""
-    return load_checkpoint(folder).eval().to(cfg.get("device", "cpu"))
+    return load_checkpoint(folder).eval().to(resolve_device(cfg.get("device", "cpu")))
 
 
 def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
