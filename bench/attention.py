@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ztt_cli.attention import zero_token_attention_sdpa
+from ztt_cli.model.attention import zero_token_attention_sdpa
 
 H, H_KV, D = 9, 3, 64
 

@@ -24,14 +24,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ztt_cli  # noqa: F401
-from ztt_cli.calibrate import NEVER, _score, calibrate
-from ztt_cli.convert import convert
-from ztt_cli.data import prepare
-from ztt_cli.evaluate import exit_signal_correlation, perplexity, signals_and_targets
-from ztt_cli.finetune import finetune
+from ztt_cli.stages.calibrate import NEVER, _score, calibrate
+from ztt_cli.stages.convert import convert
+from ztt_cli.io.data import prepare
+from ztt_cli.stages.quality import exit_signal_correlation, perplexity, signals_and_targets
+from ztt_cli.stages.finetune import finetune
 from ztt_cli.io import sources
 from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
-from ztt_cli.texts import tempest16
+from ztt_cli.io.texts import tempest16
 
 
 @torch.no_grad()

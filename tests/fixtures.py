@@ -110,7 +110,7 @@ def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True,
     """A ZTT built around a tiny source model. layout = (head, block, cycles, tail)."""
     import copy
 
-    from ztt_cli.modeling import ZTTConfig, ZTTForCausalLM
+    from ztt_cli.model.modeling import ZTTConfig, ZTTForCausalLM
 
     src = source_model(family, seed)
     head, block, cycles, tail = layout

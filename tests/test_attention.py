@@ -5,7 +5,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from ztt_cli.attention import (
+from ztt_cli.model.attention import (
     zero_token_attention_eager,
     zero_token_attention_sdpa,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ztt_cli.layout import Layout
+from ztt_cli.model.layout import Layout
 from ztt_cli.options import FinetuneOptions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from ztt_cli.convert import convert
+from ztt_cli.stages.convert import convert
 from ztt_cli.options import ConvertOptions
 
 from .fixtures import cli as run
@@ -48,7 +48,7 @@ def test_calibration_reaches_the_compute_target(ckpt, base):
     # the model now exits early by itself, at about that compute speedup
     from transformers import AutoModelForCausalLM
 
-    from ztt_cli.data import prepare
+    from ztt_cli.io.data import prepare
     from ztt_cli.io.sources import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()

@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ztt_cli.convert import convert
+from ztt_cli.stages.convert import convert
 from ztt_cli.errors import OutputExistsError
 from ztt_cli.io.sources import weights_sha256
-from ztt_cli.modeling import ZTTForCausalLM
+from ztt_cli.model.modeling import ZTTForCausalLM
 from ztt_cli.options import ConvertOptions
 
 from .fixtures import FAMILIES, corpus, save_source, source_model, token_ids
@@ -129,7 +129,7 @@ def test_crash_leaves_nothing_and_keeps_existing_output(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path):
-    from ztt_cli.architecture import family_for
+    from ztt_cli.model.architecture import family_for
 
     src = save_source(family, tmp_path / "src")
     convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1))
@@ -153,7 +153,7 @@ def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path
 
 
 def test_drop_by_block_influence_removes_the_least_influential_layers(tmp_path, calib_file):
-    from ztt_cli.evaluate import token_windows
+    from ztt_cli.io.texts import token_windows
     from ztt_cli.io.sources import load_tokenizer
 
     src = save_source("llama", tmp_path / "src")

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from ztt_cli import data as data_mod
-from ztt_cli.data import DataError, batch_indices, load_documents, prepare
+from ztt_cli.io import data as data_mod
+from ztt_cli.io.data import DataError, batch_indices, load_documents, prepare
 
 from .fixtures import corpus, tokenizer
 

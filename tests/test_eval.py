@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from ztt_cli.convert import convert
-from ztt_cli.harness import TaskScore, evaluate, recovery, resolve_tasks
+from ztt_cli.stages.convert import convert
+from ztt_cli.stages.eval import TaskScore, evaluate, recovery, resolve_tasks
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.io.sources import load_tokenizer
 from ztt_cli.options import ConvertOptions, EvalOptions

@@ -14,7 +14,7 @@ DEEP = (0, 2, 3, 0)  # three cycles: copies come from cycle 1 or 2
 def cycle1_signal(model, ids):
     """The cycle-1 exit signal of every token (recorded by a full-depth replay)."""
     captured = {}
-    import ztt_cli.exits as exits_mod
+    import ztt_cli.model.exits as exits_mod
 
     original = exits_mod.TokenExits.end_of_cycle
 

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from ztt_cli.convert import convert
+from ztt_cli.stages.convert import convert
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.options import ConvertOptions
 

@@ -16,12 +16,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ztt_cli.cli import app
-from ztt_cli.convert import convert
-from ztt_cli.data import prepare
-from ztt_cli.evaluate import exit_signal_correlation
-from ztt_cli.finetune import TrainingStopped, finetune, partial_dir
+from ztt_cli.stages.convert import convert
+from ztt_cli.io.data import prepare
+from ztt_cli.stages.quality import exit_signal_correlation
+from ztt_cli.stages.finetune import TrainingStopped, finetune, partial_dir
 from ztt_cli.io.sources import load_tokenizer
-from ztt_cli.losses import HealingObjective
+from ztt_cli.stages.losses import HealingObjective
 from ztt_cli.options import ConvertOptions, FinetuneOptions
 
 from .fixtures import corpus, save_source

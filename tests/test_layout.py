@@ -1,7 +1,7 @@
 import pytest
 
 from ztt_cli.errors import LayoutError
-from ztt_cli.layout import Layout
+from ztt_cli.model.layout import Layout
 
 
 @pytest.mark.parametrize(

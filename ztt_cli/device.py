@@ -6,10 +6,12 @@ speedups, ``eval``'s tokens/s) are measured on this device, so calibrate where y
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ZTTError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -26,6 +28,8 @@ def valid_device(text: str) -> str:
 
 def resolve_device(choice: str) -> torch.device:
     """The torch device for ``choice``, or one clear error when it is not there."""
+    import torch
+
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(choice)
@@ -41,6 +45,8 @@ def resolve_device(choice: str) -> torch.device:
 
 def describe(device: torch.device) -> str:
     """What timings were measured on: 'cpu (2 threads)' or 'cuda:0 (NVIDIA H100 80GB HBM3)'."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -49,4 +55,6 @@ def describe(device: torch.device) -> str:
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)

@@ -1,15 +1,11 @@
 """Errors a user can cause. The CLI prints one line plus a hint and exits 2."""
 
+from .model.errors import LayoutError, UnsupportedArchitectureError, ZTTError
 
-class ZTTError(Exception):
-    """Base class: a problem with what the user asked for, not a bug."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+__all__ = [
+    "ZTTError", "LayoutError", "UnsupportedArchitectureError", "SourceError", "OfflineError",
+    "OutputExistsError", "CheckpointError",
+]
 
 
 class SourceError(ZTTError):
@@ -18,14 +14,6 @@ class SourceError(ZTTError):
 
 class OfflineError(SourceError):
     """The model hub (or the package registry) cannot be reached."""
-
-
-class UnsupportedArchitectureError(ZTTError):
-    """The source model's family has no row in the architecture table."""
-
-
-class LayoutError(ZTTError):
-    """head / block / cycles / tail do not fit the source model."""
 
 
 class OutputExistsError(ZTTError):

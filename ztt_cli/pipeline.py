@@ -170,11 +170,11 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
 
 
 def _run_stage(name, opts, checkpoint, output, progress) -> dict:
-    from .calibrate import calibrate
-    from .convert import convert
-    from .export import export
-    from .finetune import can_resume, finetune
-    from .harness import evaluate
+    from .stages.calibrate import calibrate
+    from .stages.convert import convert
+    from .stages.export import export
+    from .stages.finetune import can_resume, finetune
+    from .stages.eval import evaluate
 
     def say(message: str) -> None:
         progress({"event": "message", "text": message})

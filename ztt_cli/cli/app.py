@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .errors import ZTTError
-from .options import (
+from .. import __version__
+from ..errors import ZTTError
+from ..options import (
     CalibrateOptions,
     ConvertOptions,
     EvalOptions,
@@ -169,7 +169,7 @@ def convert(opts: ConvertOptions) -> None:
     SOURCE is a hub id, a local Hugging Face folder, a .gguf file, or the built-in [bold]smollm2-135m[/].
     Unset layout sizes are derived from the source depth (two cycles, head = tail = a third).
     """
-    from .convert import convert as run_convert
+    from ..stages.convert import convert as run_convert
 
     with err.status("converting…") as status:
         result = run_convert(opts, progress=lambda m: status.update(m))
@@ -223,7 +223,7 @@ def finetune(opts: FinetuneOptions) -> None:
         TimeRemainingColumn,
     )
 
-    from .finetune import finetune as run_finetune
+    from ..stages.finetune import finetune as run_finetune
 
     rank0 = os.environ.get("RANK", "0") == "0"
     bar = Progress(
@@ -270,7 +270,7 @@ def finetune(opts: FinetuneOptions) -> None:
 def calibrate(opts: CalibrateOptions) -> None:
     """Sweep exit thresholds on calibration text and write the one that reaches the target speedup
     with the least quality loss into the checkpoint (config.json, calibration.json, calibration.png)."""
-    from .calibrate import calibrate as run_calibrate
+    from ..stages.calibrate import calibrate as run_calibrate
 
     with err.status("calibrating…") as status:
         report = run_calibrate(opts, progress=lambda m: status.update(m))
@@ -303,7 +303,7 @@ def calibrate(opts: CalibrateOptions) -> None:
 def generate(opts: GenerateOptions) -> None:
     """Stream generated text; each token is coloured by the cycles it ran (early exit at the
     calibrated threshold unless --threshold or --full-depth)."""
-    from .generate import stream
+    from ..stages.generate import stream
 
     colours = ["green", "yellow", "magenta", "red", "blue"]
     counts: dict[int, int] = {}
@@ -333,7 +333,7 @@ def eval_(opts: EvalOptions) -> None:
     With --compare SRC the source is scored on the same tasks and each metric's recovery is shown
     (≥ 1: as good as the source); --min-recovery R makes the command exit 1 when any falls below R.
     Results go to CHECKPOINT/eval.json (or --output) and a stage in ztt.json."""
-    from .harness import evaluate
+    from ..stages.eval import evaluate
 
     with err.status("evaluating…") as status:
         report = evaluate(opts, progress=lambda m: status.update(m))
@@ -385,7 +385,7 @@ def export(opts: ExportOptions) -> None:
     """Write a checkpoint for others to load: sharded safetensors, tokenizer, generation config and a
     model card with the layout, calibration and eval results. remote-code adds the modeling code
     so that transformers loads it with trust_remote_code=True where ztt is not installed."""
-    from .export import export as run_export
+    from ..stages.export import export as run_export
 
     with err.status("exporting…") as status:
         result = run_export(opts, progress=lambda m: status.update(m))
@@ -397,7 +397,7 @@ def export(opts: ExportOptions) -> None:
 @app.command("validate", epilog="Example:\n\n  ztt validate recipes/smollm2-135m-shakespeare.yaml")
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML file", show_default=False)) -> None:
     """Check a recipe against the schema; list every problem with its YAML path (exit 2 if any)."""
-    from .recipe import RecipeError, load
+    from ..recipe import RecipeError, load
 
     try:
         loaded = load(recipe)
@@ -425,7 +425,7 @@ def run(
     an interrupted finetune resumes. Exits 1 if the eval gate fails."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .pipeline import run as run_pipeline
+    from ..pipeline import run as run_pipeline
 
     _quiet_libraries()
     bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.fields[info]}"),

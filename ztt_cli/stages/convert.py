@@ -9,16 +9,16 @@ from typing import Callable
 import torch
 from transformers import AutoConfig
 
-from .architecture import family_for
-from .errors import LayoutError, SourceError, ZTTError
-from .evaluate import perplexity, token_windows
-from .io import sources
-from .io.checkpoint import PROVENANCE, atomic_dir, check_output, now, versions, write_json
-from .io.sources import SourceModel
-from .layout import INIT_STRATEGIES, Layout
-from .modeling import ZTTConfig, ZTTForCausalLM
-from .options import ConvertOptions, parse_size
-from .texts import calibration_text, read_text
+from ..model.architecture import family_for
+from ..errors import LayoutError, SourceError, ZTTError
+from .quality import perplexity
+from ..io import sources
+from ..io.checkpoint import PROVENANCE, atomic_dir, check_output, now, versions, write_json
+from ..io.sources import SourceModel
+from ..model.layout import INIT_STRATEGIES, Layout
+from ..model.modeling import ZTTConfig, ZTTForCausalLM
+from ..options import ConvertOptions, parse_size
+from ..io.texts import calibration_text, read_text, token_windows
 
 Progress = Callable[[str], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

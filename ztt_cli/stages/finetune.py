@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .data import batch_indices, prepare
-from .errors import OutputExistsError, ZTTError
-from .io import sources
-from .io.checkpoint import PROVENANCE, atomic_dir, check_writable, load_checkpoint, now, read_provenance, versions, write_json
+from ..io.data import batch_indices, prepare
+from ..errors import OutputExistsError, ZTTError
+from ..io import sources
+from ..io.checkpoint import PROVENANCE, atomic_dir, check_writable, load_checkpoint, now, read_provenance, versions, write_json
 from .losses import HealingObjective
-from .modeling import ZTTForCausalLM
-from .options import FinetuneOptions
+from ..model.modeling import ZTTForCausalLM
+from ..options import FinetuneOptions
 
 Progress = Callable[[dict], None]
 RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}

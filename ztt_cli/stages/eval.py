@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .device import resolve_device, synchronize
-from .errors import ZTTError
-from .io import sources
-from .io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
-from .options import EvalOptions
+from ..device import resolve_device, synchronize
+from ..errors import ZTTError
+from ..io import sources
+from ..io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
+from ..options import EvalOptions
 
 Progress = Callable[[str], None]
-TASKS_DIR = Path(__file__).parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 NEVER = 2.0  # an exit threshold above 1: full depth
 SPEC_TASKS = {"text": "ztt_text_ppl", "mc": "ztt_mc"}  # --tasks text:PATH / mc:PATH
 
@@ -40,7 +40,7 @@ class EvalError(ZTTError):
 
 
 def text_documents(path: str | None, text_field: str = "text") -> list[dict]:
-    from .data import load_documents
+    from ..io.data import load_documents
 
     if not path:
         raise EvalError("the task ztt_text_ppl needs a text file", hint="use --tasks text:PATH")
@@ -278,7 +278,7 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
     progress("checking the tasks")
     tasks = resolve_tasks(names, opts.include_path)
     if opts.output is not None:
-        from .io.checkpoint import check_writable
+        from ..io.checkpoint import check_writable
 
         check_writable(opts.output)
     if opts.gate_metrics:  # fail before scoring if the gate names a metric no task reports

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .io import sources
-from .io.checkpoint import (
+from ..io import sources
+from ..io.checkpoint import (
     PROVENANCE,
     atomic_dir,
     check_output,
@@ -29,20 +29,22 @@ from .io.checkpoint import (
     versions,
     write_json,
 )
-from .options import ExportOptions, parse_size
+from ..options import ExportOptions, parse_size
 
 Progress = Callable[[str], None]
-PACKAGE = Path(__file__).parent
-# the model code and what it imports, as named in the export (the entry module gets a unique name:
-# transformers caches remote code by module name)
-CODE_FILES = {
-    "modeling.py": "modeling_ztt.py",
-    "attention.py": "attention.py",
-    "architecture.py": "architecture.py",
-    "exits.py": "exits.py",
-    "layout.py": "layout.py",
-    "errors.py": "errors.py",
-}
+MODEL_CODE = Path(__file__).resolve().parent.parent / "model"
+ENTRY_MODULE = "modeling_ztt.py"  # unique: transformers caches remote code by module name
+
+
+def code_files() -> dict[Path, str]:
+    """The model code, copied flat: every file of ``model/`` under its own name, the modeling
+    module renamed (the model files import only each other, ``from .sibling import x``)."""
+    return {
+        path: ENTRY_MODULE if path.name == "modeling.py" else path.name
+        for path in sorted(MODEL_CODE.glob("*.py")) if path.name != "__init__.py"
+    }
+
+
 AUTO_MAP = {"AutoConfig": "modeling_ztt.ZTTConfig", "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # built-in sources, for base_model
@@ -142,8 +144,8 @@ def export(opts: ExportOptions, progress: Progress = lambda m: None) -> ExportRe
             if (opts.checkpoint / name).is_file():
                 shutil.copy2(opts.checkpoint / name, tmp / name)
         if opts.format == "remote-code":
-            for src, dst in CODE_FILES.items():
-                shutil.copy2(PACKAGE / src, tmp / dst)
+            for src, dst in code_files().items():
+                shutil.copy2(src, tmp / dst)
             config = json.loads((tmp / "config.json").read_text())
             config["auto_map"] = AUTO_MAP
             write_json(tmp / "config.json", config)

@@ -1,0 +1,1 @@
+"""The pipeline's stages (convert, finetune, calibrate, eval, export) and ``generate``."""
