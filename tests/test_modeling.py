@@ -1,4 +1,4 @@
-"""The model's invariants (README, "How it works") on tiny models of every supported family."""
+"""The model's invariants (docs/how-it-works.md) on tiny models of every supported family."""
 
 import json
 import math
