@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from ztt_cli.stages.convert import convert
 from ztt_cli.options import ConvertOptions
+from ztt_cli.stages.convert import convert
 
 from .fixtures import cli as run
 from .fixtures import corpus, save_source
@@ -111,3 +111,21 @@ def test_exit_stats_after_loading(ckpt):
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     model(token_ids(), exit_threshold=0.0)
     assert model.exit_stats.tokens == 40 and model.exit_stats.mean_cycles == 1.0
+
+
+def test_out_writes_a_calibrated_copy_and_leaves_the_input(ckpt, base, tmp_path):
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    out = tmp_path / "calibrated"
+    args = ("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric", "compute", *FAST)
+    result = run(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # untouched
+    chosen = json.loads((out / "calibration.json").read_text())["chosen"]
+    assert json.loads((out / "config.json").read_text())["exit_threshold"] == chosen["threshold"]
+    assert [s["stage"] for s in json.loads((out / "ztt.json").read_text())["stages"]][-1] == "calibrate"
+    assert "## Calibration" in (out / "README.md").read_text()
+    assert str(out / "config.json") in result.stdout.replace("\n", "")
+    refused = run(*args, "--out", out)  # an existing --out is kept unless --overwrite
+    assert refused.exit_code == 2 and "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert run(*args, "--out", out, "--overwrite").exit_code == 0
+    assert not any(p.name.startswith(".calibrated") for p in tmp_path.iterdir())

@@ -7,11 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ztt_cli.stages.convert import convert
 from ztt_cli.errors import OutputExistsError
 from ztt_cli.io.sources import weights_sha256
 from ztt_cli.model.modeling import ZTTForCausalLM
 from ztt_cli.options import ConvertOptions
+from ztt_cli.stages.convert import convert
 
 from .fixtures import FAMILIES, corpus, save_source, source_model, token_ids
 
@@ -153,8 +153,8 @@ def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path
 
 
 def test_drop_by_block_influence_removes_the_least_influential_layers(tmp_path, calib_file):
-    from ztt_cli.io.texts import token_windows
     from ztt_cli.io.sources import load_tokenizer
+    from ztt_cli.io.texts import token_windows
 
     src = save_source("llama", tmp_path / "src")
     convert(ConvertOptions(source=str(src), out=tmp_path / "bi", drop=2, calib_data=calib_file, calib_tokens=32))

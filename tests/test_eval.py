@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from ztt_cli.stages.convert import convert
-from ztt_cli.stages.eval import TaskScore, evaluate, recovery, resolve_tasks
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.io.sources import load_tokenizer
 from ztt_cli.options import ConvertOptions, EvalOptions
+from ztt_cli.stages.convert import convert
+from ztt_cli.stages.eval import TaskReport, evaluate, recovery, resolve_tasks
 
 from .fixtures import cli as run
 from .fixtures import corpus, save_source
@@ -42,7 +42,7 @@ def ckpt(base, tmp_path):
 
 @pytest.mark.parametrize("threshold", [0.0, 0.01, 2.0])
 def test_perplexity_task_equals_the_models_own_loss(ckpt, base, threshold):
-    report = evaluate(EvalOptions(checkpoint=ckpt, tasks=f"text:{base / 'text.txt'}", threshold=threshold))
+    report = evaluate(EvalOptions(checkpoint=ckpt, tasks=f"text:{base / 'text.txt'}", threshold=threshold)).to_json()
     task = report["tasks"][f"text:{base / 'text.txt'}"]
     model, tok = load_checkpoint(ckpt).eval(), load_tokenizer(ckpt)
     nll, words, n_bytes, layers, count = 0.0, 0, 0, 0.0, 0
@@ -69,7 +69,7 @@ def test_perplexity_task_equals_the_models_own_loss(ckpt, base, threshold):
 
 def test_multiple_choice_accuracy_equals_an_argmax_count(ckpt, base):
     spec = f"mc:{base / 'quiz.jsonl'}"
-    report = evaluate(EvalOptions(checkpoint=ckpt, tasks=spec, threshold=0.01))
+    report = evaluate(EvalOptions(checkpoint=ckpt, tasks=spec, threshold=0.01)).to_json()
     model, tok = load_checkpoint(ckpt).eval(), load_tokenizer(ckpt)
     correct = correct_norm = 0
     rows = [json.loads(line) for line in (base / "quiz.jsonl").read_text().splitlines()]
@@ -94,7 +94,7 @@ def test_multiple_choice_accuracy_equals_an_argmax_count(ckpt, base):
 def test_recovery_is_oriented_by_higher_is_better():
     def score(**metrics):
         hib = {"word_perplexity": False, "acc": True}
-        return TaskScore(metrics, {k: hib[k] for k in metrics}, 1, 1.0, 1.0, 1.0, 1.0, 1)
+        return TaskReport(metrics, {k: hib[k] for k in metrics}, 1, 1.0, 1.0, 1, 1.0, 1.0, 1.0)
 
     better = recovery(score(word_perplexity=20.0, acc=0.6), score(word_perplexity=25.0, acc=0.5))
     worse = recovery(score(word_perplexity=30.0, acc=0.4), score(word_perplexity=25.0, acc=0.5))

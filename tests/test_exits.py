@@ -131,3 +131,47 @@ def test_left_padded_batch_generates_what_each_sequence_gets_alone():
     for i, prompt in enumerate((short, long)):
         alone = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=1)
         assert torch.equal(together[i, -8:], alone[0, -8:])
+
+
+def test_exit_policy_resolution_and_pool_check():
+    from types import SimpleNamespace
+
+    from ztt_cli.model.signals import NEVER, ExitPolicy, ExitPolicyError
+
+    config = SimpleNamespace(exit_threshold=0.3, exit_signal="zero-attention")
+    assert ExitPolicy.resolve(config) == ExitPolicy("zero-attention", 0.3)
+    assert ExitPolicy.resolve(config, threshold=0.7) == ExitPolicy("zero-attention", 0.7)
+    assert ExitPolicy.resolve(config, threshold=0.7, full_depth=True).threshold == NEVER
+    assert ExitPolicy.resolve(config, signal="saturation").signal == "saturation"
+    assert not ExitPolicy.resolve(config, full_depth=True).active
+    with pytest.raises(ExitPolicyError, match="no zero-token pool"):
+        ExitPolicy.resolve(config).check(has_pool=False)
+    ExitPolicy.resolve(config, full_depth=True).check(has_pool=False)  # never exits: nothing to refuse
+    ExitPolicy("saturation", 0.5).check(has_pool=False)
+
+
+def test_a_new_signal_is_one_registered_function():
+    """A signal is a function of the forward pass's state; registering it is all it takes."""
+    from ztt_cli.model import signals
+
+    @signals.signal("always-exit")
+    def always(exits, cycle):
+        return exits.cycle_output[cycle].new_ones(exits.cycle_output[cycle].shape[:2])
+
+    try:
+        model, _ = ztt_model("llama", DEEP, pool=False)
+        model.config.exit_signal = "always-exit"
+        out = model(token_ids(), exit_threshold=0.5)
+        assert torch.all(out.exit_cycles == 1)
+    finally:
+        del signals.SIGNALS["always-exit"]
+
+
+def test_options_offer_the_registered_signals():
+    import typing
+
+    from ztt_cli.model.signals import SIGNALS
+    from ztt_cli.options import CalibrateOptions
+
+    choices = typing.get_args(typing.get_args(CalibrateOptions.model_fields["signal"].annotation)[0])
+    assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation"}

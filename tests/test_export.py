@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from ztt_cli.stages.convert import convert
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.options import ConvertOptions
+from ztt_cli.stages.convert import convert
 
 from .fixtures import cli as run
 from .fixtures import save_source, token_ids

@@ -16,13 +16,19 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ztt_cli.cli import app
-from ztt_cli.stages.convert import convert
 from ztt_cli.io.data import prepare
-from ztt_cli.stages.quality import exit_signal_correlation
-from ztt_cli.stages.finetune import TrainingStopped, finetune, partial_dir
 from ztt_cli.io.sources import load_tokenizer
-from ztt_cli.stages.losses import HealingObjective
 from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages.convert import convert
+from ztt_cli.stages.finetune import (
+    TrainingStopped,
+    finetune,
+    partial_dir,
+    pipeline_options,
+    summary_line,
+)
+from ztt_cli.stages.losses import HealingObjective
+from ztt_cli.stages.quality import exit_signal_correlation
 
 from .fixtures import corpus, save_source
 
@@ -98,6 +104,101 @@ def test_resume_after_a_clean_stop_equals_an_uninterrupted_run(workdir, tmp_path
     assert_same_weights(tmp_path / "a", tmp_path / "b")
     steps = [r["step"] for r in log_of(tmp_path / "b") if r["event"] == "step"]
     assert steps == list(range(1, 13))
+
+
+def _first_release_format(run_dir: Path) -> None:
+    """Rewrite a saved trainer.json as the first release wrote it: no format, no parameter names."""
+    meta_path = run_dir / "checkpoint" / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("format", "groups", "ztt"):
+        del meta[key]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_without_a_format_resumes_to_the_same_result(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "a"))
+    finetune(opts(workdir, tmp_path / "b", stop_at_step=5))
+    meta = json.loads((partial_dir(tmp_path / "b") / "checkpoint" / "trainer.json").read_text())
+    assert meta["format"] == 2 and [g["name"] for g in meta["groups"]] == ["weights", "pool"]
+    assert [len(g["params"]) for g in meta["groups"]] == [len(g["params"]) for g in meta["param_groups"]]
+    _first_release_format(partial_dir(tmp_path / "b"))
+    finetune(opts(workdir, tmp_path / "b", resume=True))
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def _cli_args(workdir, out, *extra):
+    """The command line of ``opts(workdir, out)``."""
+    return ["finetune", str(workdir / "ztt-gpt2"), "--data", str(workdir / "train.txt"), "--out", str(out),
+            "--seq-len", "32", "--batch-size", "4", "--steps", "12", "--log-every", "1", "--eval-every", "1000",
+            "--save-every", "4", *extra]
+
+
+def test_an_interrupted_run_of_the_first_release_resumes_through_the_command_line(workdir, tmp_path):
+    finetune(opts(workdir, tmp_path / "out", stop_at_step=5))
+    _first_release_format(partial_dir(tmp_path / "out"))
+    result = runner.invoke(app, _cli_args(workdir, tmp_path / "out", "--resume"), env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").is_file() and not partial_dir(tmp_path / "out").exists()
+    assert [r["step"] for r in log_of(tmp_path / "out") if r["event"] == "step"] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("change", ["one parameter fewer", "renamed parameter", "renamed group"])
+def test_a_different_parameter_grouping_refuses_to_resume(workdir, tmp_path, change):
+    finetune(opts(workdir, tmp_path / "out", stop_at_step=4))
+    meta_path = partial_dir(tmp_path / "out") / "checkpoint" / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    weights = meta["groups"][0]
+    if change == "one parameter fewer":
+        weights["params"] = weights["params"][1:]
+    elif change == "renamed parameter":
+        weights["params"][3] = "layers.9.renamed.weight"
+    else:
+        weights["name"] = "block"
+    meta_path.write_text(json.dumps(meta))
+    saved = meta_path.read_bytes()
+    result = runner.invoke(app, _cli_args(workdir, tmp_path / "out", "--resume"), env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optimizer state" in lines[0] and "does not match" in lines[0], result.stderr
+    assert "hint:" in lines[0] and "--overwrite" in lines[0]
+    assert meta_path.read_bytes() == saved and not (tmp_path / "out").exists()
+
+
+def test_progress_events_follow_the_log(workdir, tmp_path):
+    events = []
+    result = finetune(opts(workdir, tmp_path / "out", steps=4, eval_every=2, save_every=3), progress=events.append)
+    kinds = [e.kind for e in events]
+    begin = kinds.index("start")
+    assert begin > 0 and set(kinds[:begin]) == {"status"} and kinds.count("start") == 1
+    start = events[begin]
+    assert (start.step, start.total) == (0, 4)
+    assert set(start.metrics) == {"train_blocks", "val_blocks", "world", "train_tokens"} and start.metrics["world"] == 1
+    # the log's order, kinds renamed, and the same numbers as its lines
+    log = log_of(tmp_path / "out")
+    assert kinds[begin + 1 :] == [{"val": "validation"}.get(r["event"], r["event"]) for r in log]
+    for event, record in zip(events[begin + 1 :], log):
+        assert event.step == record["step"]
+        numbers = {k: v for k, v in record.items() if k not in ("event", "step", "total")}
+        assert dict(event.metrics) == numbers
+        assert event.total == (4 if event.kind == "step" else None)
+    assert [e.step for e in events if e.kind == "validation"] == [2, 4]
+    assert [e.step for e in events if e.kind == "checkpoint"] == [3]
+    assert "tokens" in events[begin + 1].metrics and "grad_norm" in events[begin + 1].metrics
+    summary = result.summary()
+    assert summary == {"steps": 4, "tokens": 4 * 4 * 32, "val_loss": result.metrics["val_loss"],
+                       "val_ppl": result.metrics["val_ppl"]}
+    assert summary_line(summary) == f"4 steps, 512 tokens, validation perplexity {summary['val_ppl']:.2f}"
+    assert summary_line({"steps": 3, "tokens": 1234567}) == "3 steps, 1,234,567 tokens"
+
+
+def test_pipeline_options_resume_an_unfinished_run_with_the_same_options(workdir, tmp_path):
+    fresh = pipeline_options(opts(workdir, tmp_path / "out"))
+    assert (fresh.resume, fresh.overwrite) == (False, True)
+    finetune(opts(workdir, tmp_path / "out", stop_at_step=2))
+    again = pipeline_options(opts(workdir, tmp_path / "out"))
+    assert (again.resume, again.overwrite) == (True, False)
+    changed = pipeline_options(opts(workdir, tmp_path / "out", lr=1e-3))
+    assert (changed.resume, changed.overwrite) == (False, True)
 
 
 def _cli(*args):
@@ -237,7 +338,9 @@ def test_grad_checkpointing_gives_the_same_gradients(workdir):
         model = AutoModelForCausalLM.from_pretrained(workdir / "ztt-llama").train()
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        loss, _ = HealingObjective(model, exit_aware_weight=0.5, exit_objective_weight=1.0)(ids)
+        options = FinetuneOptions(checkpoint=workdir / "ztt-llama", data="unused", out=workdir / "unused",
+                                  exit_aware_weight=0.5, exit_objective_weight=1.0)
+        loss, _ = HealingObjective.from_options(model, options, distill=False)(ids)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and "pool.key" in grads[0]

@@ -61,3 +61,11 @@ def test_init_strategies_pick_documented_layers():
     assert lay.source_layers(9, "stepwise")[2:5] == [[2], [4], [6]]
     assert lay.source_layers(9, "average")[2:5] == [[2, 5], [3, 6], [4, 7]]
     assert lay.source_layers(9, "lower")[:2] == [[0], [1]] and lay.source_layers(9, "lower")[5:] == [[8]]
+
+
+def test_parse_is_the_inverse_of_str():
+    from ztt_cli.model.layout import Layout
+
+    for layout in (Layout(4, 11, 2, 4), Layout(0, 15, 2, 0), Layout(10, 5, 2, 10)):
+        assert Layout.parse(str(layout)) == layout
+    assert Layout.parse("4/11x2/4").depth == 30

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ztt_cli.io.texts import tempest16
+from ztt_cli.options import ConvertOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.quality import perplexity
-from ztt_cli.options import ConvertOptions
-from ztt_cli.io.texts import tempest16
 
 pytestmark = pytest.mark.slow
 

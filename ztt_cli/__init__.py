@@ -2,8 +2,8 @@
 
 ``import ztt_cli`` registers the model type ``ztt`` with transformers' Auto classes, so that
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads a ztt checkpoint. The registration
-needs torch; to keep the command line quick to start, it happens when transformers itself
-is imported (at once if it already is). ``ZTTConfig`` and ``ZTTForCausalLM`` are imported on
+needs torch; to keep the command line quick to start, it happens once transformers is
+imported (at once if it already is). ``ZTTConfig`` and ``ZTTForCausalLM`` are imported on
 first use."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 
 __version__ = "0.1.0"
 __all__ = ["ZTTConfig", "ZTTForCausalLM", "__version__"]
+MODEL_CODE = f"{__name__}.model."
 
 
 def __getattr__(name: str):
@@ -20,36 +21,50 @@ def __getattr__(name: str):
         from .model import modeling
 
         return getattr(modeling, name)
-    raise AttributeError(f"module 'ztt_cli' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _register() -> None:
-    from .model.modeling import register
+class _RegisterWhenReady:
+    """A meta-path finder that changes no import: it watches transformers and the model code
+    being imported, and registers the model after the first of those imports that leaves
+    transformers loaded and no model file half-imported; then it steps aside."""
 
-    register()
-
-
-class _RegisterAfterTransformers:
-    """A meta-path finder that lets transformers import as usual, then registers the model."""
+    def __init__(self):
+        self._finding: set[str] = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if not (fullname == "transformers" or fullname.startswith(MODEL_CODE)) or fullname in self._finding:
             return None
-        sys.meta_path.remove(self)  # once; the real finders locate the package
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        self._finding.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real finders
+        finally:
+            self._finding.discard(fullname)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
-            _register()
+            self.register_if_ready(finished=fullname)
 
         spec.loader.exec_module = exec_then_register
         return spec
 
+    def register_if_ready(self, finished: str = "") -> None:
+        if self not in sys.meta_path or "transformers" not in sys.modules:
+            return
+        half_imported = [name for name, module in list(sys.modules.items()) if name.startswith(MODEL_CODE)
+                         and name != finished and getattr(getattr(module, "__spec__", None), "_initializing", False)]
+        if half_imported:  # our own model code is importing transformers: register when it is done
+            return
+        sys.meta_path.remove(self)
+        from .model.modeling import register
 
-if "transformers" in sys.modules:
-    _register()
-elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterTransformers())
+        register()
+
+
+if not any(isinstance(f, _RegisterWhenReady) for f in sys.meta_path):
+    _registrar = _RegisterWhenReady()
+    sys.meta_path.insert(0, _registrar)
+    _registrar.register_if_ready()

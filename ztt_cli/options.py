@@ -1,17 +1,54 @@
-"""Typed options: one source of truth for defaults, help texts and validation."""
+"""Typed options and the stage registry: one source of truth for defaults, help texts and
+validation, and for what each stage is.
+
+Each command's options are a pydantic model; the command line generates its flags from it, a
+recipe section is validated by it, and provenance records its dump. Each pipeline stage is
+one ``Stage`` record next to its options model (at the end of this file)."""
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from .device import valid_device
+from .model.signals import SIGNALS
 
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average"]
-DtypeChoice = Literal["float32", "bfloat16", "float16"]
+
+# one dtype vocabulary on the command line; torch's names are accepted as aliases
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _short_dtype(value):
+    aliases = {long: short for short, long in TORCH_DTYPE_NAMES.items()}
+    return aliases.get(value, value)
+
+
+Dtype = Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(_short_dtype)]
+Precision = Annotated[Literal["fp32", "bf16"], BeforeValidator(_short_dtype)]
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a command-line dtype name (``fp32``, ``bf16``, ``fp16``)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[_short_dtype(name)])
 
 
 def parse_size(text: str) -> int:
@@ -65,7 +102,7 @@ class ConvertOptions(BaseModel):
     pool: bool = Field(True, description="add the zero-token pool (off: head-tail cycling)")
     log_n: bool = Field(False, description="add log(visible keys) to the zero-token logit")
     seed: int = Field(0, description="seed for the zero-token keys (the only random weights)")
-    dtype: DtypeChoice = Field("float32", description="dtype of the written weights")
+    dtype: Dtype = Field("fp32", description="dtype of the written weights (float32, bfloat16, float16 also accepted)")
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     drop: int | None = Field(
         None, ge=1, description="baseline: drop N layers instead of sharing (a one-cycle model of the kept layers)"
@@ -79,6 +116,12 @@ class ConvertOptions(BaseModel):
     calib_windows: int = Field(4, ge=1, description="calibration windows for --init auto")
     calib_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     overwrite: bool = Field(False, description="replace --out if it exists")
+
+    @field_serializer("dtype")
+    def _recorded_dtype(self, value: str) -> str:
+        # convert's options have always been recorded with torch's dtype names: run records and
+        # provenance written before stay comparable
+        return TORCH_DTYPE_NAMES[value]
 
 
 def default(model: type[BaseModel], name: str):
@@ -125,7 +168,7 @@ class FinetuneOptions(BaseModel):
     stop_at_step: int | None = Field(None, ge=1, description="save and stop at this step (continue with --resume)")
     resume: bool = Field(False, description="continue the interrupted run for --out")
     overwrite: bool = Field(False, description="replace --out (and discard an unfinished run for it)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPUs) or fp32")
+    precision: Precision = Field("fp32", description="bf16 autocast (GPUs) or fp32 (bfloat16, float32 also accepted)")
     grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
 
     @property
@@ -136,7 +179,7 @@ class FinetuneOptions(BaseModel):
 class CalibrateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path = Field(description="ZTT checkpoint folder; its config.json gets the chosen threshold")
+    checkpoint: Path = Field(description="ZTT checkpoint folder; its config.json gets the chosen threshold (unless --out)")
     data: str = Field(description="calibration text: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
     target_speedup: float = Field(description="speedup to reach (> 1), measured as --speedup-metric")
     speedup_metric: Literal["wall", "compute"] = Field(
@@ -145,7 +188,7 @@ class CalibrateOptions(BaseModel):
     max_quality_loss: float | None = Field(
         None, gt=0, description="largest relative perplexity increase allowed (e.g. 0.05 for 5%)"
     )
-    signal: Literal["zero-attention", "saturation"] | None = Field(
+    signal: Literal[tuple(SIGNALS)] | None = Field(  # type: ignore[valid-type]
         None, description="exit signal (default: the checkpoint's)"
     )
     text_field: str = Field("text", description="field holding the text in .jsonl/.parquet/hub data")
@@ -157,6 +200,8 @@ class CalibrateOptions(BaseModel):
     reps: int = Field(3, ge=1, description="interleaved repetitions of the wall-clock measurement (median)")
     seed: int = Field(0, description="seed for the calibration split")
     device: Device = Field("auto", description="where to measure: auto (a CUDA GPU if present), cpu, cuda, cuda:N")
+    out: Path | None = Field(None, description="write a calibrated copy here and leave CHECKPOINT as it is")
+    overwrite: bool = Field(False, description="replace --out if it exists")
 
     @field_validator("target_speedup")
     @classmethod
@@ -250,7 +295,145 @@ class ExportOptions(BaseModel):
     format: Literal["hf", "remote-code"] = Field(
         "hf", description="hf: for users with ztt installed; remote-code: self-contained (trust_remote_code=True)"
     )
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the written weights")
+    dtype: Dtype = Field("fp32", description="dtype of the written weights (float32, bfloat16, float16 also accepted)")
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     name: str | None = Field(None, description="the model's name in its card (default: the --out folder's name)")
     overwrite: bool = Field(False, description="replace --out if it exists")
+
+
+# ----------------------------------------------------------------------------- the stage registry
+#
+# A stage is a module ztt_cli.stages.NAME with a run function (options, progress) -> result (the
+# result has summary() -> dict, what run.json records) and summary_line(summary) (one line for
+# `ztt run`'s table), plus its record here, beside its options model: the options the pipeline
+# fills in and where its output goes. The command line, the recipe schema and the pipeline
+# iterate STAGES, so adding a stage is a new module and a new options model with its entry here.
+# Stage modules are imported when they run: this module imports neither torch nor transformers.
+
+COMPARE_SOURCE = "source"  # eval.compare: source -> the recipe's source model
+STAGE_PACKAGE = __name__.rpartition(".")[0] + ".stages"  # where stage modules live
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command generated from its options model: ``ztt NAME``."""
+
+    name: str
+    options: type[BaseModel]
+    run: str  # the function of ztt_cli.stages.<module> that does the work
+    summary: str  # one line, for `ztt --help`
+    description: str = ""  # more, for `ztt NAME --help`
+    positional: tuple[str, ...] = ("checkpoint",)
+    examples: tuple[str, ...] = ()
+    module_name: str = ""  # default: the command's name
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"{STAGE_PACKAGE}.{self.module_name or self.name}")
+
+    def function(self) -> Callable:
+        return getattr(self.module(), self.run)
+
+
+@dataclass(frozen=True)
+class Stage(Command):
+    """A command that is also a pipeline stage (a recipe section of the same name)."""
+
+    # options the pipeline sets (a recipe section may not): fill(recipe, section, checkpoint, output)
+    filled: tuple[str, ...] = ("checkpoint", "out", "overwrite")
+    fill: Callable[..., dict] = field(default=lambda recipe, section, checkpoint, output: {
+        "checkpoint": checkpoint, "out": output, "overwrite": True})
+    output: str | None = None  # its output under the recipe's OUTPUT (None: the filled ``out``)
+    passes_checkpoint: bool = True  # its output is the next stage's input
+    optional: bool = True  # a recipe may leave its section out
+
+    def output_path(self, recipe_output: Path, options: BaseModel) -> Path:
+        return recipe_output / self.output if self.output else Path(options.out)
+
+
+def _fill_convert(recipe, section, checkpoint, output) -> dict:
+    return {"source": recipe.source, "out": output, "overwrite": True}
+
+
+def _fill_finetune(recipe, section, checkpoint, output) -> dict:
+    return {"checkpoint": checkpoint, "out": output}
+
+
+def _fill_eval(recipe, section, checkpoint, output) -> dict:
+    compare = recipe.source if section.get("compare") == COMPARE_SOURCE else section.get("compare")
+    return {"checkpoint": checkpoint, "output": output, "compare": compare}
+
+
+def _fill_export(recipe, section, checkpoint, output) -> dict:
+    return {"checkpoint": checkpoint, "overwrite": True, "out": section.get("out", Path(recipe.output) / "export"),
+            "name": section.get("name", recipe.name)}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "convert", ConvertOptions, "convert", "Turn a pretrained model into a Zero-Token Transformer checkpoint.",
+        "SOURCE is a hub id, a local Hugging Face folder, a .gguf file, or the built-in [bold]smollm2-135m[/]. "
+        "Unset layout sizes are derived from the source depth (two cycles, head = tail = a third).",
+        positional=("source",),
+        examples=("ztt convert smollm2-135m --out runs/smol-ztt",
+                  "ztt convert ./my-llama --out runs/llama-ztt --head 4 --tail 4 --block 11 --cycles 2 --init lower",
+                  "ztt convert model.gguf --out runs/m --no-pool --dtype bf16"),
+        filled=("source", "out", "overwrite"), fill=_fill_convert, output="convert", optional=False,
+    ),
+    Stage(
+        "finetune", FinetuneOptions, "finetune", "Heal a converted model by distillation from its source.",
+        "Distillation from the source, the exit-aware loss and the zero token's exit objective. Resumable "
+        "(--resume), Ctrl-C saves; runs under torchrun as well. The run lives in OUT.partial/ (checkpoint, "
+        "train_log.jsonl) until it finishes.",
+        examples=("ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000",
+                  "ztt finetune runs/smol-ztt --data notes/ --text-field body --out runs/h --steps 500 --trainable block+pool",
+                  "torchrun --nproc-per-node 2 -m ztt_cli finetune runs/smol-ztt --data shakespeare --out runs/h --steps 500",
+                  "ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000 --resume"),
+        filled=("checkpoint", "out", "resume", "overwrite", "stop_at_step"), fill=_fill_finetune, output="finetune",
+    ),
+    Stage(
+        "calibrate", CalibrateOptions, "calibrate", "Choose the early-exit threshold that reaches a target speedup.",
+        "Sweeps exit thresholds on calibration text and writes the one that reaches the target with the least "
+        "quality loss into the checkpoint (config.json, calibration.json, calibration.png), or into a calibrated "
+        "copy at --out.",
+        examples=("ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25",
+                  "ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25 --out runs/smol-calibrated",
+                  "ztt calibrate runs/smol-healed --data val.txt --target-speedup 1.3 --speedup-metric compute "
+                  "--max-quality-loss 0.05"),
+        output="calibrate",
+    ),
+    Stage(
+        "eval", EvalOptions, "evaluate", "Score a checkpoint with lm-evaluation-harness, early exit active.",
+        "Early exit runs at the calibrated threshold. With --compare SRC the source is scored on the same tasks and "
+        "each metric's recovery is shown (≥ 1: as good as the source); --min-recovery R makes the command exit 1 "
+        "when any falls below R. Results go to CHECKPOINT/eval.json (or --output) and a stage in ztt.json.",
+        examples=("ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl,ztt_docutils_cloze --limit 100",
+                  "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl --compare smollm2-135m --min-recovery 0.9",
+                  "ztt eval runs/smol-healed --tasks text:notes.txt,mc:quiz.jsonl --full-depth --output results.json",
+                  "ztt eval runs/smol-healed --tasks my_task --include-path my_tasks/"),
+        filled=("checkpoint", "output"), fill=_fill_eval, output="eval.json", passes_checkpoint=False,
+    ),
+    Stage(
+        "export", ExportOptions, "export", "Write a checkpoint for others to load.",
+        "Sharded safetensors, tokenizer, generation config and a model card with the layout, calibration and eval "
+        "results. remote-code adds the modeling code so that transformers loads it with trust_remote_code=True "
+        "where ztt is not installed.",
+        examples=("ztt export runs/smol-healed --out dist/smol-ztt --format remote-code",
+                  "ztt export runs/smol-healed --out dist/smol-ztt-bf16 --dtype bf16 --shard-size 500MB"),
+        filled=("checkpoint", "overwrite"), fill=_fill_export,
+    ),
+)
+
+GENERATE = Command(
+    "generate", GenerateOptions, "stream", "Stream generated text, each token coloured by the cycles it ran.",
+    "Early exit at the calibrated threshold unless --threshold or --full-depth.",
+    positional=("checkpoint", "prompt"),
+    examples=('ztt generate runs/smol-healed "Full fathom five thy father lies"',
+              "ztt generate runs/smol-healed --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8",
+              'ztt generate runs/smol-healed "Hello" --full-depth'),
+)
+
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)

@@ -1,29 +1,30 @@
 """``ztt run``: a recipe's stages in order, each recorded so that a rerun skips what is done.
 
 Every finished stage is recorded in ``OUTPUT/run.json`` with a key: the hash of its options and
-of its input (the source's sha256 for convert; for later stages the input checkpoint's weights
-and config.json, and the previous stage's key). A rerun skips a stage whose key is unchanged and
-whose output exists, and reruns it (and, through the chained keys, everything after it)
-otherwise. An interrupted finetune resumes from its ``.partial`` checkpoint when its options are
-unchanged. Stage outputs: ``OUTPUT/convert``, ``OUTPUT/finetune``, ``OUTPUT/calibrate`` (a
-calibrated copy of its input), ``OUTPUT/eval.json``, and the export folder."""
+of its input (the source's sha256 for the first stage; for later stages the input checkpoint's
+weights and config.json, and the previous stage's key). A rerun skips a stage whose key is
+unchanged and whose output exists, and reruns it (and, through the chained keys, everything
+after it) otherwise. An interrupted finetune resumes from its ``.partial`` checkpoint when its
+options are unchanged. The stages, their options and outputs come from the stage registry
+(``ztt_cli.stages``): ``OUTPUT/convert``, ``OUTPUT/finetune``, ``OUTPUT/calibrate`` (a calibrated
+copy of its input), ``OUTPUT/eval.json``, and the export folder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ZTTError
-from .io.checkpoint import now, write_json
+from .io.checkpoint import write_json
+from .io.provenance import now
 from .io.sources import resolve, weights_sha256
-from .recipe import Recipe, load, stage_options
+from .recipe import Loaded, Recipe, load, stage_options
+from .stages import STAGES, Stage
+from .stages.events import Event, Progress, silent
 
-Progress = Callable[[dict], None]
 RECORD = "run.json"
 
 
@@ -65,146 +66,121 @@ def _options_key(opts) -> dict:
     return {k: v for k, v in dump.items() if k not in ("checkpoint", "out", "output", "overwrite", "resume")}
 
 
-def _copy_into(src: Path, dst: Path) -> Path:
-    """A fresh copy of checkpoint ``src`` at ``dst`` (replacing it), via a temporary sibling."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    return tmp
+@dataclass
+class _Selection:
+    """Which stages ``--from`` / ``--only`` ask to (re)run."""
+
+    names: list[str]
+    start_from: str | None
+    only: str | None
+
+    def __post_init__(self):
+        for flag, value in (("--from", self.start_from), ("--only", self.only)):
+            if value is not None and value not in self.names:
+                raise ZTTError(f"{flag} {value}: not a stage of this recipe (its stages: {', '.join(self.names)})",
+                               hint="stages run in the order " + ", ".join(s.name for s in STAGES))
+
+    def forced(self, name: str) -> bool:
+        if self.only is not None:
+            return name == self.only
+        return self.start_from is not None and self.names.index(name) >= self.names.index(self.start_from)
+
+    def selected(self, name: str) -> bool:
+        if self.only is not None:
+            return name == self.only
+        return self.start_from is None or self.names.index(name) >= self.names.index(self.start_from)
 
 
-def _summary_convert(out: Path) -> dict:
-    prov = json.loads((out / "ztt.json").read_text())
-    return {"layout": "{head}/{block}×{cycles}/{tail}".format(**prov["layout"]),
-            "source_parameters": prov["source"].get("parameters")}
+class _Run:
+    """One ``ztt run``: the run record, the chain of checkpoints and keys."""
+
+    def __init__(self, loaded: Loaded, selection: _Selection, progress: Progress):
+        self.loaded, self.recipe, self.selection, self.progress = loaded, loaded.recipe, selection, progress
+        self.out = Path(self.recipe.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.record_path = self.out / RECORD
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else {"stages": {}}
+        self.record.update(recipe=self.recipe.name, recipe_file=str(loaded.path))
+        self.checkpoint: Path | None = None
+        self.previous_key = ""
+
+    def stage_input(self, stage: Stage):
+        """The first stage reads the recipe's source; every later one the checkpoint before it."""
+        if self.checkpoint is None and stage is STAGES[0]:
+            recorded = (self.record["stages"].get(stage.name) or {}).get("input") or {}
+            source = self.recipe.source
+            if _is_hub_ref(source) and recorded.get("source") == source and not self.selection.forced(stage.name):
+                return recorded  # a converted hub model: no need to reach the hub again
+            resolved = resolve(source)
+            return {"source": resolved.ref, "sha256": resolved.sha256}
+        if self.checkpoint is None or not self.checkpoint.is_dir():
+            raise ZTTError(f"stage {stage.name} needs the output of the stage before it, which is not there",
+                           hint="run the recipe without --only / --from first")
+        return _fingerprint(self.checkpoint)
+
+    def step(self, stage: Stage) -> StageRun:
+        t0 = time.perf_counter()  # a stage's time includes finding its input (fetching the source)
+        opts = stage_options(self.recipe, stage, self.checkpoint, self.out / stage.output if stage.output else None)
+        output = stage.output_path(self.out, opts)
+        stage_input = self.stage_input(stage)
+        key = _sha({"stage": stage.name, "options": _options_key(opts), "input": stage_input, "previous": self.previous_key})
+        done = self.record["stages"].get(stage.name)
+        is_done = done is not None and done.get("key") == key and output.exists()
+        if not self.selection.selected(stage.name) or (is_done and not self.selection.forced(stage.name)):
+            if not is_done:
+                raise ZTTError(f"stage {stage.name} is not done (or its input changed)",
+                               hint=f"run the recipe from an earlier stage: ztt run {self.loaded.path}")
+            self.progress(Event("stage-skipped", stage=stage.name))
+            run = StageRun(stage.name, "skipped", done.get("wall_s", 0.0), str(output), done.get("summary", {}))
+        else:
+            run = self.execute(stage, opts, output, t0, key, stage_input)
+        self.previous_key = key
+        if stage.passes_checkpoint:
+            self.checkpoint = output
+        return run
+
+    def execute(self, stage: Stage, opts, output: Path, t0: float, key: str, stage_input) -> StageRun:
+        self.progress(Event("stage-start", stage=stage.name))
+        self.record["stages"].pop(stage.name, None)  # not done until it finishes again
+        write_json(self.record_path, self.record)
+        summary = _run_stage(stage, opts, lambda e: self.progress(replace(e, stage=stage.name)))
+        wall = time.perf_counter() - t0
+        if output.is_dir():
+            (output / "recipe.yaml").write_text(self.loaded.text)  # the card of an export shows it
+        self.record["stages"][stage.name] = {
+            "key": key, "finished": now(), "wall_s": wall, "output": str(output),
+            "input": stage_input if isinstance(stage_input, dict) else None, "summary": summary}
+        write_json(self.record_path, self.record)
+        self.progress(Event("stage-done", stage=stage.name, metrics={"wall_s": wall}))
+        return StageRun(stage.name, "ran", wall, str(output), summary)
 
 
 def run(recipe_path: Path, start_from: str | None = None, only: str | None = None,
-        progress: Progress = lambda e: None) -> RunResult:
+        progress: Progress = silent) -> RunResult:
     loaded = load(recipe_path)
-    recipe = loaded.recipe
-    stages = recipe.stages()
-    for flag, value in (("--from", start_from), ("--only", only)):
-        if value is not None and value not in stages:
-            raise ZTTError(f"{flag} {value}: not a stage of this recipe (its stages: {', '.join(stages)})",
-                           hint="stages run in the order convert, finetune, calibrate, eval, export")
-    out = recipe.output
-    out.mkdir(parents=True, exist_ok=True)
-    record_path = out / RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"stages": {}}
-    record.update(recipe=recipe.name, recipe_file=str(recipe_path))
-
-    def forced(name: str) -> bool:
-        if only is not None:
-            return name == only
-        return start_from is not None and stages.index(name) >= stages.index(start_from)
-
-    def selected(name: str) -> bool:
-        if only is not None:
-            return name == only
-        return start_from is None or stages.index(name) >= stages.index(start_from)
-
-    result = RunResult(recipe, [])
-    checkpoint: Path | None = None
-    previous_key = ""
-    for name in stages:
-        t0 = time.perf_counter()  # a stage's time includes finding its input (fetching the source)
-        if name == "convert":
-            opts = stage_options(recipe, name, None, out=out / "convert", overwrite=True)
-            output = out / "convert"
-            recorded = (record["stages"].get("convert") or {}).get("input", {})
-            if _is_hub_ref(recipe.source) and recorded.get("source") == recipe.source and not forced(name):
-                stage_input = recorded  # a converted hub model: no need to reach the hub again
-            else:
-                source = resolve(recipe.source)
-                stage_input = {"source": source.ref, "sha256": source.sha256}
-        else:
-            if checkpoint is None or not checkpoint.is_dir():
-                raise ZTTError(f"stage {name} needs the output of the stage before it, which is not there",
-                               hint="run the recipe without --only / --from first")
-            stage_input = _fingerprint(checkpoint)
-            if name == "finetune":
-                output = out / "finetune"
-                opts = stage_options(recipe, name, checkpoint, out=output)
-            elif name == "calibrate":
-                output = out / "calibrate"
-                opts = stage_options(recipe, name, output)
-            elif name == "eval":
-                output = out / "eval.json"
-                opts = stage_options(recipe, name, checkpoint, output=output)
-            else:
-                opts = stage_options(recipe, name, checkpoint, overwrite=True)
-                output = opts.out
-        key = _sha({"stage": name, "options": _options_key(opts), "input": stage_input, "previous": previous_key})
-        done = record["stages"].get(name)
-        is_done = done is not None and done.get("key") == key and output.exists()
-        if not selected(name) or (is_done and not forced(name)):
-            if not is_done:
-                raise ZTTError(f"stage {name} is not done (or its input changed)",
-                               hint=f"run the recipe from an earlier stage: ztt run {recipe_path}")
-            progress({"event": "stage", "name": name, "status": "skipped"})
-            result.stages.append(StageRun(name, "skipped", done.get("wall_s", 0.0), str(output), done.get("summary", {})))
-        else:
-            progress({"event": "stage", "name": name, "status": "running"})
-            record["stages"].pop(name, None)  # not done until it finishes again
-            write_json(record_path, record)
-            summary = _run_stage(name, opts, checkpoint, output, progress)
-            wall = time.perf_counter() - t0
-            if name != "eval":
-                (output / "recipe.yaml").write_text(loaded.text)  # the card of an export shows it
-            record["stages"][name] = {"key": key, "finished": now(), "wall_s": wall, "output": str(output),
-                                      "input": stage_input if name == "convert" else None, "summary": summary}
-            write_json(record_path, record)
-            progress({"event": "stage", "name": name, "status": "done", "wall_s": wall})
-            result.stages.append(StageRun(name, "ran", wall, str(output), summary))
-        previous_key = key
-        if name != "eval":
-            checkpoint = output
-        gate = result.stages[-1].summary.get("gate") if name == "eval" else None
+    names = loaded.recipe.stages()
+    chain = _Run(loaded, _Selection(names, start_from, only), progress)
+    result = RunResult(loaded.recipe, [])
+    for stage in (s for s in STAGES if s.name in names):
+        result.stages.append(chain.step(stage))
+        gate = result.stages[-1].summary.get("gate")
         if gate and not gate["passed"]:
             result.gate_failed = True
             break
-        if only is not None and name == only:
+        if only is not None and stage.name == only:
             break
     return result
 
 
-def _run_stage(name, opts, checkpoint, output, progress) -> dict:
-    from .stages.calibrate import calibrate
-    from .stages.convert import convert
-    from .stages.export import export
-    from .stages.finetune import can_resume, finetune
-    from .stages.eval import evaluate
-
-    def say(message: str) -> None:
-        progress({"event": "message", "text": message})
-
-    if name == "convert":
-        convert(opts, progress=say)
-        return _summary_convert(output)
-    if name == "finetune":
-        resume = can_resume(opts)
-        opts = opts.model_copy(update={"resume": resume, "overwrite": not resume})
-        res = finetune(opts, progress=lambda e: progress({**e, "event": "finetune", "kind": e["event"]}))
-        if res.out is None:
-            raise ZTTError("healing stopped before its budget", hint="rerun the recipe to resume it")
-        return {"steps": res.steps, "tokens": res.tokens, "resumed": resume, **{k: res.metrics[k] for k in ("val_loss", "val_ppl") if k in res.metrics}}
-    if name == "calibrate":
-        tmp = _copy_into(checkpoint, output)
-        try:
-            report = calibrate(opts.model_copy(update={"checkpoint": tmp}), progress=say)
-            if output.exists():
-                shutil.rmtree(output)
-            tmp.rename(output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        c = report["chosen"]
-        return {k: c[k] for k in ("threshold", "compute_speedup", "wall_speedup", "perplexity", "quality_loss")}
-    if name == "eval":
-        report = evaluate(opts, progress=say)
-        tasks = {t: {"metrics": v["metrics"], "recovery": v.get("recovery"), "compute_speedup": v["compute_speedup"],
-                     "tokens_per_s": v["tokens_per_s"], "source_tokens_per_s": v.get("source", {}).get("tokens_per_s")}
-                 for t, v in report["tasks"].items()}
-        return {"tasks": tasks, "gate": report.get("gate")}
-    res = export(opts, progress=say)
-    return {"out": str(res.out), "format": opts.format, "files": len(res.files)}
+def _run_stage(stage: Stage, opts, progress: Progress) -> dict:
+    module = stage.module()
+    prepare = getattr(module, "pipeline_options", None)  # e.g. finetune: resume an interrupted run
+    if prepare is not None:
+        opts = prepare(opts)
+    result = stage.function()(opts, progress=progress)
+    if getattr(result, "stopped_early", False):
+        raise ZTTError(f"{stage.name} stopped before its budget", hint="rerun the recipe to resume it")
+    summary = result.summary()
+    if "resume" in type(opts).model_fields:
+        summary["resumed"] = opts.resume
+    return summary

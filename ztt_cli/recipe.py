@@ -2,39 +2,24 @@
 
 The schema is typed: the top level is ``Recipe``; each stage section holds the options of that
 stage's command (the same pydantic models the CLI is generated from, so defaults, types and
-limits are defined once) minus the paths the pipeline sets itself. Every problem is reported
-with its YAML path, e.g. ``finetune.lr: must be > 0``. Relative paths are relative to the
-working directory, as on the command line."""
+limits are defined once) minus the paths the pipeline sets itself. Sections follow the stage
+registry (``ztt_cli.stages.STAGES``). Every problem is reported with its YAML path, e.g.
+``finetune.lr: must be > 0``. Relative paths are relative to the working directory, as on
+the command line."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ZTTError
-from .options import (
-    CalibrateOptions,
-    ConvertOptions,
-    EvalOptions,
-    ExportOptions,
-    FinetuneOptions,
-    describe_error,
-)
-
-STAGES = ("convert", "finetune", "calibrate", "eval", "export")
-# per stage: its options model and the fields the pipeline fills in (not allowed in the recipe)
-STAGE_OPTIONS: dict[str, tuple[type[BaseModel], tuple[str, ...]]] = {
-    "convert": (ConvertOptions, ("source", "out", "overwrite")),
-    "finetune": (FinetuneOptions, ("checkpoint", "out", "resume", "overwrite", "stop_at_step")),
-    "calibrate": (CalibrateOptions, ("checkpoint",)),
-    "eval": (EvalOptions, ("checkpoint", "output")),
-    "export": (ExportOptions, ("checkpoint", "overwrite")),
-}
-COMPARE_SOURCE = "source"  # eval.compare: source -> the recipe's source model
+from .options import describe_error
+from .stages import STAGES, Stage
 
 
 class RecipeError(ZTTError):
@@ -47,21 +32,25 @@ class RecipeError(ZTTError):
         self.problems = problems
 
 
-class Recipe(BaseModel):
+class _RecipeBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="name of the produced model")
     source: str = Field(description="hub id, local folder, .gguf file or built-in name (as for `ztt convert`)")
     output: Path = Field(description="folder for every stage's output and the run record")
     description: str | None = Field(None, description="free text")
-    convert: dict[str, Any] = Field(default_factory=dict, description="`ztt convert` options")
-    finetune: dict[str, Any] | None = Field(None, description="`ztt finetune` options; omit to skip healing")
-    calibrate: dict[str, Any] | None = Field(None, description="`ztt calibrate` options; omit to skip")
-    eval: dict[str, Any] | None = Field(None, description="`ztt eval` options (compare: source = the recipe's source)")
-    export: dict[str, Any] | None = Field(None, description="`ztt export` options (out defaults to OUTPUT/export)")
 
     def stages(self) -> list[str]:
-        return [s for s in STAGES if s == "convert" or getattr(self, s) is not None]
+        return [s.name for s in STAGES if not s.optional or getattr(self, s.name) is not None]
+
+
+def _section_field(stage: Stage):
+    if stage.optional:
+        return dict[str, Any] | None, Field(None, description=f"`ztt {stage.name}` options; omit to skip")
+    return dict[str, Any], Field(default_factory=dict, description=f"`ztt {stage.name}` options")
+
+
+Recipe = create_model("Recipe", __base__=_RecipeBase, **{s.name: _section_field(s) for s in STAGES})
 
 
 @dataclass
@@ -75,18 +64,15 @@ def _where(prefix: str, loc: tuple) -> str:
     return ".".join([prefix, *map(str, loc)] if prefix else map(str, loc)) or "(top level)"
 
 
-def _section_problems(name: str, section: dict, source: str) -> list[str]:
-    model, reserved = STAGE_OPTIONS[name]
-    problems = [f"{name}.{key}: set by the recipe, not in the {name} section" for key in section if key in reserved]
-    fill = {key: "." for key in reserved if model.model_fields[key].is_required()}
-    if name == "convert":
-        fill["source"] = source
-    if name == "export" and "out" not in section:
-        fill["out"] = "."  # defaults to OUTPUT/export
+def _section_problems(stage: Stage, section: dict, data: dict) -> list[str]:
+    problems = [f"{stage.name}.{key}: set by the recipe, not in the {stage.name} section"
+                for key in section if key in stage.filled]
+    stub = SimpleNamespace(source=str(data.get("source", "")), output=Path("."), name=str(data.get("name", "")))
+    filled = stage.fill(stub, section, Path("."), Path("."))
     try:
-        model(**{**{k: v for k, v in section.items() if k not in reserved}, **fill})
+        stage.options(**{**{k: v for k, v in section.items() if k not in stage.filled}, **filled})
     except ValidationError as e:
-        problems += [f"{_where(name, err['loc'])}: {describe_error(err)}" for err in e.errors()]
+        problems += [f"{_where(stage.name, err['loc'])}: {describe_error(err)}" for err in e.errors()]
     return problems
 
 
@@ -111,9 +97,7 @@ def _semantic_problems(data: dict) -> list[str]:
     return problems
 
 
-def load(path: Path) -> Loaded:
-    """Read and check a recipe; raise ``RecipeError`` listing every problem."""
-    path = Path(path)
+def _read(path: Path) -> tuple[str, dict]:
     if not path.is_file():
         raise RecipeError(path, ["no such recipe file"])
     text = path.read_text(encoding="utf-8")
@@ -125,31 +109,30 @@ def load(path: Path) -> Loaded:
         raise RecipeError(path, [f"{where}malformed YAML ({getattr(e, 'problem', None) or type(e).__name__})"]) from None
     if not isinstance(data, dict):
         raise RecipeError(path, ["a recipe is a mapping of keys (name, source, output, stages)"])
+    return text, data
+
+
+def load(path: Path) -> Loaded:
+    """Read and check a recipe; raise ``RecipeError`` listing every problem."""
+    path = Path(path)
+    text, data = _read(path)
     problems, recipe = [], None
     try:
         recipe = Recipe(**data)
     except ValidationError as e:
         problems += [f"{_where('', err['loc'])}: {describe_error(err)}" for err in e.errors()]
-    for name in STAGES:  # sections are checked even when the top level has problems: report them all
-        section = data.get(name, {} if name == "convert" else None)
+    for stage in STAGES:  # sections are checked even when the top level has problems: report them all
+        section = data.get(stage.name, None if stage.optional else {})
         if isinstance(section, dict):
-            problems += _section_problems(name, section, str(data.get("source", "")))
+            problems += _section_problems(stage, section, data)
     problems += _semantic_problems(data)
     if problems:
         raise RecipeError(path, problems)
     return Loaded(recipe, text, path)
 
 
-def stage_options(recipe: Recipe, name: str, checkpoint: Path, **paths) -> BaseModel:
-    """The options of stage ``name`` with the pipeline's paths filled in."""
-    model, _ = STAGE_OPTIONS[name]
-    section = dict(getattr(recipe, name) or {})
-    if name == "convert":
-        return model(source=recipe.source, **section, **paths)
-    if name == "eval" and section.get("compare") == COMPARE_SOURCE:
-        section["compare"] = recipe.source
-    if name == "export":
-        section.setdefault("out", recipe.output / "export")
-        section.setdefault("name", recipe.name)
-        section["out"] = Path(section["out"])
-    return model(checkpoint=checkpoint, **section, **paths)
+def stage_options(recipe: Recipe, stage: Stage, checkpoint: Path | None, output: Path | None) -> BaseModel:
+    """The options of ``stage`` with the pipeline's paths filled in."""
+    section = dict(getattr(recipe, stage.name) or {})
+    filled = stage.fill(recipe, section, checkpoint, output)
+    return stage.options(**{**section, **filled})

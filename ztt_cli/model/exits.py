@@ -1,4 +1,5 @@
-"""Per-token early exit: exit signals, decisions, and state copying for skipped cycles.
+"""Per-token early exit: decisions, and state copying for skipped cycles (the signals that decide
+are registered in ``signals.py``).
 
 After cycle c < C every still-active token gets an exit signal; at or above the threshold it
 exits: its hidden state is frozen for the remaining cycles and goes on to the tail. A token
@@ -14,40 +15,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
-SIGNALS: dict[str, Callable[["TokenExits", int], torch.Tensor]] = {}
-
-
-def signal(name: str):
-    """Register an exit signal: f(exits, cycle) -> [B, T] score, higher = exit sooner."""
-
-    def register(fn):
-        SIGNALS[name] = fn
-        return fn
-
-    return register
-
-
-@signal("zero-attention")
-def _zero_attention(exits: "TokenExits", cycle: int) -> torch.Tensor:
-    p0 = [exits.zero[(cycle, j)] for j in range(exits.block)]  # each [B, H, T]
-    return torch.stack(p0).mean(dim=(0, 2))
-
-
-@signal("saturation")
-def _saturation(exits: "TokenExits", cycle: int) -> torch.Tensor:
-    before, after = exits.cycle_input[cycle], exits.cycle_output[cycle]
-    return F.cosine_similarity(before.float(), after.float(), dim=-1)
 
 
 class TokenExits:
     """The exit state of one forward pass over new tokens [B, T]."""
 
-    def __init__(self, cycles: int, block: int, threshold: float, signal_name: str,
+    def __init__(self, cycles: int, block: int, threshold: float, signal: Callable[[TokenExits, int], torch.Tensor],
                  exit_map: torch.Tensor | None, zero: dict, cache=None):
         self.cycles, self.block, self.threshold = cycles, block, threshold
-        self.signal = SIGNALS[signal_name]
+        self.signal = signal  # a registered exit signal's score function (signals.py)
         self.exit_map = exit_map  # given: replay these decisions
         self.cycle: torch.Tensor | None = None  # [B, T] cycle each token exits after (C = full depth)
         self.zero = zero  # the forward record's p0 per (cycle, layer)

@@ -53,6 +53,13 @@ class Layout:
     def __str__(self) -> str:
         return f"{self.head}/{self.block}×{self.cycles}/{self.tail}"
 
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """The inverse of ``str``: '4/11×2/4' (or '4/11x2/4') -> Layout(4, 11, 2, 4)."""
+        head, middle, tail = text.replace("x", "×").split("/")
+        block, cycles = middle.split("×")
+        return cls(int(head), int(block), int(cycles), int(tail))
+
     def slots(self) -> list[Slot]:
         out = [Slot(i, i, None, None) for i in range(self.head)]
         for c in range(self.cycles):

@@ -36,6 +36,7 @@ from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
 from .exits import TokenExits
 from .layout import Layout
+from .signals import NEVER, SIGNALS
 
 
 class ZTTConfig(PreTrainedConfig):
@@ -54,7 +55,7 @@ class ZTTConfig(PreTrainedConfig):
     pool_key_std: float = 0.02
     zero_logit_log_n: bool = False  # add log(#visible keys) to the zero logit
     exit_signal: str = "zero-attention"
-    exit_threshold: float = 2.0  # > 1: never exit early
+    exit_threshold: float = NEVER  # > 1: never exit early
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -275,12 +276,12 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         threshold = self.config.exit_threshold if exit_threshold is None else exit_threshold
         self._record.exits = None
         if exit_after is None and self.config.cycles > 1 and (exit_map is not None or threshold <= 1):
-            if self.config.exit_signal == "zero-attention" and (self.pool is None or not self._record.pool_on):
-                raise ValueError("the zero-attention exit signal needs a zero-token pool; use 'saturation'")
+            if SIGNALS[self.config.exit_signal].needs_pool and (self.pool is None or not self._record.pool_on):
+                raise ValueError(f"the {self.config.exit_signal} exit signal needs a zero-token pool; use 'saturation'")
             if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
                 cache = DynamicCache(config=self.inner.config)
             self._record.exits = TokenExits(self.config.cycles, self.config.block, threshold,
-                                            self.config.exit_signal, exit_map, self._record.zero, cache)
+                                            SIGNALS[self.config.exit_signal].score, exit_map, self._record.zero, cache)
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -5,30 +5,32 @@ compute speedup (unrolled layers / layers run), wall-clock speedup of batch-1 gr
 decoding against the same model at full depth (interleaved repetitions, median), perplexity
 with per-token exits, greedy next-token agreement with full depth, and how well the signal
 ranks tokens by their true cost of exiting (Spearman with exp(-KL(exit || full))). The
-threshold that reaches the target with the least quality loss is written into config.json."""
+threshold that reaches the target with the least quality loss is written into config.json: the
+checkpoint's own, or (``--out``) a calibrated copy's."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..io.data import prepare
 from ..device import describe, resolve_device, synchronize
 from ..errors import ZTTError
-from .quality import signals_and_targets, spearman
 from ..io import sources
-from ..io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
+from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, write_json
+from ..io.data import prepare
+from ..io.provenance import append_stage, write_model_card
+from ..model.signals import NEVER, ExitPolicy
 from ..options import CalibrateOptions
-
-Progress = Callable[[str], None]
-NEVER = 2.0  # a threshold above 1: full depth
+from .events import Event, Progress, silent
+from .losses import next_token_loss
+from .quality import signals_and_targets, spearman
 
 
 class CalibrationError(ZTTError):
@@ -47,23 +49,70 @@ class Candidate:
     spearman: float  # signal vs exp(-KL(exit || full)), cycle 1
 
 
+@dataclass
+class ExitScore:
+    """Quality and compute of per-token exits at one threshold, on fixed windows."""
+
+    perplexity: float
+    agreement: float  # greedy next-token agreement with full depth
+    compute_speedup: float  # unrolled layers / mean layers run per token
+    mean_cycles: float
+
+
+@dataclass
+class CalibrationReport:
+    """What calibration.json holds, and where the calibrated checkpoint is."""
+
+    target_speedup: float
+    speedup_metric: str
+    signal: str
+    device: str
+    max_quality_loss: float | None
+    full_depth_perplexity: float
+    bound: float
+    spearman_cycle1: float
+    candidates: list[Candidate]
+    chosen: Candidate | None = None
+    written_to: Path | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        report = asdict(self)
+        report.pop("written_to")
+        if self.chosen is None:
+            report.pop("chosen")
+        return report
+
+    def summary(self) -> dict:
+        c = self.chosen
+        return {"threshold": c.threshold, "compute_speedup": c.compute_speedup, "wall_speedup": c.wall_speedup,
+                "perplexity": c.perplexity, "quality_loss": c.quality_loss}
+
+
+def summary_line(s: dict) -> str:
+    return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall, "
+            f"perplexity {s['perplexity']:.2f} ({100 * s['quality_loss']:+.1f}%)")
+
+
 @torch.no_grad()
-def _score(model, windows: torch.Tensor, threshold: float, full_logits: list[torch.Tensor]):
-    """Perplexity, agreement and mean layers run with per-token exits at ``threshold``."""
+def score_exits(model, windows: torch.Tensor, threshold: float | None = None, reference: torch.Tensor | None = None,
+                batch_size: int = 4) -> ExitScore:
+    """Perplexity, layers run and (given ``reference``, the greedy tokens of another model or of
+    full depth, shaped like ``windows``) greedy agreement, with per-token exits at ``threshold``
+    (default: the checkpoint's)."""
     lay = model.config.layout
-    losses, agree, layers, count = [], 0, 0.0, 0
-    for ids, ref in zip(windows.to(model.device).split(4), full_logits):
+    loss, agree, layers = 0.0, 0, 0.0
+    for i, ids in enumerate(windows.to(model.device).split(batch_size)):
         out = model(input_ids=ids, exit_threshold=threshold, use_cache=False)
-        logits = out.logits.float()
-        losses.append(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item())
-        agree += (logits.argmax(-1) == ref.argmax(-1)).sum().item()
+        loss += next_token_loss(out.logits, ids, reduction="sum").item()
+        if reference is not None:
+            ref = reference[i * batch_size : i * batch_size + ids.shape[0]].to(out.logits.device)
+            agree += (out.logits.argmax(-1) == ref).sum().item()
         cycles = out.exit_cycles if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
         layers += lay.layers_run(cycles.double()).sum().item()
-        count += ids.numel()
+    mean_layers = layers / windows.numel()
     n_pred = windows.shape[0] * (windows.shape[1] - 1)
-    mean_layers = layers / count
-    return math.exp(sum(losses) / n_pred), agree / count, lay.depth / mean_layers, lay.cycles_run(mean_layers)
+    return ExitScore(math.exp(loss / n_pred), agree / windows.numel() if reference is not None else float("nan"),
+                     lay.depth / mean_layers, lay.cycles_run(mean_layers))
 
 
 @torch.no_grad()
@@ -91,10 +140,10 @@ def _wall_speedups(model, prompts: list[torch.Tensor], thresholds: list[float], 
     return {t: full / statistics.median(times[t]) for t in thresholds}
 
 
-def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> dict:
+def _load(opts: CalibrateOptions, folder: Path):
+    """The model on its device with the exit policy to calibrate, checked against the target."""
     device = resolve_device(opts.device)
-    model = load_checkpoint(opts.checkpoint).eval().to(device)
-    config_path = opts.checkpoint / "config.json"
+    model = load_checkpoint(folder).eval().to(device)
     lay = model.config.layout
     if lay.cycles < 2:
         raise CalibrationError("this layout has one cycle: there is nothing to exit early from",
@@ -103,47 +152,48 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
         raise CalibrationError(
             f"target {opts.target_speedup:.2f}× is above this layout's bound of {lay.speedup_bound:.2f}× "
             f"({lay}: exiting after cycle 1 everywhere)", hint="choose a lower --target-speedup")
-    signal = opts.signal or model.config.exit_signal
-    if signal == "zero-attention" and model.pool is None:
-        raise CalibrationError("this checkpoint has no zero-token pool", hint="use --signal saturation")
-    model.config.exit_signal = signal
-    tokenizer = sources.load_tokenizer(opts.checkpoint)
-    progress("reading calibration text")
-    packed = prepare(opts.data, tokenizer, opts.seq_len, 0.0, opts.seed, opts.text_field)
+    policy = ExitPolicy(opts.signal or model.config.exit_signal, threshold=0.0)  # calibration exits by design
+    policy.check(model.pool is not None, hint="use --signal saturation")
+    model.config.exit_signal = policy.signal
+    return model, device
+
+
+def _measure(model, device, opts: CalibrateOptions, folder: Path, progress: Progress) -> CalibrationReport:
+    """Every candidate threshold: quality with per-token exits, then batch-1 decoding speed."""
+    progress(Event.status("reading calibration text"))
+    packed = prepare(opts.data, sources.load_tokenizer(folder), opts.seq_len, 0.0, opts.seed, opts.text_field)
     windows = packed.train[: opts.windows]
-
-    progress("measuring the signal at full depth")
+    progress(Event.status("measuring the signal at full depth"))
     by_cycle, targets, full_logits = signals_and_targets(model, windows)
-    signals = by_cycle[1]
+    greedy = torch.cat([logits.argmax(-1) for logits in full_logits])
     qs = torch.linspace(0.02, 0.98, opts.candidates, dtype=torch.float64)
-    thresholds = sorted({float(x) for x in torch.quantile(signals.double(), qs)}, reverse=True)
-    correlation = spearman(signals, targets[1])
-    base_ppl, _, _, _ = _score(model, windows, NEVER, full_logits)
-
+    thresholds = sorted({float(x) for x in torch.quantile(by_cycle[1].double(), qs)}, reverse=True)
+    correlation = spearman(by_cycle[1], targets[1])
+    base = score_exits(model, windows, NEVER).perplexity
     rows = []
     for i, t in enumerate(thresholds):
-        progress(f"threshold {i + 1}/{len(thresholds)}: quality")
-        ppl, agreement, compute, cycles = _score(model, windows, t, full_logits)
-        rows.append(Candidate(t, compute, float("nan"), cycles, ppl, ppl / base_ppl - 1, agreement, correlation))
-    progress("timing batch-1 greedy decoding")
-    prompts = [w[None, :16].to(device) for w in windows[: opts.prompts]]
-    walls = _wall_speedups(model, prompts, thresholds, opts)
+        progress(Event.status(f"threshold {i + 1}/{len(thresholds)}: quality"))
+        s = score_exits(model, windows, t, greedy)
+        rows.append(Candidate(t, s.compute_speedup, float("nan"), s.mean_cycles, s.perplexity, s.perplexity / base - 1,
+                              s.agreement, correlation))
+    progress(Event.status("timing batch-1 greedy decoding"))
+    walls = _wall_speedups(model, [w[None, :16].to(device) for w in windows[: opts.prompts]], thresholds, opts)
     for row in rows:
         row.wall_speedup = walls[row.threshold]
+    return CalibrationReport(opts.target_speedup, opts.speedup_metric, model.config.exit_signal, describe(device),
+                             opts.max_quality_loss, base, model.config.layout.speedup_bound, correlation, rows)
+
+
+def _choose(report: CalibrationReport, opts: CalibrateOptions) -> Candidate:
+    """The threshold that reaches the target with the least quality loss, or one clear error."""
 
     def speed(r: Candidate) -> float:
         return r.wall_speedup if opts.speedup_metric == "wall" else r.compute_speedup
 
-    allowed = [r for r in rows if opts.max_quality_loss is None or r.quality_loss <= opts.max_quality_loss]
+    allowed = [r for r in report.candidates if opts.max_quality_loss is None or r.quality_loss <= opts.max_quality_loss]
     reaching = [r for r in allowed if speed(r) >= opts.target_speedup]
-    report = {
-        "target_speedup": opts.target_speedup, "speedup_metric": opts.speedup_metric, "signal": signal,
-        "device": describe(device),
-        "max_quality_loss": opts.max_quality_loss, "full_depth_perplexity": base_ppl, "bound": lay.speedup_bound,
-        "spearman_cycle1": correlation, "candidates": [asdict(r) for r in rows],
-    }
     if not reaching:
-        best = max(allowed or rows, key=speed)
+        best = max(allowed or report.candidates, key=speed)
         raise CalibrationError(
             f"no threshold reaches {opts.target_speedup:.2f}× ({opts.speedup_metric})"
             + (f" within {100 * opts.max_quality_loss:.1f}% quality loss" if opts.max_quality_loss else "")
@@ -153,25 +203,43 @@ def calibrate(opts: CalibrateOptions, progress: Progress = lambda m: None) -> di
     # the target is what the user asked for: among thresholds landing within 10% above it, the least
     # quality loss; if the grid has none there, the one reaching it with the fewest exits
     near = [r for r in reaching if speed(r) <= 1.1 * opts.target_speedup]
-    chosen = min(near, key=lambda r: r.quality_loss) if near else min(reaching, key=speed)
-    report["chosen"] = asdict(chosen)
+    return min(near, key=lambda r: r.quality_loss) if near else min(reaching, key=speed)
 
-    # write: config.json atomically, then calibration.json, the plot, the provenance stage
+
+def _write(folder: Path, name: str, report: CalibrationReport, opts: CalibrateOptions) -> None:
+    """config.json atomically, then calibration.json, the plot, the provenance stage."""
+    chosen, config_path = report.chosen, folder / "config.json"
     config = json.loads(config_path.read_text())
-    config.update(exit_threshold=chosen.threshold, exit_signal=signal)
+    config.update(exit_threshold=chosen.threshold, exit_signal=report.signal)
     tmp = config_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(config_path)
-    write_json(opts.checkpoint / "calibration.json", report)
-    _plot(rows, chosen, opts, opts.checkpoint / "calibration.png")
-    prov = read_provenance(opts.checkpoint)
-    prov.setdefault("stages", []).append({
-        "stage": "calibrate", "time": now(), "options": opts.model_dump(mode="json"), "versions": versions(),
-        "metrics": {"threshold": chosen.threshold, "compute_speedup": chosen.compute_speedup,
-                    "wall_speedup": chosen.wall_speedup, "perplexity": chosen.perplexity,
-                    "quality_loss": chosen.quality_loss, "agreement": chosen.agreement, "spearman": correlation},
-    })
-    write_json(opts.checkpoint / PROVENANCE, prov)
+    write_json(folder / "calibration.json", report.to_json())
+    _plot(report.candidates, chosen, opts, folder / "calibration.png")
+    metrics = {**report.summary(), "agreement": chosen.agreement, "spearman": report.spearman_cycle1}
+    append_stage(folder, "calibrate", opts, metrics)
+    write_model_card(folder, name)
+
+
+def _calibrate_in(folder: Path, name: str, opts: CalibrateOptions, progress: Progress) -> CalibrationReport:
+    model, device = _load(opts, folder)
+    report = _measure(model, device, opts, folder, progress)
+    report.chosen = _choose(report, opts)
+    _write(folder, name, report, opts)
+    report.written_to = folder
+    return report
+
+
+def calibrate(opts: CalibrateOptions, progress: Progress = silent) -> CalibrationReport:
+    """Calibrate ``opts.checkpoint`` in place, or (``opts.out``) a copy of it written to ``out``."""
+    if opts.out is None:
+        return _calibrate_in(opts.checkpoint, opts.checkpoint.resolve().name, opts, progress)
+    check_output(opts.out, opts.overwrite)
+    load_checkpoint(opts.checkpoint)  # one clear error for a missing or foreign folder, before copying
+    with atomic_dir(opts.out, opts.overwrite) as tmp:
+        shutil.copytree(opts.checkpoint, tmp, dirs_exist_ok=True)
+        report = _calibrate_in(tmp, opts.out.name, opts, progress)
+    report.written_to = opts.out
     return report
 
 

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoConfig
 
-from ..model.architecture import family_for
 from ..errors import LayoutError, SourceError, ZTTError
-from .quality import perplexity
 from ..io import sources
-from ..io.checkpoint import PROVENANCE, atomic_dir, check_output, now, versions, write_json
+from ..io.checkpoint import atomic_dir, check_output, write_json
+from ..io.provenance import PROVENANCE, stage_record, write_model_card
 from ..io.sources import SourceModel
+from ..io.texts import calibration_text, read_text, token_windows
+from ..model.architecture import family_for
 from ..model.layout import INIT_STRATEGIES, Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
-from ..options import ConvertOptions, parse_size
-from ..io.texts import calibration_text, read_text, token_windows
-
-Progress = Callable[[str], None]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..options import TORCH_DTYPE_NAMES, ConvertOptions, parse_size, torch_dtype
+from .events import Event, Progress, silent
+from .quality import perplexity
 
 
 @dataclass
@@ -42,6 +40,13 @@ class ConvertResult:
     @property
     def saved_fraction(self) -> float:
         return 1 - self.params["total"] / self.source_params
+
+    def summary(self) -> dict:
+        return {"layout": str(self.layout), "source_parameters": self.source_params}
+
+
+def summary_line(summary: dict) -> str:
+    return f"layout {summary.get('layout')}"
 
 
 @torch.no_grad()
@@ -115,151 +120,136 @@ def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
 
 
-def _structure(result: ConvertResult, options: dict) -> str:
-    lay = result.layout
-    if result.dropped:
-        return (f"Baseline without sharing: source layers {', '.join(map(str, result.dropped))} dropped "
-                f"({options['select']}); the {lay.unique_layers} kept layers run once, in order.")
-    pool = ("Each cycle's attention has a learned zero token (key, logit bias, zero value)." if result.params["pool"]
-            else "No zero token (head-tail cycling).")
-    return (f"The first {lay.head} and last {lay.tail} layers keep their own weights; the middle\n"
-            f"{lay.block * lay.cycles} layers collapse into one block of {lay.block} layers applied {lay.cycles} times.\n{pool}")
+def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
+    """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
+    if opts.drop is None:
+        return Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail)
+    if opts.block is not None or opts.cycles is not None or opts.head is not None:
+        raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do not apply",
+                          hint="leave them out (--tail sets where a contiguous drop ends)")
+    dropped_layers(n_layers, opts.drop, "contiguous", opts.tail, None)  # fail fast on sizes
+    return None
 
 
-def model_card(result: ConvertResult, options: dict) -> str:
-    lay, p = result.layout, result.params
-    return f"""---
-library_name: transformers
-tags: [ztt, zero-token-transformer, layer-sharing]
----
-# {result.out.name}
+@dataclass
+class _Source:
+    """The loaded source and what convert learns about it before building."""
 
-A Zero-Token Transformer made by `ztt convert` from `{result.source.ref}`
-(sha256 of the source weights `{result.source.sha256}`).
-
-{_structure(result, options)}
-
-| | source | this model |
-|---|---|---|
-| layout (head/block×cycles/tail) | {result.source_layers} layers | {lay} |
-| unique layers | {result.source_layers} | {lay.unique_layers} |
-| unrolled depth | {result.source_layers} | {lay.depth} |
-| parameters | {result.source_params:,} | {p['total']:,} (pool {p['pool']:,}) |
-| compute-speedup bound of early exit | | {lay.speedup_bound:.2f}× |
-
-Shared block initialised with `{result.init}`{" (chosen by calibration perplexity: " + ", ".join(f"{k} {v:.1f}" for k, v in result.init_scores.items()) + ")" if result.init_scores else ""}.
-
-Load with `import ztt_cli; AutoModelForCausalLM.from_pretrained(path)`.
-"""
+    ref: SourceModel
+    config: object
+    family: object
+    tokenizer: object
+    model: torch.nn.Module
+    windows: torch.Tensor | None
+    params: int
 
 
-def convert(opts: ConvertOptions, progress: Progress = lambda message: None) -> ConvertResult:
-    check_output(opts.out, opts.overwrite)
-    max_shard = parse_size(opts.shard_size)
-
-    progress(f"resolving {opts.source}")
+def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
+    progress(Event.status(f"resolving {opts.source}"))
     src = sources.resolve(opts.source)
     config = AutoConfig.from_pretrained(src.folder)
     family = family_for(config.model_type)
-    n_layers = config.num_hidden_layers
-    if opts.drop is not None:
-        if opts.block is not None or opts.cycles is not None or opts.head is not None:
-            raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do not apply",
-                              hint="leave them out (--tail sets where a contiguous drop ends)")
-        dropped_layers(n_layers, opts.drop, "contiguous", opts.tail, None)  # fail fast on sizes
-        layout = None
-    else:
-        layout = Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail)
+    layout = _layout(opts, config.num_hidden_layers)
     tokenizer = sources.load_tokenizer(src.folder)
     windows = None
     if opts.init == "auto" or (opts.drop is not None and opts.select == "block-influence"):
-        progress("reading calibration text")
-        max_positions = getattr(config, "max_position_embeddings", None)
-        windows = _calibration_windows(opts, tokenizer, max_positions)
+        progress(Event.status("reading calibration text"))
+        windows = _calibration_windows(opts, tokenizer, getattr(config, "max_position_embeddings", None))
+    progress(Event.status("loading source weights"))
+    model = sources.load_model(src.folder, torch_dtype(opts.dtype))
+    params = sum(p.numel() for p in model.parameters())
+    return _Source(src, config, family, tokenizer, model, windows, params), layout
 
-    progress("loading source weights")
-    model = sources.load_model(src.folder, DTYPES[opts.dtype])
-    source_params = sum(p.numel() for p in model.parameters())
-    dropped, influence = [], None
-    if opts.drop is not None:
-        if opts.select == "block-influence":
-            progress("measuring block influence")
-            influence = block_influence(model, family, windows)
-        dropped = dropped_layers(n_layers, opts.drop, opts.select, opts.tail, influence)
-        layout = _drop(model, family, config, dropped)
-    source_layers = list(family.layer_list(model))
-    # the block modules are the source's lower middle layers; other strategies overwrite them,
-    # so keep their own weights first
-    block_ids = range(layout.head, layout.head + layout.block)
-    own = {i: {k: v.clone() for k, v in source_layers[i].state_dict().items()} for i in block_ids} if opts.init != "lower" else {}
 
-    ztt_config = ZTTConfig(
-        text_config=model.config.to_dict(),
-        head=layout.head,
-        block=layout.block,
-        cycles=layout.cycles,
-        tail=layout.tail,
-        pool=opts.pool and opts.drop is None,  # one cycle: nothing to exit from
-        zero_logit_log_n=opts.log_n,
-        dtype=opts.dtype,
+def _apply_drop(opts: ConvertOptions, source: _Source, progress: Progress) -> tuple[Layout, list[int], list[float] | None]:
+    influence = None
+    if opts.select == "block-influence":
+        progress(Event.status("measuring block influence"))
+        influence = block_influence(source.model, source.family, source.windows)
+    dropped = dropped_layers(source.config.num_hidden_layers, opts.drop, opts.select, opts.tail, influence)
+    return _drop(source.model, source.family, source.config, dropped), dropped, influence
+
+
+def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausalLM:
+    config = ZTTConfig(
+        text_config=source.model.config.to_dict(), head=layout.head, block=layout.block, cycles=layout.cycles,
+        tail=layout.tail, pool=opts.pool and opts.drop is None,  # one cycle: nothing to exit from
+        zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
     )
-    ztt = ZTTForCausalLM(ztt_config, source=model).eval()
+    ztt = ZTTForCausalLM(config, source=source.model).eval()
     if ztt.pool is not None:  # the zero-token keys are random: seeded, so a conversion is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
             ztt.pool.reset_parameters()
+    return ztt
+
+
+def _initialise(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layout: Layout, layers: list,
+                progress: Progress) -> tuple[str, dict[str, float]]:
+    """Load the shared block from the middle layers: the strategy asked for, or (auto) the best one.
+    ``layers`` are the source's layers (after a drop, the kept ones), in order."""
+    # the block modules are the source's lower middle layers; other strategies overwrite them,
+    # so keep their own weights first
+    block = range(layout.head, layout.head + layout.block)
+    own = {i: {k: v.clone() for k, v in layers[i].state_dict().items()} for i in block} if opts.init != "lower" else {}
 
     def use(strategy: str) -> None:
-        plan = layout.source_layers(len(source_layers), strategy)[layout.head : layout.head + layout.block]
+        plan = layout.source_layers(len(layers), strategy)[layout.head : layout.head + layout.block]
         for j, ids in enumerate(plan):
-            states = [own[i] if i in own else source_layers[i].state_dict() for i in ids]
+            states = [own[i] if i in own else layers[i].state_dict() for i in ids]
             ztt.layers[layout.head + j].load_state_dict(_mean_state(states))
 
     scores: dict[str, float] = {}
     init = "lower" if opts.drop is not None else opts.init  # one cycle: every strategy is the identity
     if init == "auto":
         for strategy in INIT_STRATEGIES:
-            progress(f"trying --init {strategy}")
+            progress(Event.status(f"trying --init {strategy}"))
             use(strategy)
-            scores[strategy] = perplexity(ztt, windows)
+            scores[strategy] = perplexity(ztt, source.windows)
         init = min(scores, key=scores.get)
     use(init)
+    return init, scores
 
+
+def _provenance(opts: ConvertOptions, source: _Source, result: ConvertResult) -> dict:
+    src, lay = source.ref, result.layout
+    metrics = {"init": result.init, "init_perplexity": result.init_scores, "parameters": result.params}
+    if result.dropped:
+        metrics.update(dropped_layers=result.dropped, select=opts.select, block_influence=result.block_influence)
+    return {
+        "format": 1,
+        "source": {
+            "ref": src.ref, "kind": src.kind, "sha256": src.sha256, "model_type": source.config.model_type,
+            # where a later stage (the healing teacher) finds the source again
+            "path": str(Path(src.ref).expanduser().resolve()) if src.kind in ("local", "gguf") else None,
+            "layers": result.source_layers, "parameters": source.params,
+        },
+        "layout": {"head": lay.head, "block": lay.block, "cycles": lay.cycles, "tail": lay.tail},
+        "stages": [stage_record("convert", opts, metrics, weights_sha256=result.weights_sha256)],
+    }
+
+
+def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
+    check_output(opts.out, opts.overwrite)
+    max_shard = parse_size(opts.shard_size)
+    source, layout = _load_source(opts, progress)
+    n_layers = source.config.num_hidden_layers
+    dropped, influence = [], None
+    if opts.drop is not None:
+        layout, dropped, influence = _apply_drop(opts, source, progress)
+    layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
+    ztt = _build(opts, source, layout)
+    init, scores = _initialise(opts, ztt, source, layout, layers, progress)
     result = ConvertResult(
-        out=opts.out, source=src, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
-        source_params=source_params, params=ztt.parameter_counts(), weights_sha256="",
+        out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
+        source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
         dropped=dropped, block_influence=influence,
     )
-    options = opts.model_dump(mode="json")
-    progress(f"writing {opts.out}")
+    progress(Event.status(f"writing {opts.out}"))
     with atomic_dir(opts.out, opts.overwrite) as tmp:
         ztt.save_pretrained(tmp, max_shard_size=max_shard)
-        tokenizer.save_pretrained(tmp)
+        source.tokenizer.save_pretrained(tmp)
         result.weights_sha256 = sources.weights_sha256(tmp)
-        write_json(
-            tmp / PROVENANCE,
-            {
-                "format": 1,
-                "source": {
-                    "ref": src.ref, "kind": src.kind, "sha256": src.sha256, "model_type": config.model_type,
-                    # where a later stage (the healing teacher) finds the source again
-                    "path": str(Path(src.ref).expanduser().resolve()) if src.kind in ("local", "gguf") else None,
-                    "layers": n_layers, "parameters": source_params,
-                },
-                "layout": {"head": layout.head, "block": layout.block, "cycles": layout.cycles, "tail": layout.tail},
-                "stages": [
-                    {
-                        "stage": "convert",
-                        "time": now(),
-                        "options": options,
-                        "versions": versions(),
-                        "weights_sha256": result.weights_sha256,
-                        "metrics": {"init": init, "init_perplexity": scores, "parameters": result.params,
-                                    **({"dropped_layers": dropped, "select": opts.select, "block_influence": influence}
-                                       if dropped else {})},
-                    }
-                ],
-            },
-        )
-        (tmp / "README.md").write_text(model_card(result, options))
+        write_json(tmp / PROVENANCE, _provenance(opts, source, result))
+        write_model_card(tmp, name=opts.out.name, dtype=opts.dtype)
     return result

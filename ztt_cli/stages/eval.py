@@ -14,8 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,12 +22,13 @@ import torch
 from ..device import resolve_device, synchronize
 from ..errors import ZTTError
 from ..io import sources
-from ..io.checkpoint import PROVENANCE, load_checkpoint, now, read_provenance, versions, write_json
+from ..io.checkpoint import check_writable, load_checkpoint, write_json
+from ..io.provenance import append_stage, now, versions
+from ..model.signals import ExitPolicy
 from ..options import EvalOptions
+from .events import Event, Progress, silent
 
-Progress = Callable[[str], None]
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-NEVER = 2.0  # an exit threshold above 1: full depth
 SPEC_TASKS = {"text": "ztt_text_ppl", "mc": "ztt_mc"}  # --tasks text:PATH / mc:PATH
 
 
@@ -182,6 +182,9 @@ def _metered_lm_class():
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=True)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kwargs)  # rolling asks for a bar
+
         def reset_meter(self) -> None:
             self.seconds, self.tokens, self.layers = 0.0, 0, 0.0
 
@@ -215,23 +218,30 @@ def _metered_lm_class():
 
 
 @dataclass
-class TaskScore:
+class TaskReport:
+    """One task's entry in eval.json."""
+
     metrics: dict[str, float]
     higher_is_better: dict[str, bool]
+    samples: int
+    mean_cycles: float
+    compute_speedup: float
     tokens: int
     tokens_per_s: float
     forward_s: float
     wall_s: float
-    mean_layers: float
-    n_samples: int
+    source: dict | None = None  # the source's metrics and speed, with --compare
+    recovery: dict[str, float] | None = None
 
 
-def _score_tasks(lm, tasks: Tasks, opts: EvalOptions, label: str, progress: Progress) -> dict[str, TaskScore]:
+def _score_tasks(lm, tasks: Tasks, opts: EvalOptions, label: str, progress: Progress,
+                 layout=None) -> dict[str, TaskReport]:
+    """Each task scored with lm-eval, metered; cycles and compute speedup from ``layout`` (a ZTT model)."""
     import lm_eval
 
     scores = {}
     for name in tasks.names:
-        progress(f"{label}: {name}")
+        progress(Event.status(f"{label}: {name}"))
         built = tasks.load(name)
         lm.reset_meter()
         t0 = time.perf_counter()
@@ -248,14 +258,16 @@ def _score_tasks(lm, tasks: Tasks, opts: EvalOptions, label: str, progress: Prog
             }
             hib = {k: bool(v) for k, v in res["higher_is_better"].get(task_name, {}).items() if k in metrics}
             n = res.get("n-samples", {}).get(task_name, {}).get("effective", 0)
-            scores[task_name if len(res["results"]) > 1 else name] = TaskScore(
-                metrics, hib, lm.tokens, lm.tokens / max(lm.seconds, 1e-9), lm.seconds, wall,
-                lm.layers / max(lm.tokens, 1), n,
+            mean_layers = lm.layers / max(lm.tokens, 1)
+            scores[task_name if len(res["results"]) > 1 else name] = TaskReport(
+                metrics, hib, n, layout.cycles_run(mean_layers) if layout else 1.0,
+                layout.depth / mean_layers if layout else 1.0, lm.tokens, lm.tokens / max(lm.seconds, 1e-9),
+                lm.seconds, wall,
             )
     return scores
 
 
-def recovery(ztt: TaskScore, source: TaskScore) -> dict[str, float]:
+def recovery(ztt: TaskReport, source: TaskReport) -> dict[str, float]:
     """Per metric: ZTT / source where higher is better, source / ZTT where lower is: ≥ 1 is no loss."""
     ratios = {}
     for metric, value in ztt.metrics.items():
@@ -267,19 +279,68 @@ def recovery(ztt: TaskScore, source: TaskScore) -> dict[str, float]:
     return ratios
 
 
-def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
-    import lm_eval
+@dataclass
+class Gate:
+    min_recovery: float
+    metrics: list[str] | str
+    worst: dict | None
+    passed: bool
 
-    device = resolve_device(opts.device)
-    model = load_checkpoint(opts.checkpoint).eval().to(device)  # one clear error for a missing or foreign folder
+
+@dataclass
+class EvalReport:
+    """What eval.json holds."""
+
+    checkpoint: str
+    time: str
+    lm_eval: str
+    versions: dict
+    device: str
+    exit_threshold: float
+    exit_signal: str
+    layout: str
+    options: dict
+    tasks: dict[str, TaskReport] = field(default_factory=dict)
+    source: dict | None = None
+    gate: Gate | None = None
+    written_to: str = ""
+
+    def to_json(self) -> dict:
+        report = {k: v for k, v in asdict(self).items() if v is not None and k != "written_to"}
+        for entry in report["tasks"].values():
+            for key in ("source", "recovery"):
+                if entry[key] is None:
+                    del entry[key]
+        return report
+
+    def summary(self) -> dict:
+        tasks = {name: {"metrics": t.metrics, "recovery": t.recovery, "compute_speedup": t.compute_speedup,
+                        "tokens_per_s": t.tokens_per_s,
+                        "source_tokens_per_s": t.source["tokens_per_s"] if t.source else None}
+                 for name, t in self.tasks.items()}
+        return {"tasks": tasks, "gate": asdict(self.gate) if self.gate else None}
+
+
+def summary_line(s: dict) -> str:
+    parts = []
+    for task, t in s.get("tasks", {}).items():
+        recovery = t.get("recovery") or {}
+        m = ", ".join(f"{k} {v:.4g}" + (f" (rec. {recovery[k]:.3f})" if k in recovery else "")
+                      for k, v in t["metrics"].items())
+        parts.append(f"{task}: {m}")
+    if gate := s.get("gate"):
+        parts.append(f"gate ≥ {gate['min_recovery']}: {'passed' if gate['passed'] else 'FAILED'}")
+    return "\n".join(parts)
+
+
+def _check(opts: EvalOptions, progress: Progress) -> tuple[Tasks, object]:
+    """Everything that can be refused before scoring: tasks, output, gated metrics, the source."""
     names = [t.strip() for t in opts.tasks.split(",") if t.strip()]
     if not names:
         raise EvalError("no tasks given", hint="--tasks ztt_shakespeare_ppl,ztt_docutils_cloze")
-    progress("checking the tasks")
+    progress(Event.status("checking the tasks"))
     tasks = resolve_tasks(names, opts.include_path)
     if opts.output is not None:
-        from ..io.checkpoint import check_writable
-
         check_writable(opts.output)
     if opts.gate_metrics:  # fail before scoring if the gate names a metric no task reports
         known = {m for name in names for task in tasks.load(name) for m in task._metric_fn_list}
@@ -287,71 +348,63 @@ def evaluate(opts: EvalOptions, progress: Progress = lambda m: None) -> dict:
         if unknown:
             raise EvalError(f"--gate-metrics {', '.join(unknown)}: no requested task reports it",
                             hint=f"these tasks report: {', '.join(sorted(known))}")
-    source_ref = None
-    if opts.compare:
-        source_ref = sources.resolve(opts.compare)  # fails fast: missing path, offline hub
+    source_ref = sources.resolve(opts.compare) if opts.compare else None  # fails fast: missing path, offline hub
+    return tasks, source_ref
 
-    threshold = NEVER if opts.full_depth else (opts.threshold if opts.threshold is not None else model.config.exit_threshold)
-    model.config.exit_threshold = threshold
-    tokenizer = sources.load_tokenizer(opts.checkpoint)
-    MeteredLM = _metered_lm_class()
-    lm_args = dict(tokenizer=tokenizer, batch_size=opts.batch_size, max_length=opts.max_length)
-    ztt_scores = _score_tasks(MeteredLM(pretrained=model, **lm_args), tasks, opts, "ztt", progress)
-    depth = model.config.layout.depth
-    report = {
-        "checkpoint": str(opts.checkpoint), "time": now(), "lm_eval": lm_eval.__version__,
-        "versions": versions(), "device": str(model.device), "exit_threshold": threshold,
-        "exit_signal": model.config.exit_signal, "layout": str(model.config.layout),
-        "options": opts.model_dump(mode="json"), "tasks": {},
-    }
-    for name, s in ztt_scores.items():
-        report["tasks"][name] = {
-            "metrics": s.metrics, "higher_is_better": s.higher_is_better, "samples": s.n_samples,
-            "mean_cycles": model.config.layout.cycles_run(s.mean_layers),
-            "compute_speedup": depth / s.mean_layers, "tokens": s.tokens, "tokens_per_s": s.tokens_per_s,
-            "forward_s": s.forward_s, "wall_s": s.wall_s,
-        }
-    del model
+
+def _compare(report: EvalReport, lm_class, tasks: Tasks, opts: EvalOptions,
+             source_ref, device, progress: Progress) -> None:
+    """Score the source on the same tasks: its numbers, each metric's recovery, and the gate."""
+    progress(Event.status(f"loading the source {source_ref.ref}"))
+    src_model = sources.load_model(source_ref.folder, torch.float32).eval().to(device)
+    src_lm = lm_class(pretrained=src_model, tokenizer=sources.load_tokenizer(source_ref.folder),
+                      batch_size=opts.batch_size, max_length=opts.max_length)
+    report.source = {"ref": source_ref.ref, "params": sum(p.numel() for p in src_model.parameters())}
+    worst = None
+    for name, s in _score_tasks(src_lm, tasks, opts, "source", progress).items():
+        entry = report.tasks[name]
+        entry.source = {"metrics": s.metrics, "tokens": s.tokens, "tokens_per_s": s.tokens_per_s,
+                        "forward_s": s.forward_s, "wall_s": s.wall_s}
+        entry.recovery = recovery(entry, s)
+        for metric, r in entry.recovery.items():
+            gated = opts.gated_metrics is None or metric in opts.gated_metrics
+            if gated and (worst is None or r < worst[2]):
+                worst = (name, metric, r)
+    if opts.min_recovery is not None:
+        report.gate = Gate(opts.min_recovery, sorted(opts.gated_metrics) if opts.gated_metrics else "all",
+                           {"task": worst[0], "metric": worst[1], "recovery": worst[2]} if worst else None,
+                           worst is None or worst[2] >= opts.min_recovery)
+
+
+def evaluate(opts: EvalOptions, progress: Progress = silent) -> EvalReport:
+    import lm_eval
+
+    device = resolve_device(opts.device)
+    model = load_checkpoint(opts.checkpoint).eval().to(device)  # one clear error for a missing or foreign folder
+    tasks, source_ref = _check(opts, progress)
+    policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
+    policy.check(model.pool is not None, hint="use --full-depth")
+    model.config.exit_threshold = policy.threshold
+    lm_class = _metered_lm_class()
+    lm = lm_class(pretrained=model, tokenizer=sources.load_tokenizer(opts.checkpoint),
+                  batch_size=opts.batch_size, max_length=opts.max_length)
+    lay = model.config.layout
+    report = EvalReport(str(opts.checkpoint), now(), lm_eval.__version__, versions(), str(model.device),
+                        policy.threshold, policy.signal, str(lay), opts.model_dump(mode="json"),
+                        _score_tasks(lm, tasks, opts, "ztt", progress, layout=lay))
+    del model, lm
     if source_ref is not None:
-        progress(f"loading the source {source_ref.ref}")
-        src_model = sources.load_model(source_ref.folder, torch.float32).eval().to(device)
-        src_tok = sources.load_tokenizer(source_ref.folder)
-        src_lm = MeteredLM(pretrained=src_model, **{**lm_args, "tokenizer": src_tok})
-        src_scores = _score_tasks(src_lm, tasks, opts, "source", progress)
-        report["source"] = {"ref": source_ref.ref, "params": sum(p.numel() for p in src_model.parameters())}
-        worst = None
-        for name, s in src_scores.items():
-            entry = report["tasks"].setdefault(name, {})
-            ratios = recovery(ztt_scores[name], s) if name in ztt_scores else {}
-            entry["source"] = {"metrics": s.metrics, "tokens": s.tokens, "tokens_per_s": s.tokens_per_s,
-                               "forward_s": s.forward_s, "wall_s": s.wall_s}
-            entry["recovery"] = ratios
-            for metric, r in ratios.items():
-                if opts.gated_metrics is not None and metric not in opts.gated_metrics:
-                    continue
-                if worst is None or r < worst[2]:
-                    worst = (name, metric, r)
-        if opts.min_recovery is not None:
-            report["gate"] = {
-                "min_recovery": opts.min_recovery, "metrics": sorted(opts.gated_metrics) if opts.gated_metrics else "all",
-                "worst": {"task": worst[0], "metric": worst[1], "recovery": worst[2]} if worst else None,
-                "passed": worst is None or worst[2] >= opts.min_recovery,
-            }
+        _compare(report, lm_class, tasks, opts, source_ref, device, progress)
     _write(opts, report)
     return report
 
 
-def _write(opts: EvalOptions, report: dict) -> None:
+def _write(opts: EvalOptions, report: EvalReport) -> None:
     out = opts.output or opts.checkpoint / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
-    report["written_to"] = str(out)
-    prov = read_provenance(opts.checkpoint)
-    prov.setdefault("stages", []).append({
-        "stage": "eval", "time": report["time"], "options": report["options"],
-        "versions": {**report["versions"], "lm_eval": report["lm_eval"]},
-        "metrics": {name: t.get("metrics", {}) for name, t in report["tasks"].items()},
-        "recovery": {name: t["recovery"] for name, t in report["tasks"].items() if "recovery" in t} or None,
-        "gate": report.get("gate"), "results": str(out),
-    })
-    write_json(opts.checkpoint / PROVENANCE, prov)
+    write_json(out, report.to_json())
+    report.written_to = str(out)
+    metrics = {name: t.metrics for name, t in report.tasks.items()}
+    recoveries = {name: t.recovery for name, t in report.tasks.items() if t.recovery is not None} or None
+    append_stage(opts.checkpoint, "eval", report.options, metrics, versions={**report.versions, "lm_eval": report.lm_eval},
+                 recovery=recoveries, gate=asdict(report.gate) if report.gate else None, results=str(out))

@@ -3,7 +3,9 @@
 The run lives in ``OUT.partial/`` (checkpoint, log) until it finishes; then the healed model
 is written to ``OUT`` like ``convert``'s output and the partial folder is removed. Under
 ``torchrun`` every rank trains on its own shard of each global batch, rank 0 writes, and
-stop decisions (NaN, Ctrl-C, a requested stop) are taken together so no rank hangs."""
+stop decisions (NaN, Ctrl-C, a requested stop) are taken together so no rank hangs.
+
+:class:`HealingRun` holds the run's state through its phases; :func:`finetune` drives it."""
 
 from __future__ import annotations
 
@@ -13,25 +15,39 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..io.data import batch_indices, prepare
+from .. import __version__
 from ..errors import OutputExistsError, ZTTError
 from ..io import sources
-from ..io.checkpoint import PROVENANCE, atomic_dir, check_writable, load_checkpoint, now, read_provenance, versions, write_json
-from .losses import HealingObjective
-from ..model.modeling import ZTTForCausalLM
+from ..io.checkpoint import atomic_dir, check_writable, load_checkpoint, write_json
+from ..io.data import batch_indices, prepare
+from ..io.provenance import (
+    PROVENANCE,
+    append_stage,
+    now,
+    read_provenance,
+    write_model_card,
+)
 from ..options import FinetuneOptions
+from .events import Event, Progress, silent
+from .losses import HealingObjective, next_token_loss
 
-Progress = Callable[[dict], None]
+if TYPE_CHECKING:
+    from ..model.modeling import ZTTForCausalLM
+
 RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}
+# trainer.json's format: 2 names each optimizer group and its parameters (the optimizer state in
+# trainer.safetensors is keyed by parameter index); without "format", the first release's
+TRAINER_FORMAT = 2
 
 
 class TrainingStopped(ZTTError):
@@ -52,6 +68,23 @@ class FinetuneResult:
     wall_s: float
     metrics: dict = field(default_factory=dict)
     stopped_early: bool = False
+
+    def summary(self) -> dict:
+        """What a pipeline run records for this stage: steps, tokens and the last validation."""
+        val = {k: self.metrics[k] for k in ("val_loss", "val_ppl") if k in self.metrics}
+        return {"steps": self.steps, "tokens": self.tokens, **val}
+
+
+def summary_line(summary: dict) -> str:
+    """One line for a stage summary (:meth:`FinetuneResult.summary`)."""
+    ppl = f", validation perplexity {summary['val_ppl']:.2f}" if "val_ppl" in summary else ""
+    return f"{summary.get('steps')} steps, {summary.get('tokens', 0):,} tokens{ppl}"
+
+
+def pipeline_options(opts: FinetuneOptions) -> FinetuneOptions:
+    """A pipeline's options: resume an interrupted run with the same options, else start over."""
+    resume = can_resume(opts)
+    return opts.model_copy(update={"resume": resume, "overwrite": not resume})
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -98,13 +131,14 @@ def _setup_distributed() -> Dist:
 
 
 # --- loading -----------------------------------------------------------------------------------
-def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device):
+def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device, progress: Progress):
     if opts.no_teacher or opts.kd_weight == 0:
         return None
     recorded = provenance.get("source", {})
     ref = opts.teacher or recorded.get("path") or recorded.get("ref")
     if ref is None:
         raise ZTTError("no teacher: the checkpoint's ztt.json names no source", hint="pass --teacher MODEL or --no-teacher")
+    progress(Event.status(f"loading the teacher {ref}"))
     src = sources.resolve(ref)
     teacher = sources.load_model(src.folder, "auto")
     if teacher.config.vocab_size != model.config.text_config.vocab_size:
@@ -139,6 +173,22 @@ def _trainable(model: ZTTForCausalLM, what: str) -> tuple[list, list]:
     return weights, pool if train_pool else []
 
 
+def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[list[dict], list[dict]]:
+    """AdamW's parameter groups (empty ones left out) and, for trainer.json, each group's name and
+    the names of its parameters in order: what the optimizer state's indices refer to."""
+    weights, pool = _trainable(model, opts.trainable)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    groups, grouping = [], []
+    for name, params, lr, decay in (("weights", weights, opts.lr, opts.weight_decay),
+                                    ("pool", pool, opts.effective_pool_lr, 0.0)):
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": decay})
+            grouping.append({"name": name, "params": [names[id(p)] for p in params]})
+    return groups, grouping
+
+
 def _schedule(total: int, warmup_share: float):
     warmup = max(1, round(warmup_share * total)) if warmup_share > 0 else 0
 
@@ -152,7 +202,8 @@ def _schedule(total: int, warmup_share: float):
 
 
 # --- resumable state ---------------------------------------------------------------------------
-def _save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: int, options: dict) -> None:
+def _save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: int, options: dict,
+                grouping: list[dict]) -> None:
     with atomic_dir(folder / "checkpoint", overwrite=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         opt = optimizer.state_dict()
@@ -162,14 +213,37 @@ def _save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: in
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         save_file(tensors, str(tmp / "trainer.safetensors"))
         write_json(tmp / "trainer.json", {
-            "step": step, "tokens": tokens, "param_groups": opt["param_groups"],
-            "scheduler": scheduler.state_dict(), "options": options, "time": now(),
+            "format": TRAINER_FORMAT, "step": step, "tokens": tokens, "param_groups": opt["param_groups"],
+            "groups": grouping, "scheduler": scheduler.state_dict(), "options": options, "time": now(),
+            "ztt": __version__,
         })
 
 
-def _load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, int]:
+def _grouping_difference(meta: dict, grouping: list[dict]) -> str | None:
+    """How a saved optimizer's parameter groups differ from this run's, or None if they match.
+    Without a format (the first release), only the group sizes can be compared."""
+    if "format" not in meta:
+        saved, mine = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in grouping]
+        return None if saved == mine else f"groups of {saved} parameters saved, {mine} now"
+    saved_names, my_names = [g["name"] for g in meta["groups"]], [g["name"] for g in grouping]
+    if saved_names != my_names:
+        return f"groups {', '.join(saved_names)} saved, {', '.join(my_names)} now"
+    for saved, mine in zip(meta["groups"], grouping):
+        if len(saved["params"]) != len(mine["params"]):
+            return f"{len(saved['params'])} parameters in '{saved['name']}' saved, {len(mine['params'])} now"
+        for i, (a, b) in enumerate(zip(saved["params"], mine["params"])):
+            if a != b:
+                return f"parameter {i} of '{saved['name']}' is {a} there, {b} now"
+    return None
+
+
+def _load_state(folder: Path, model, optimizer, scheduler, grouping: list[dict]) -> tuple[int, int]:
     ckpt = folder / "checkpoint"
     meta = json.loads((ckpt / "trainer.json").read_text())
+    if (difference := _grouping_difference(meta, grouping)) is not None:
+        wrote = f" ({meta['ztt']})" if "ztt" in meta else ""
+        raise ZTTError(f"the saved optimizer state in '{ckpt}' does not match this run's parameters ({difference})",
+                       hint=f"start over with --overwrite, or resume with the ztt version that wrote it{wrote}")
     load_model(model, str(ckpt / "model.safetensors"))
     tensors = load_file(str(ckpt / "trainer.safetensors"))
     state: dict[int, dict] = {}
@@ -205,221 +279,274 @@ def can_resume(opts: FinetuneOptions) -> bool:
     return _differing_option(json.loads(meta.read_text())["options"], opts.model_dump(mode="json")) is None
 
 
+def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
+    meta_path = run_dir / "checkpoint" / "trainer.json"
+    if not meta_path.is_file():
+        raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format", 1) > TRAINER_FORMAT:
+        raise ZTTError(f"the checkpoint in '{run_dir}' was written by a newer ztt ({meta.get('ztt', 'unknown')})",
+                       hint="resume with that version, or start over with --overwrite")
+    saved, mine = meta["options"], opts.model_dump(mode="json")
+    if (key := _differing_option(saved, mine)) is not None:
+        raise ZTTError(
+            f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
+            hint="resume with the same options",
+        )
+
+
 def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
     """Validate --out / --resume / --overwrite before any work."""
     if opts.out.exists() and not opts.overwrite:
         raise OutputExistsError(f"'{opts.out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
     if opts.resume:
-        meta = run_dir / "checkpoint" / "trainer.json"
-        if not meta.is_file():
-            raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
-        saved = json.loads(meta.read_text())["options"]
-        mine = opts.model_dump(mode="json")
-        if (key := _differing_option(saved, mine)) is not None:
-            raise ZTTError(
-                f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
-                hint="resume with the same options",
-            )
-        return
-    if run_dir.exists():
-        if not opts.overwrite:
-            raise OutputExistsError(
-                f"an unfinished run for '{opts.out}' is in '{run_dir}'",
-                hint="continue it with --resume, or pass --overwrite to start over",
-            )
+        return _check_resume(opts, run_dir)
+    if run_dir.exists() and not opts.overwrite:
+        raise OutputExistsError(
+            f"an unfinished run for '{opts.out}' is in '{run_dir}'",
+            hint="continue it with --resume, or pass --overwrite to start over",
+        )
     check_writable(opts.out)
     return None
 
 
 # --- the run -----------------------------------------------------------------------------------
-def finetune(opts: FinetuneOptions, progress: Progress = lambda event: None) -> FinetuneResult:
-    if opts.steps is None and opts.tokens is None:
-        raise ZTTError("no training budget", hint="give --steps N or --tokens N")
-    ddp = _setup_distributed()
-    run_dir = partial_dir(opts.out)
-    refusal = None
-    if ddp.main:
-        try:
-            _check_run_folders(opts, run_dir)
-        except ZTTError as e:
-            refusal = e
-    if ddp.any(refusal is not None):  # every rank stops when rank 0 refuses
-        raise refusal or ZTTError("rank 0 refused the run", hint="see rank 0's message")
+class HealingRun:
+    """One healing run: :meth:`setup`, then :meth:`step` and :meth:`validate_and_save` until
+    :attr:`done`, then :meth:`finish`. Used as a context manager, it restores the Ctrl-C handler
+    that ``setup`` installs (the first Ctrl-C saves and stops at the end of the step).
 
-    model = load_checkpoint(opts.checkpoint)
-    provenance = read_provenance(opts.checkpoint)
-    tokenizer = sources.load_tokenizer(opts.checkpoint)
-    max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
-    if max_positions is not None and opts.seq_len > max_positions:
-        raise ZTTError(
-            f"--seq-len {opts.seq_len} is above the model's context of {max_positions} tokens",
-            hint=f"choose --seq-len {max_positions} or less",
-        )
-    data = prepare(opts.data, tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field)
-    teacher = _load_teacher(opts, provenance, model, ddp.device)
+    Events: ``status`` and ``start`` on every rank; ``step``, ``validation`` and ``checkpoint``
+    on rank 0, which holds the averaged numbers and writes ``train_log.jsonl``."""
 
-    per_step = opts.batch_size * opts.grad_accum * ddp.world
-    total = opts.steps or max(1, math.ceil(opts.tokens / (per_step * opts.seq_len)))
-    torch.manual_seed(opts.seed)
-    model.to(ddp.device).train()
-    if opts.grad_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    weights, pool = _trainable(model, opts.trainable)
-    groups = [{"params": weights, "lr": opts.lr, "weight_decay": opts.weight_decay}]
-    if pool:
-        groups.append({"params": pool, "lr": opts.effective_pool_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, opts.warmup))
-    objective = HealingObjective(
-        model, opts.kd_weight if teacher is not None else 0.0, opts.kd_temperature,
-        opts.exit_aware_weight, opts.exit_objective_weight, opts.exit_objective,
-    )
-    wrapped = objective
-    if ddp.world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None
-        )
+    def __init__(self, opts: FinetuneOptions, progress: Progress = silent):
+        self.opts, self.progress = opts, progress
+        self.run_dir = partial_dir(opts.out)
+        self.log_path = self.run_dir / "train_log.jsonl"
+        self.steps, self.tokens, self.total = 0, 0, 0
+        self.last_metrics: dict = {}
+        self.interrupted = self.stopped = False
+        self._previous_handler = None
 
-    step, tokens = 0, 0
-    options = opts.model_dump(mode="json")
-    if opts.resume:
-        step, tokens = _load_state(run_dir, model, optimizer, scheduler)
-    elif ddp.main:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-    log_path = run_dir / "train_log.jsonl"
-    if ddp.main and opts.resume and log_path.exists():  # drop lines written after the checkpoint
-        lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
-        log_path.write_text("".join(ln + "\n" for ln in lines))
+    def __enter__(self) -> HealingRun:
+        return self
 
-    def log(record: dict) -> None:
-        if ddp.main:
-            with open(log_path, "a") as f:
+    def __exit__(self, *exc) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.steps >= self.total
+
+    # setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Refuse (every rank together) or load, build the optimizer, resume, and start."""
+        if self.opts.steps is None and self.opts.tokens is None:
+            raise ZTTError("no training budget", hint="give --steps N or --tokens N")
+        self.ddp = _setup_distributed()
+        self._refuse_together()
+        self._load()
+        self._build_training()
+        self._open_run_dir()
+        self._catch_ctrl_c()
+        self.progress(Event("start", step=self.steps, total=self.total, metrics={
+            "train_blocks": self.data.train.shape[0], "val_blocks": self.data.val.shape[0],
+            "world": self.ddp.world, "train_tokens": self.data.tokens}))
+        self.start_time = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+
+    def _refuse_together(self) -> None:
+        refusal = None
+        if self.ddp.main:
+            try:
+                _check_run_folders(self.opts, self.run_dir)
+            except ZTTError as e:
+                refusal = e
+        if self.ddp.any(refusal is not None):  # every rank stops when rank 0 refuses
+            raise refusal or ZTTError("rank 0 refused the run", hint="see rank 0's message")
+
+    def _load(self) -> None:
+        opts = self.opts
+        self.progress(Event.status(f"loading {opts.checkpoint}"))
+        self.model = load_checkpoint(opts.checkpoint)
+        self.provenance = read_provenance(opts.checkpoint)
+        self.tokenizer = sources.load_tokenizer(opts.checkpoint)
+        max_positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and opts.seq_len > max_positions:
+            raise ZTTError(
+                f"--seq-len {opts.seq_len} is above the model's context of {max_positions} tokens",
+                hint=f"choose --seq-len {max_positions} or less",
+            )
+        self.progress(Event.status(f"reading {opts.data}"))
+        self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field)
+        self.teacher = _load_teacher(opts, self.provenance, self.model, self.ddp.device, self.progress)
+
+    def _build_training(self) -> None:
+        opts, ddp = self.opts, self.ddp
+        self.per_step = opts.batch_size * opts.grad_accum * ddp.world
+        self.total = opts.steps or max(1, math.ceil(opts.tokens / (self.per_step * opts.seq_len)))
+        torch.manual_seed(opts.seed)
+        self.model.to(ddp.device).train()
+        if opts.grad_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        groups, self.grouping = _optimizer_groups(self.model, opts)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
+        self.objective = HealingObjective.from_options(self.model, opts, distill=self.teacher is not None)
+        if ddp.world > 1:
+            self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None
+            )
+        self.autocast = torch.autocast(ddp.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
+
+    def _open_run_dir(self) -> None:
+        """Resume from the checkpoint (dropping log lines written after it), or start afresh."""
+        if self.opts.resume:
+            self.steps, self.tokens = _load_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.grouping)
+        elif self.ddp.main:
+            if self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True)
+        if self.ddp.main and self.opts.resume and self.log_path.exists():
+            lines = [ln for ln in self.log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.steps]
+            self.log_path.write_text("".join(ln + "\n" for ln in lines))
+
+    def _catch_ctrl_c(self) -> None:
+        def on_sigint(signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    # the loop -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One optimizer step over ``--grad-accum`` micro-batches on every rank; logs it when due."""
+        sums = self._accumulate()
+        if self.ddp.any(not all(math.isfinite(v) for v in sums.values())):
+            raise TrainingStopped(
+                f"the loss became NaN or infinite at step {self.steps + 1}",
+                hint=f"the last good checkpoint is kept in '{self.run_dir}'; lower --lr and --resume, or start over",
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.tokens += self.per_step * self.opts.seq_len
+        self.window_tokens += self.per_step * self.opts.seq_len
+        self.last_metrics = dict(zip(sums, self.ddp.mean(torch.tensor(list(sums.values()))).tolist()))  # one all-reduce
+        if self.steps % self.opts.log_every == 0 or self.steps == self.total:
+            self._log_step(grad_norm)
+
+    def _accumulate(self) -> dict[str, float]:
+        """Forward and backward over the micro-batches; the metrics averaged over them."""
+        opts, ddp = self.opts, self.ddp
+        sums: dict[str, float] = {}
+        for micro in range(opts.grad_accum):
+            idx = batch_indices(self.steps, micro, self.data.train.shape[0], opts.batch_size, opts.grad_accum,
+                                ddp.rank, ddp.world, opts.seed)
+            ids = self.data.train[idx].to(ddp.device)
+            with torch.no_grad(), self.autocast:
+                teacher_logits = self.teacher(input_ids=ids).logits if self.teacher is not None else None
+            sync = micro == opts.grad_accum - 1 or ddp.world == 1
+            ctx = self.objective.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, self.autocast:
+                loss, metrics = self.objective(ids, teacher_logits)
+                (loss / opts.grad_accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / opts.grad_accum
+        return sums
+
+    def _log_step(self, grad_norm: torch.Tensor) -> None:
+        elapsed = time.perf_counter() - self.window_start
+        numbers = {"tokens": self.tokens, **self.last_metrics, "grad_norm": float(grad_norm),
+                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": self.window_tokens / max(elapsed, 1e-9)}
+        self._log({"event": "step", "step": self.steps, "total": self.total, **numbers},
+                  Event("step", step=self.steps, total=self.total, metrics=numbers))
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def _log(self, record: dict, event: Event) -> None:
+        """A line of train_log.jsonl and its event (rank 0 only)."""
+        if self.ddp.main:
+            with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            progress(record)
+            self.progress(event)
 
-    autocast = torch.autocast(ddp.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
-    interrupted = {"flag": False}
+    def validate_and_save(self) -> None:
+        """Validate and save when due; save and stop when asked (Ctrl-C, --stop-at-step) on any rank."""
+        opts, step = self.opts, self.steps
+        if (step % opts.eval_every == 0 or step == self.total) and self.data.val.shape[0] > 0:
+            val = self.validate()
+            self.last_metrics = {**self.last_metrics, **val}
+            self._log({"event": "val", "step": step, **val}, Event("validation", step=step, metrics=val))
+        requested = opts.stop_at_step is not None and step >= opts.stop_at_step
+        stop = self.ddp.any(self.interrupted or requested) and step < self.total  # every rank takes part
+        if step % opts.save_every == 0 or stop:
+            if self.ddp.main:
+                _save_state(self.run_dir, self.model, self.optimizer, self.scheduler, step, self.tokens,
+                            opts.model_dump(mode="json"), self.grouping)
+            self._log({"event": "checkpoint", "step": step}, Event("checkpoint", step=step))
+        if stop:
+            if self.interrupted:
+                raise Interrupted(f"interrupted at step {step}/{self.total}; checkpoint saved in '{self.run_dir}'",
+                                  hint="continue with the same command and --resume")
+            self.stopped = True
 
-    def on_sigint(signum, frame):
-        if interrupted["flag"]:
-            raise KeyboardInterrupt
-        interrupted["flag"] = True
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation cross-entropy at full depth (and perplexity), averaged over ranks."""
+        bs, blocks = self.opts.batch_size, self.data.val
+        self.model.eval()
+        losses = []
+        for i in range(0, min(blocks.shape[0], bs * self.opts.val_batches), bs):
+            ids = blocks[i : i + bs].to(self.ddp.device)
+            with self.autocast:
+                logits = self.model(input_ids=ids).logits
+            losses.append(next_token_loss(logits, ids))
+        self.model.train()
+        loss = float(self.ddp.mean(torch.stack(losses).mean()))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
-    progress({"event": "start", "step": step, "total": total, "train_tokens": data.tokens,
-              "train_blocks": data.train.shape[0], "val_blocks": data.val.shape[0], "world": ddp.world})
-    start_time, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
-    last_metrics: dict = {}
-    try:
-        while step < total:
-            sums: dict[str, float] = {}
-            for micro in range(opts.grad_accum):
-                idx = batch_indices(step, micro, data.train.shape[0], opts.batch_size, opts.grad_accum,
-                                    ddp.rank, ddp.world, opts.seed)
-                ids = data.train[idx].to(ddp.device)
-                with torch.no_grad(), autocast:
-                    teacher_logits = teacher(input_ids=ids).logits if teacher is not None else None
-                sync = micro == opts.grad_accum - 1 or ddp.world == 1
-                ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, autocast:
-                    loss, metrics = wrapped(ids, teacher_logits)
-                    (loss / opts.grad_accum).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / opts.grad_accum
-            bad = not all(math.isfinite(v) for v in sums.values())
-            if ddp.any(bad):
-                raise TrainingStopped(
-                    f"the loss became NaN or infinite at step {step + 1}",
-                    hint=f"the last good checkpoint is kept in '{run_dir}'; lower --lr and --resume, or start over",
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], opts.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += per_step * opts.seq_len
-            window_tokens += per_step * opts.seq_len
-            averaged = dict(zip(sums, ddp.mean(torch.tensor(list(sums.values()))).tolist()))  # one all-reduce
-            last_metrics = averaged
-            if step % opts.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                log({"event": "step", "step": step, "total": total, "tokens": tokens, **averaged,
-                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                     "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
-                window_start, window_tokens = time.perf_counter(), 0
-            if (step % opts.eval_every == 0 or step == total) and data.val.shape[0] > 0:
-                val = evaluate(model, data.val, opts.batch_size, opts.val_batches, ddp, autocast)
-                last_metrics = {**last_metrics, **val}
-                log({"event": "val", "step": step, **val})
-            stop_requested = opts.stop_at_step is not None and step >= opts.stop_at_step and step < total
-            stop = ddp.any(interrupted["flag"] or stop_requested)
-            if step % opts.save_every == 0 or (stop and step < total):
-                if ddp.main:
-                    _save_state(run_dir, model, optimizer, scheduler, step, tokens, options)
-                log({"event": "checkpoint", "step": step})
-            if stop and step < total:
-                if interrupted["flag"]:
-                    raise Interrupted(f"interrupted at step {step}/{total}; checkpoint saved in '{run_dir}'",
-                                      hint="continue with the same command and --resume")
-                return FinetuneResult(None, step, tokens, time.perf_counter() - start_time, last_metrics, True)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+    # the end --------------------------------------------------------------------------------
+    def finish(self) -> FinetuneResult:
+        """The result; when the budget is done, the healed model is written to OUT (rank 0)."""
+        wall = time.perf_counter() - self.start_time
+        if self.stopped:
+            return FinetuneResult(None, self.steps, self.tokens, wall, self.last_metrics, stopped_early=True)
+        result = FinetuneResult(self.opts.out, self.steps, self.tokens, wall, self.last_metrics)
+        if self.ddp.main:
+            self._write_final(result)
+        if self.ddp.world > 1:
+            dist.barrier()
+        return result
 
-    wall = time.perf_counter() - start_time
-    result = FinetuneResult(opts.out, step, tokens, wall, last_metrics)
-    if ddp.main:
-        _write_final(opts, model, tokenizer, provenance, result, run_dir)
-    if ddp.world > 1:
-        dist.barrier()
-    return result
+    def _write_final(self, result: FinetuneResult) -> None:
+        opts = self.opts
+        if opts.grad_checkpointing:
+            self.model.activation_checkpointing_disable()
+        with atomic_dir(opts.out, opts.overwrite) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            metrics = {**result.metrics, "steps": result.steps, "tokens": result.tokens,
+                       "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}
+            write_json(tmp / PROVENANCE, self.provenance)
+            append_stage(tmp, "finetune", opts, metrics, weights_sha256=sources.weights_sha256(tmp))
+            write_model_card(tmp, name=opts.out.name)
+            if self.log_path.is_file():
+                shutil.copy(self.log_path, tmp / "train_log.jsonl")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-@torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int, max_batches: int, ddp: Dist, autocast) -> dict:
-    """Validation cross-entropy at full depth (and perplexity), averaged over ranks."""
-    model.eval()
-    losses = []
-    n = min(blocks.shape[0], batch_size * max_batches)
-    for i in range(0, n, batch_size):
-        ids = blocks[i : i + batch_size].to(ddp.device)
-        with autocast:
-            logits = model(input_ids=ids).logits.float()
-        losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
-    model.train()
-    loss = float(ddp.mean(torch.stack(losses).mean()))
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
-
-
-def _write_final(opts, model, tokenizer, provenance, result: FinetuneResult, run_dir: Path) -> None:
-    if opts.grad_checkpointing:
-        model.activation_checkpointing_disable()
-    with atomic_dir(opts.out, opts.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        weights = sources.weights_sha256(tmp)
-        stage = {
-            "stage": "finetune", "time": now(), "options": opts.model_dump(mode="json"), "versions": versions(),
-            "weights_sha256": weights,
-            "metrics": {**result.metrics, "steps": result.steps, "tokens": result.tokens, "wall_s": round(result.wall_s, 1),
-                        "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)},
-        }
-        prov = dict(provenance)
-        prov["stages"] = list(prov.get("stages", [])) + [stage]
-        write_json(tmp / PROVENANCE, prov)
-        card = (opts.checkpoint / "README.md").read_text() if (opts.checkpoint / "README.md").is_file() else ""
-        val = result.metrics.get("val_ppl")
-        card += (f"\n## Healing\n\n`ztt finetune` on `{opts.data}`: {result.steps} steps, {result.tokens:,} tokens"
-                 + (f", validation perplexity {val:.2f}" if val is not None else "") + ".\n")
-        (tmp / "README.md").write_text(card)
-        if (run_dir / "train_log.jsonl").is_file():
-            shutil.copy(run_dir / "train_log.jsonl", tmp / "train_log.jsonl")
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+def finetune(opts: FinetuneOptions, progress: Progress = silent) -> FinetuneResult:
+    """Heal ``opts.checkpoint`` into ``opts.out`` (see :class:`HealingRun`)."""
+    with HealingRun(opts, progress) as run:
+        run.setup()
+        while not run.done:
+            run.step()
+            run.validate_and_save()
+    return run.finish()

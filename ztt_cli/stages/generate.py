@@ -10,7 +10,9 @@ import torch
 from ..errors import ZTTError
 from ..io import sources
 from ..io.checkpoint import load_checkpoint
+from ..model.signals import ExitPolicy
 from ..options import GenerateOptions
+from .events import Event, Progress, silent
 
 
 @dataclass
@@ -30,12 +32,13 @@ def prompt_text(opts: GenerateOptions) -> str:
 
 
 @torch.no_grad()
-def stream(opts: GenerateOptions) -> Iterator[Piece]:
+def stream(opts: GenerateOptions, progress: Progress = silent) -> Iterator[Piece]:
+    progress(Event.status(f"loading {opts.checkpoint}"))
     model = load_checkpoint(opts.checkpoint).eval()
     tokenizer = sources.load_tokenizer(opts.checkpoint)
-    threshold = 2.0 if opts.full_depth else (opts.threshold if opts.threshold is not None else model.config.exit_threshold)
-    if threshold <= 1 and model.config.exit_signal == "zero-attention" and model.pool is None:
-        raise ZTTError("the zero-attention exit signal needs a zero-token pool", hint="use --full-depth")
+    policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
+    policy.check(model.pool is not None, hint="use --full-depth")
+    threshold = policy.threshold
     ids = tokenizer(prompt_text(opts), return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ZTTError("the prompt is empty after tokenisation", hint="give some text")

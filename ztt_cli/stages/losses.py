@@ -1,23 +1,42 @@
-"""The healing objective: distillation, exit-aware loss and the zero token's exit objective."""
+"""The healing objective: distillation, exit-aware loss and the zero token's exit objective.
+
+The objective is the task loss ``(1 - w)·CE + w·T²·KL`` at full depth plus weighted *terms*.
+Each term is a class registered in ``TERMS`` that names the ``FinetuneOptions`` field holding
+its weight and computes its value from a shared :class:`Batch` (ids, teacher logits, the
+full-depth output, and the exited outputs per cycle, each computed once, on first use). A
+term whose weight is 0 is not built, so it costs nothing. A new term is a class here plus its
+weight option in ``options.py``."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``, in float32.
+
+    ``reduction`` as for ``F.cross_entropy``; ``"none"`` gives one loss per position, [B, T-1]."""
+    logits = logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
+    return loss.view(ids.shape[0], -1) if reduction == "none" else loss
+
+
 def task_loss(logits, ids, teacher_logits, kd_weight: float, temperature: float):
     """(1 - w) * CE + w * T^2 * KL(teacher || student at T), over next-token positions.
 
     Returns (loss, ce, kd) with ce and kd detached for logging."""
-    logits = logits[:, :-1].float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ce = next_token_loss(logits, ids)
     if teacher_logits is None or kd_weight == 0:
         return ce, ce.detach(), None
     t = teacher_logits[:, :-1].float() / temperature
     log_p_teacher = t.log_softmax(-1)
-    log_p_student = (logits / temperature).log_softmax(-1)
+    log_p_student = (logits[:, :-1].float() / temperature).log_softmax(-1)
     kd = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean() * temperature**2
     return (1 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
 
@@ -49,45 +68,162 @@ def exit_objective(signal: torch.Tensor, target: torch.Tensor, form: str = "rank
     return 1 - (a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-9)
 
 
+@dataclass(frozen=True)
+class TaskLoss:
+    """The loss at one output: (1 - w)·CE + w·T²·KL; w = 0 without a teacher."""
+
+    kd_weight: float = 0.0
+    temperature: float = 1.0
+
+    def __call__(self, logits, ids, teacher_logits):
+        return task_loss(logits, ids, teacher_logits, self.kd_weight, self.temperature)
+
+
+class Batch:
+    """One micro-batch as the terms see it. The exit after cycle ``c`` is computed on first
+    request and kept; it carries gradients when a term that needs them (``exit_grad``) applies."""
+
+    def __init__(self, model, ids, teacher_logits, task: TaskLoss, full):
+        self.model, self.ids, self.teacher_logits, self.task, self.full = model, ids, teacher_logits, task, full
+        self.exit_grad = False
+        self._exited: dict[int, object] = {}
+        self._exit_losses: dict[int, tuple] = {}
+
+    @property
+    def exits(self) -> range:
+        """The cycles after which the model can exit early: 1..C-1."""
+        return range(1, self.model.config.cycles)
+
+    def exited(self, c: int):
+        """The model's output when it exits after cycle ``c``."""
+        if c not in self._exited:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.exit_grad):
+                self._exited[c] = self.model(input_ids=self.ids, exit_after=c)
+        return self._exited[c]
+
+    def exit_loss(self, c: int) -> tuple:
+        """The task loss at the exit after cycle ``c``: (loss, ce, kd) as :func:`task_loss`."""
+        if c not in self._exit_losses:
+            self._exit_losses[c] = self.task(self.exited(c).logits, self.ids, self.teacher_logits)
+        return self._exit_losses[c]
+
+    def exit_metrics(self) -> dict[str, torch.Tensor]:
+        """``exit{c}_ce`` for every exit some term computed."""
+        metrics = {}
+        for c in sorted(self._exited):
+            if c in self._exit_losses:
+                metrics[f"exit{c}_ce"] = self._exit_losses[c][1]
+            else:
+                with torch.no_grad():
+                    metrics[f"exit{c}_ce"] = next_token_loss(self._exited[c].logits, self.ids)
+        return metrics
+
+
+class Term:
+    """A weighted term added to the task loss. ``weight_option``: the ``FinetuneOptions`` field
+    holding its weight; ``metric``: the name it is logged under (none: not logged on its own);
+    ``exit_grad``: it needs gradients through the exited outputs."""
+
+    weight_option: ClassVar[str]
+    metric: ClassVar[str | None] = None
+    exit_grad: ClassVar[bool] = False
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    @classmethod
+    def from_options(cls, opts) -> Term:
+        return cls(getattr(opts, cls.weight_option))
+
+    def applies(self, batch: Batch) -> bool:
+        """Whether the term means anything for this model (e.g. it has more than one cycle)."""
+        return True
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+TERMS: list[type[Term]] = []  # in the order their weighted values are added to the loss
+
+
+def register(term: type[Term]) -> type[Term]:
+    TERMS.append(term)
+    return term
+
+
+@register
+class ExitAware(Term):
+    """The task loss at the exits after cycles 1..C-1, averaged over the exits."""
+
+    weight_option = "exit_aware_weight"
+    exit_grad = True
+
+    def applies(self, batch: Batch) -> bool:
+        return len(batch.exits) > 0
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([batch.exit_loss(c)[0] for c in batch.exits]).mean()
+
+
+@register
+class ExitObjective(Term):
+    """After each cycle c < C, the mean zero attention over the block's layers against
+    exp(-KL(exit after c || full)), averaged over the exits (see :func:`exit_objective`)."""
+
+    weight_option = "exit_objective_weight"
+    metric = "exit_objective"
+
+    def __init__(self, weight: float, form: str = "rank"):
+        super().__init__(weight)
+        self.form = form
+
+    @classmethod
+    def from_options(cls, opts) -> Term:
+        return cls(opts.exit_objective_weight, opts.exit_objective)
+
+    def applies(self, batch: Batch) -> bool:
+        return len(batch.exits) > 0 and batch.full.zero_attention is not None
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        terms = []
+        for c in batch.exits:
+            target = exit_target(batch.exited(c).logits, batch.full.logits)
+            signal = batch.full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
+            terms.append(exit_objective(signal, target, self.form))
+        return torch.stack(terms).mean()
+
+
 class HealingObjective(nn.Module):
     """One forward computes every term, so DDP sees one forward and one backward per micro-batch."""
 
-    def __init__(self, model, kd_weight=0.5, temperature=1.0, exit_aware_weight=0.0, exit_objective_weight=0.0,
-                 exit_objective_form="rank"):
+    def __init__(self, model, task: TaskLoss = TaskLoss(), terms: Sequence[Term] = ()):
         super().__init__()
         self.model = model
-        self.exit_objective_form = exit_objective_form
-        self.kd_weight, self.temperature = kd_weight, temperature
-        self.exit_aware_weight, self.exit_objective_weight = exit_aware_weight, exit_objective_weight
+        self.task = task
+        self.terms = list(terms)
+
+    @classmethod
+    def from_options(cls, model, opts, distill: bool = True) -> HealingObjective:
+        """The objective ``opts`` (a ``FinetuneOptions``) asks for; ``distill``: a teacher is there.
+        Terms whose weight is 0 are left out."""
+        task = TaskLoss(opts.kd_weight if distill else 0.0, opts.kd_temperature)
+        terms = [term.from_options(opts) for term in TERMS if getattr(opts, term.weight_option) > 0]
+        return cls(model, task, terms)
 
     def forward(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None):
         full = self.model(input_ids=ids)
-        loss, ce, kd = task_loss(full.logits, ids, teacher_logits, self.kd_weight, self.temperature)
-        metrics = {"ce": ce}
-        if kd is not None:
-            metrics["kd"] = kd
-        cycles = self.model.config.cycles
-        use_objective = self.exit_objective_weight > 0 and full.zero_attention is not None
-        if cycles > 1 and (self.exit_aware_weight > 0 or use_objective):
-            exit_terms, objective_terms = [], []
-            for c in range(1, cycles):
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self.exit_aware_weight > 0):
-                    exited = self.model(input_ids=ids, exit_after=c)
-                if self.exit_aware_weight > 0:
-                    term, exit_ce, _ = task_loss(exited.logits, ids, teacher_logits, self.kd_weight, self.temperature)
-                    exit_terms.append(term)
-                else:
-                    exit_ce = task_loss(exited.logits, ids, None, 0, 1)[1]
-                metrics[f"exit{c}_ce"] = exit_ce
-                if use_objective:
-                    target = exit_target(exited.logits, full.logits)
-                    signal = full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
-                    objective_terms.append(exit_objective(signal, target, self.exit_objective_form))
-            if exit_terms:
-                loss = loss + self.exit_aware_weight * torch.stack(exit_terms).mean()
-            if objective_terms:
-                objective = torch.stack(objective_terms).mean()
-                loss = loss + self.exit_objective_weight * objective
-                metrics["exit_objective"] = objective.detach()
+        loss, ce, kd = self.task(full.logits, ids, teacher_logits)
+        metrics = {"ce": ce} if kd is None else {"ce": ce, "kd": kd}
+        batch = Batch(self.model, ids, teacher_logits, self.task, full)
+        active = [term for term in self.terms if term.applies(batch)]
+        batch.exit_grad = any(term.exit_grad for term in active)
+        logged = {}
+        for term in active:
+            value = term.value(batch)
+            loss = loss + term.weight * value
+            if term.metric is not None:
+                logged[term.metric] = value.detach()
+        metrics.update(batch.exit_metrics())
+        metrics.update(logged)
         metrics["loss"] = loss.detach()
         return loss, metrics

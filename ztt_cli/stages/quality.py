@@ -1,4 +1,5 @@
-"""Perplexity on fixed token windows (the quality measure used by convert --init auto and tests)."""
+"""Quality measures on fixed token windows: perplexity (convert --init auto, the benchmarks, tests) and
+how well an exit signal ranks tokens by the cost of exiting (calibrate)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-
+from .losses import exit_target, next_token_loss
 
 
 @torch.no_grad()
@@ -16,11 +17,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     losses = []
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(model.device)
-        logits = model(input_ids=batch).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        )
-        losses.extend(loss.view(batch.shape[0], -1).mean(1).tolist())
+        loss = next_token_loss(model(input_ids=batch).logits, batch, reduction="none")
+        losses.extend(loss.mean(1).tolist())
     return math.exp(sum(losses) / len(losses))
 
 
@@ -38,8 +36,6 @@ def signals_and_targets(model, windows: torch.Tensor, batch_size: int = 4):
     full-depth replay) and exp(-KL(exit after c || full depth)), the cost of exiting there.
 
     Returns ({c: signals}, {c: targets}, full-depth logits per batch)."""
-    from .losses import exit_target
-
     model.eval()
     signals: dict[int, list] = {}
     targets: dict[int, list] = {}

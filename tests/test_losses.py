@@ -1,0 +1,123 @@
+"""The healing objective, composed from options, against the loss written out by hand."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ztt_cli.options import FinetuneOptions
+from ztt_cli.stages.losses import TERMS, ExitAware, ExitObjective, HealingObjective
+
+from .fixtures import token_ids, ztt_model
+
+LAYOUT = (1, 1, 3, 2)  # three cycles: exits after cycles 1 and 2
+
+
+def options(**kw) -> FinetuneOptions:
+    return FinetuneOptions(checkpoint=Path("ckpt"), data="text", out=Path("out"), **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ztt_model("gpt2", LAYOUT)[0]
+
+
+def by_hand(model, ids, teacher, w, temperature, exit_aware, exit_weight, form):
+    """(1-w)·CE + w·T²·KL at full depth, + exit_aware · mean over exits of the same at the exit,
+    + exit_weight · mean over exits of the exit objective against exp(-KL(exit || full))."""
+
+    def task(logits):
+        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        p_teacher = F.softmax(teacher[:, :-1] / temperature, -1)
+        kl = (p_teacher * (p_teacher.log() - F.log_softmax(logits[:, :-1] / temperature, -1))).sum(-1).mean()
+        return (1 - w) * ce + w * temperature**2 * kl, ce
+
+    def objective(p0, target):
+        p0 = p0.clamp(1e-6, 1 - 1e-6)
+        if form == "bce":
+            return -(target * p0.log() + (1 - target) * (1 - p0).log()).mean()
+        pair = torch.stack([torch.logit(p0).flatten(), torch.logit(target.clamp(1e-6, 1 - 1e-6)).flatten()])
+        return 1 - torch.corrcoef(pair)[0, 1]
+
+    full = model(input_ids=ids)
+    exits = [model(input_ids=ids, exit_after=c) for c in range(1, model.config.cycles)]
+    loss, ce = task(full.logits)
+    exit_terms, objectives = [], []
+    for c, exited in enumerate(exits, start=1):
+        exit_terms.append(task(exited.logits)[0])
+        log_exit, log_full = exited.logits.detach().log_softmax(-1), full.logits.detach().log_softmax(-1)
+        target = torch.exp(-(log_exit.exp() * (log_exit - log_full)).sum(-1).clamp(min=0))
+        objectives.append(objective(full.zero_attention[:, c - 1].mean(1), target))
+    loss = loss + exit_aware * torch.stack(exit_terms).mean() + exit_weight * torch.stack(objectives).mean()
+    return loss, ce, torch.stack(objectives).mean()
+
+
+def grads(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("form", ["rank", "bce"])
+@pytest.mark.parametrize("exit_aware", [0.0, 0.25])
+def test_the_composed_objective_is_the_formula(model, form, exit_aware):
+    ids = token_ids(batch=3, length=24)
+    teacher = torch.randn(3, 24, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(1))
+    opts = options(kd_weight=0.3, kd_temperature=2.0, exit_aware_weight=exit_aware, exit_objective_weight=0.7,
+                   exit_objective=form)
+    objective = HealingObjective.from_options(model, opts)
+    loss, metrics = objective(ids, teacher)
+    expected, ce, exit_objective = by_hand(model, ids, teacher, 0.3, 2.0, exit_aware, 0.7, form)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert list(metrics) == ["ce", "kd", "exit1_ce", "exit2_ce", "exit_objective", "loss"]
+    torch.testing.assert_close(metrics["ce"], ce.detach())
+    torch.testing.assert_close(metrics["exit_objective"], exit_objective.detach(), rtol=1e-5, atol=1e-6)
+    # the same gradients: exits carry them only for the exit-aware term (the exit target is detached)
+    composed, hand = grads(model, loss), grads(model, expected)
+    assert composed.keys() == hand.keys() and "pool.key" in composed
+    for name in composed:
+        torch.testing.assert_close(composed[name], hand[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_without_a_teacher_the_task_loss_is_cross_entropy(model):
+    ids = token_ids(batch=2, length=16)
+    objective = HealingObjective.from_options(model, options(exit_aware_weight=0, exit_objective_weight=0), distill=False)
+    loss, metrics = objective(ids)
+    assert list(metrics) == ["ce", "loss"]
+    logits = model(input_ids=ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_term_with_weight_0_is_not_computed(model, monkeypatch):
+    forwards = []
+    original = type(model).forward
+
+    def counted(self, *args, **kwargs):
+        forwards.append(kwargs.get("exit_after"))
+        return original(self, *args, **kwargs)
+
+    def never(self, batch):
+        raise AssertionError("a term with weight 0 was computed")
+
+    monkeypatch.setattr(type(model), "forward", counted)
+    monkeypatch.setattr(ExitObjective, "value", never)
+    ids = token_ids(batch=2, length=16)
+    only_exit_aware = HealingObjective.from_options(model, options(exit_aware_weight=0.5, exit_objective_weight=0))
+    assert [type(t) for t in only_exit_aware.terms] == [ExitAware]
+    _, metrics = only_exit_aware(ids)
+    assert "exit_objective" not in metrics and forwards == [None, 1, 2]  # each exit computed once
+
+    forwards.clear()
+    monkeypatch.setattr(ExitAware, "value", never)
+    plain = HealingObjective.from_options(model, options(exit_aware_weight=0, exit_objective_weight=0))
+    _, metrics = plain(ids)
+    assert plain.terms == [] and forwards == [None] and list(metrics) == ["ce", "loss"]
+
+
+def test_every_term_names_an_option_that_holds_its_weight():
+    assert [t.__name__ for t in TERMS] == ["ExitAware", "ExitObjective"]  # the order they are added in
+    for term in TERMS:
+        field = FinetuneOptions.model_fields[term.weight_option]
+        assert isinstance(field.default, float) and field.default >= 0, term.weight_option

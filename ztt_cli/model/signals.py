@@ -1,0 +1,89 @@
+"""Exit signals and the exit policy: when a token leaves the shared block early.
+
+An exit signal is one registered function of the forward pass's state (``TokenExits``: the
+zero attention recorded per cycle and layer, each cycle's input and output hidden states)
+that scores every token after a cycle; higher means exit sooner. The registry says what a
+signal needs (``needs_pool``), and the options' signal choices come from it. This module
+imports no torch, so the command line can list the signals without it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .errors import ZTTError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .exits import TokenExits
+
+NEVER = 2.0  # a threshold above 1: never exit early (full depth)
+
+
+@dataclass(frozen=True)
+class ExitSignal:
+    """A registered exit signal: ``score(exits, cycle)`` -> [B, T], higher = exit sooner."""
+
+    name: str
+    score: Callable[[TokenExits, int], Tensor]
+    needs_pool: bool = False  # computed from the zero-token pool
+
+
+SIGNALS: dict[str, ExitSignal] = {}
+
+
+def signal(name: str, needs_pool: bool = False):
+    """Register an exit signal, a function of the forward pass's state (``TokenExits``): its
+    recorded zero attention, each cycle's input and output hidden states."""
+
+    def register(fn):
+        SIGNALS[name] = ExitSignal(name, fn, needs_pool)
+        return fn
+
+    return register
+
+
+class ExitPolicyError(ZTTError):
+    """The exit signal cannot run on this checkpoint."""
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """When tokens leave the shared block early: the signal, and the threshold at or above which a
+    token exits after a cycle (above 1: never, full depth)."""
+
+    signal: str = "zero-attention"
+    threshold: float = NEVER
+
+    @property
+    def active(self) -> bool:
+        return self.threshold <= 1
+
+    @classmethod
+    def resolve(cls, config, threshold: float | None = None, full_depth: bool = False,
+                signal: str | None = None) -> ExitPolicy:
+        """The checkpoint's policy (config.json), with what the user asked for on top."""
+        chosen = NEVER if full_depth else threshold if threshold is not None else config.exit_threshold
+        return cls(signal or config.exit_signal, chosen)
+
+    def check(self, has_pool: bool, hint: str = "use --signal saturation or --full-depth") -> None:
+        """Refuse a signal that needs the zero-token pool on a checkpoint without one."""
+        if SIGNALS[self.signal].needs_pool and not has_pool and self.active:
+            raise ExitPolicyError(f"this checkpoint has no zero-token pool, which the {self.signal} exit signal needs",
+                                  hint=hint)
+
+
+@signal("zero-attention", needs_pool=True)
+def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
+    """The method's signal: the zero token's attention, mean over heads and the block's layers."""
+    p0 = [exits.zero[(cycle, j)] for j in range(exits.block)]  # each [B, H, T]
+    return (sum(p0) / len(p0)).mean(dim=1)
+
+
+@signal("saturation")
+def saturation(exits: TokenExits, cycle: int) -> Tensor:
+    """Cosine of a cycle's output and input hidden states: near 1 when the cycle changed little."""
+    before, after = exits.cycle_input[cycle].float(), exits.cycle_output[cycle].float()
+    norms = (before.norm(dim=-1) * after.norm(dim=-1)).clamp(min=1e-8)
+    return (before * after).sum(-1) / norms
