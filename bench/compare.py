@@ -35,16 +35,18 @@ import yaml
 from rich.console import Console
 
 import ztt_cli  # noqa: F401  (registers the model)
-from ztt_cli.stages.calibrate import CalibrationError, calibrate
-from ztt_cli.stages.convert import convert
 from ztt_cli.device import describe, resolve_device, synchronize
-from ztt_cli.stages.quality import perplexity
-from ztt_cli.stages.finetune import Interrupted, can_resume, finetune
 from ztt_cli.io import sources
 from ztt_cli.io.assets import DOCUTILS, SHAKESPEARE
 from ztt_cli.io.checkpoint import load_checkpoint, write_json
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.io.texts import docutils16, tempest16
+from ztt_cli.model.layout import Layout
+from ztt_cli.model.signals import NEVER
+from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages.calibrate import CalibrationError, calibrate, score_exits
+from ztt_cli.stages.convert import convert
+from ztt_cli.stages.finetune import Interrupted, can_resume, finetune
+from ztt_cli.stages.quality import perplexity
 
 console = Console(highlight=False)
 RESULTS = Path(__file__).parent / "results"
@@ -84,11 +86,12 @@ def load(folder: Path, cfg: dict):
 
 def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
     lay = cfg["layout"]
-    n_drop = lay["block"] * (lay["cycles"] - 1)
     if v["kind"] in ("source", "dense"):
         out, opts = work / "source", dict(head=0, block=sources_layers(cfg), cycles=1, tail=0, pool=False)
-    elif v["kind"] == "drop":
-        out, opts = work / f"drop-{v['select']}", dict(drop=n_drop, select=v["select"], tail=lay["tail"])
+    elif v["kind"] == "drop":  # as many unique layers as the shared layout keeps
+        shared = Layout(**lay)
+        out = work / f"drop-{v['select']}"
+        opts = dict(drop=shared.depth - shared.unique_layers, select=v["select"], tail=lay["tail"])
     else:  # a variant may bring its own layout (basic cycling: head 0, tail 0)
         layout = v.get("layout", lay)
         out = work / (("cycle" if v.get("pool", True) else "cycle-nopool")
@@ -140,28 +143,14 @@ def decode_rate(model, prompts: torch.Tensor, new_tokens: int, reps: int) -> flo
     return prompts.shape[0] * new_tokens / statistics.median(times)
 
 
-@torch.no_grad()
 def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, threshold: float | None = None) -> dict:
-    """Perplexities, agreement with the source on Tempest-16 and the layers run per token."""
-    kw = {} if threshold is None else {"exit_threshold": threshold}
-    lay = model.config.layout
-    agree, layers, count = 0, 0.0, 0
-    for ids, ref in zip(windows["tempest16"].split(4), reference.split(4)):
-        out = model(input_ids=ids.to(model.device), use_cache=False, **kw)
-        agree += (out.logits.argmax(-1).cpu() == ref).sum().item()
-        cycles = out.exit_cycles.cpu() if out.exit_cycles is not None else torch.full(ids.shape, lay.cycles)
-        layers += lay.layers_run(cycles.double()).sum().item()
-        count += ids.numel()
-    saved_cfg = model.config.exit_threshold
-    if threshold is not None:
-        model.config.exit_threshold = threshold
-    try:
-        ppl = {name: perplexity(model, w) for name, w in windows.items()}
-    finally:
-        model.config.exit_threshold = saved_cfg
-    mean_layers = layers / count
-    return {**ppl, "agreement": agree / count, "mean_cycles": lay.cycles_run(mean_layers),
-            "compute_saved": 1 - mean_layers / lay.depth}
+    """Perplexities, and on Tempest-16 the agreement with the source, mean cycles and compute saved
+    (per-token exits at ``threshold``, default the checkpoint's)."""
+    scores = {name: score_exits(model, w, threshold, reference if name == "tempest16" else None)
+              for name, w in windows.items()}
+    t = scores["tempest16"]
+    return {**{name: s.perplexity for name, s in scores.items()}, "agreement": t.agreement,
+            "mean_cycles": t.mean_cycles, "compute_saved": 1 - 1 / t.compute_speedup}
 
 
 def speed(model, prompts: torch.Tensor, cfg: dict) -> dict:
@@ -221,7 +210,7 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
     if not state.get("variants", ee["variant"], "done"):
         return
     healed = Path(state.get("variants", ee["variant"], "checkpoint"))
-    runs = [("full depth", 2.0)]
+    runs = [("full depth", NEVER)]
     for target in ee.get("calibrate_wall", []):
         label = f"calibrated {target}× wall"
         found = state.get("early_exit", label, "threshold")
@@ -233,8 +222,8 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
             try:
                 report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
                                                     speedup_metric="wall", device=cfg.get("device", "cpu")))
-                state.put({"threshold": report["chosen"]["threshold"], "calibration": report["chosen"],
-                           "calibrated_on": report["device"]}, "early_exit", label)
+                state.put({"threshold": report.chosen.threshold, "calibration": report.to_json()["chosen"],
+                           "calibrated_on": report.device}, "early_exit", label)
             except CalibrationError as e:
                 state.put({"error": e.message}, "early_exit", label)
         if state.get("early_exit", label, "threshold") is not None:
@@ -249,7 +238,7 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
         entry.update(threshold=threshold, **quality(model, windows, reference, threshold))
         model.config.exit_threshold = threshold
         entry.update(speed(model, prompts, cfg))
-        model.config.exit_threshold = 2.0
+        model.config.exit_threshold = NEVER
         entry["done"] = True
         state.put(entry, "early_exit", label)
         checkpointed()
@@ -387,13 +376,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _depth(layout: str) -> int:
-    head, rest = layout.split("/", 1)
-    block_cycles, tail = rest.split("/")
-    block, cycles = block_cycles.split("×")
-    return int(head) + int(block) * int(cycles) + int(tail)
-
-
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
@@ -412,15 +394,16 @@ def plot(r: dict, path: Path) -> None:
     a.set_title("variants at the same unique-layer budget")
 
     # layers run per token against the source's depth: dropping layers and exiting early on one axis
-    source_depth = max(_depth(v["layout"]) for v in variants.values() if v["unique_layers"] == _depth(v["layout"]))
+    depth = {n: Layout.parse(v["layout"]).depth for n, v in variants.items()}
+    source_depth = max(depth[n] for n, v in variants.items() if v["unique_layers"] == depth[n])
     points: dict[tuple, list[str]] = {}
     for n, v in variants.items():
         if n == "source":
             continue
-        saved = 1 - _depth(v["layout"]) * (1 - v["after"]["compute_saved"]) / source_depth
+        saved = 1 - depth[n] * (1 - v["after"]["compute_saved"]) / source_depth
         points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(n)
     ee = r.get("early_exit") or {}
-    ee_depth = _depth(variants[r["config"]["early_exit"]["variant"]]["layout"]) if ee else 0
+    ee_depth = depth[r["config"]["early_exit"]["variant"]] if ee else 0
     for label, e in ee.items():
         if "error" not in e and e["mean_cycles"] < 2:
             saved = 1 - ee_depth * (1 - e["compute_saved"]) / source_depth

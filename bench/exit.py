@@ -24,14 +24,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ztt_cli  # noqa: F401
-from ztt_cli.stages.calibrate import NEVER, _score, calibrate
-from ztt_cli.stages.convert import convert
-from ztt_cli.io.data import prepare
-from ztt_cli.stages.quality import exit_signal_correlation, perplexity, signals_and_targets
-from ztt_cli.stages.finetune import finetune
 from ztt_cli.io import sources
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.io.data import prepare
 from ztt_cli.io.texts import tempest16
+from ztt_cli.model.signals import NEVER
+from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages.calibrate import calibrate, score_exits
+from ztt_cli.stages.convert import convert
+from ztt_cli.stages.finetune import finetune
+from ztt_cli.stages.quality import exit_signal_correlation, perplexity
 
 
 @torch.no_grad()
@@ -42,15 +43,30 @@ def decode(model, prompt, steps, threshold=None):
         out = model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True, **kw)
 
 
-def threshold_for(model, windows, fulls, target, lo=0.0, hi=1.0, iters=14):
+def threshold_for(model, windows, target, lo=0.0, hi=1.0, iters=14):
     """Bisection on the threshold for a compute speedup of ``target`` (speedup falls as P rises)."""
     best = None
     for _ in range(iters):
         mid = (lo + hi) / 2
-        speed = _score(model, windows, mid, fulls)[2]
+        speed = score_exits(model, windows, mid).compute_speedup
         best = (mid, speed) if best is None or abs(speed - target) < abs(best[1] - target) else best
         lo, hi = (mid, hi) if speed > target else (lo, mid)
     return best[0]
+
+
+def exit_rows(model, tempest, thresholds: dict[str, float], seconds: dict[str, float]) -> dict:
+    """Per threshold (the first: full depth): Tempest-16 with per-token exits, mean cycles, compute
+    and wall-clock speedups."""
+    scores = {name: score_exits(model, tempest, t) for name, t in thresholds.items()}
+    full_ppl = next(iter(scores.values())).perplexity
+    rows = {}
+    for name, s in scores.items():
+        rows[name] = {"threshold": thresholds[name], "mean_cycles": s.mean_cycles, "compute_speedup": s.compute_speedup,
+                      "wall_vs_full": seconds["full depth"] / seconds[name],
+                      "wall_vs_source": seconds["source"] / seconds[name],
+                      "tempest16": s.perplexity, "tempest16_change": s.perplexity / full_ppl - 1}
+        print(name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -79,9 +95,8 @@ def main() -> None:
     source = AutoModelForCausalLM.from_pretrained(sources.resolve("smollm2-135m").folder).eval()
     tok = sources.load_tokenizer(healed)
     windows = prepare("shakespeare", tok, 256, 0.0).train[:8]
-    _, _, fulls = signals_and_targets(model, windows)
-    thresholds = {f"{t}x compute": threshold_for(model, windows, fulls, t) for t in (1.1, 1.25, 1.4)}
-    thresholds["calibrate 1.25x wall"] = report["chosen"]["threshold"]
+    thresholds = {f"{t}x compute": threshold_for(model, windows, t) for t in (1.1, 1.25, 1.4)}
+    thresholds["calibrate 1.25x wall"] = report.chosen.threshold
 
     tempest = tempest16(tok)
     prompts = [tempest[i : i + 1, :32] for i in range(args.prompts)]
@@ -97,21 +112,10 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    rows = {}
+    rows = exit_rows(model, tempest, {"full depth": NEVER, **thresholds}, med)
     rho = exit_signal_correlation(model, tempest[:4])[1]
-    full_ppl = perplexity(model, tempest)
-    for name, threshold in [("full depth", NEVER), *thresholds.items()]:
-        model.exit_stats.reset()
-        model.config.exit_threshold = threshold
-        ppl = perplexity(model, tempest)
-        cycles = model.exit_stats.mean_cycles if model.exit_stats.tokens else 2.0
-        rows[name] = {"threshold": threshold, "mean_cycles": cycles, "compute_speedup": 30 / (8 + 11 * cycles),
-                      "wall_vs_full": med["full depth"] / med[name], "wall_vs_source": med["source"] / med[name],
-                      "tempest16": ppl, "tempest16_change": ppl / full_ppl - 1}
-        print(name, {k: round(v, 4) for k, v in rows[name].items()}, flush=True)
-    model.config.exit_threshold = NEVER
     result = {"rows": rows, "spearman_tempest": rho, "source_tempest16": perplexity(source, tempest),
-              "calibrate_1.25_wall": report["chosen"], "decode_seconds": med,
+              "calibrate_1.25_wall": report.to_json()["chosen"], "decode_seconds": med,
               "meta": {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d"), "heal_steps": args.heal_steps}}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
