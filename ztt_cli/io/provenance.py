@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..model.layout import Layout
+from ..model.signals import NEVER
 from .checkpoint import write_json
 
 PROVENANCE = "ztt.json"
@@ -98,7 +99,7 @@ def _facts(config: dict, lay: Layout, prov: dict, dtype: str) -> list[str]:
     convert = last_stage(prov, "convert") or {}
     p = convert.get("metrics", {}).get("parameters", {})
     source = prov.get("source", {})
-    threshold = config.get("exit_threshold", 2.0)
+    threshold = config.get("exit_threshold", NEVER)
     rows = [
         "| | source | this model |", "|---|---|---|",
         f"| layout (head / block × cycles / tail) | {source.get('layers', '?')} layers | {lay} |",
