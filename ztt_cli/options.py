@@ -124,14 +124,6 @@ class ConvertOptions(BaseModel):
         return TORCH_DTYPE_NAMES[value]
 
 
-def default(model: type[BaseModel], name: str):
-    return model.model_fields[name].default
-
-
-def help_of(model: type[BaseModel], name: str) -> str:
-    return model.model_fields[name].description or ""
-
-
 class FinetuneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -320,15 +312,15 @@ class Command:
 
     name: str
     options: type[BaseModel]
-    run: str  # the function of ztt_cli.stages.<module> that does the work
+    run: str  # the function of ztt_cli.stages.NAME that does the work
     summary: str  # one line, for `ztt --help`
     description: str = ""  # more, for `ztt NAME --help`
     positional: tuple[str, ...] = ("checkpoint",)
     examples: tuple[str, ...] = ()
-    module_name: str = ""  # default: the command's name
 
     def module(self) -> ModuleType:
-        return importlib.import_module(f"{STAGE_PACKAGE}.{self.module_name or self.name}")
+        """``ztt_cli.stages.NAME``, imported now (it may import torch)."""
+        return importlib.import_module(f"{STAGE_PACKAGE}.{self.name}")
 
     def function(self) -> Callable:
         return getattr(self.module(), self.run)
@@ -431,9 +423,6 @@ GENERATE = Command(
               "ztt generate runs/smol-healed --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8",
               'ztt generate runs/smol-healed "Hello" --full-depth'),
 )
-
-STAGE_NAMES = tuple(s.name for s in STAGES)
-
 
 def stage(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)

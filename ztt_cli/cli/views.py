@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ..stages import Command
+from ..stages import Command, stage
 from ..stages.events import Event
 
 out = Console()
@@ -209,8 +209,6 @@ def for_command(name: str):
 
 def run(recipe, execute: Execute) -> None:
     """``ztt run``: a bar per stage while it runs, then a table of every stage's summary line."""
-    from ..stages import stage
-
     bar = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
