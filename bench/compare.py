@@ -85,18 +85,23 @@ def load(folder: Path, cfg: dict):
 
 
 def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
+    """A variant's converted checkpoint. Kinds: ``source``/``dense`` (no-share conversion), ``drop``
+    (``drop: N`` layers, default as many as the shared layout leaves out), ``cycle`` (the profile's
+    layout or the variant's own, ``convert:`` options on top, e.g. ``{init: grow}``)."""
     lay = cfg["layout"]
     if v["kind"] in ("source", "dense"):
         out, opts = work / "source", dict(head=0, block=sources_layers(cfg), cycles=1, tail=0, pool=False)
-    elif v["kind"] == "drop":  # as many unique layers as the shared layout keeps
-        shared = Layout(**lay)
-        out = work / f"drop-{v['select']}"
-        opts = dict(drop=shared.depth - shared.unique_layers, select=v["select"], tail=lay["tail"])
-    else:  # a variant may bring its own layout (basic cycling: head 0, tail 0)
+    elif v["kind"] == "drop":  # as many unique layers as the shared layout keeps, unless told
+        n_drop = v.get("drop", sources_layers(cfg) - Layout(**lay).unique_layers)
+        out = work / (f"drop-{v['select']}" + (f"-{n_drop}" if "drop" in v else ""))
+        opts = dict(drop=n_drop, select=v["select"], tail=lay["tail"])
+    else:  # a variant may bring its own layout (basic cycling: head 0, tail 0) and convert options
         layout = v.get("layout", lay)
+        extra = v.get("convert", {})
         out = work / (("cycle" if v.get("pool", True) else "cycle-nopool")
-                      + ("" if layout == lay else "-{head}-{block}x{cycles}-{tail}".format(**layout)))
-        opts = dict(layout, init="lower", pool=v.get("pool", True))
+                      + ("" if layout == lay else "-{head}-{block}x{cycles}-{tail}".format(**layout))
+                      + "".join(f"-{k}-{val}" for k, val in sorted(extra.items())))
+        opts = dict(layout, init="lower", pool=v.get("pool", True), **extra)
     if not (out / "config.json").is_file():
         convert(ConvertOptions(source=cfg["source"], out=out, overwrite=True, **opts))
     return out

@@ -119,6 +119,31 @@ def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True,
     return ZTTForCausalLM(config, source=copy.deepcopy(src)).eval(), src
 
 
+def grown_model(family: str, layout: tuple[int, int, int, int], dropped=(), added_gate: float = 0.0,
+                pool: bool = True, attn: str = "sdpa", seed: int = 0, **cfg):
+    """A grown ZTT (what ``--init grow`` builds) over a tiny source less the ``dropped`` layers,
+    its added cycles' gates at ``added_gate``."""
+    import copy
+
+    from ztt_cli.model.architecture import family_for, remap_layers
+    from ztt_cli.model.layout import Layout
+    from ztt_cli.model.modeling import ZTTConfig, ZTTForCausalLM
+    from ztt_cli.stages.convert import keep_layers
+
+    src = source_model(family, seed)
+    kept = copy.deepcopy(src)
+    keep_layers(kept, family_for(kept.config.model_type), list(dropped))
+    lay = Layout(*layout)
+    text = remap_layers(kept.config, [slot.attribute for slot in lay.slots(grown=True)])
+    config = ZTTConfig(text_config=text.to_dict(), head=lay.head, block=lay.block, cycles=lay.cycles, tail=lay.tail,
+                       pool=pool, grown=True, **cfg)
+    config._attn_implementation = attn
+    model = ZTTForCausalLM(config, source=kept).eval()
+    with torch.no_grad():
+        model.gates.weight[1:] = added_gate
+    return model, src
+
+
 def unrolled_reference(ztt):
     """The family's own model at full unrolled depth, with each position's weights copied from the
     layer the ZTT shares there: what plain weight sharing computes."""

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ztt_cli.model.layout import Layout
-from ztt_cli.options import FinetuneOptions
+from ztt_cli.options import ConvertOptions, FinetuneOptions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -23,9 +23,10 @@ def test_compare_config(path):
     for v in cfg["variants"]:
         assert v["kind"] in ("source", "dense", "drop", "cycle"), v
         if v["kind"] == "drop":
-            assert v["select"] in ("block-influence", "contiguous")
-        if "layout" in v:
-            Layout.resolve(30, **v["layout"])
+            assert v["select"] in ("block-influence", "contiguous") and 1 <= v.get("drop", 1) <= 28
+        convert = ConvertOptions(source="s", out=".", **v.get("convert", {}))
+        # a grown layout may run deeper than the source; every other one replaces it layer for layer
+        Layout.resolve(30, **v.get("layout", cfg["layout"]), grown=convert.init == "grow")
         FinetuneOptions(checkpoint=".", out=".", **{**cfg["heal"], **v.get("heal", {})})
     if "early_exit" in cfg:
         assert cfg["early_exit"]["variant"] in names

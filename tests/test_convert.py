@@ -142,7 +142,7 @@ def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path
     fam = family_for(reference.config.model_type)
     kept = [layer for i, layer in enumerate(fam.layer_list(reference)) if i not in (3, 4)]
     for i, layer in enumerate(kept):
-        fam.point_at(layer, i, reference.config)
+        fam.point_at(layer, i, i, reference.config)
     fam.set_layer_list(reference, torch.nn.ModuleList(kept))
     reference.config.num_hidden_layers = 4
     if getattr(reference.config, "layer_types", None) is not None:

@@ -87,11 +87,15 @@ def test_kv_cache_indexed_by_unrolled_depth(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @torch.no_grad()
-def test_cached_greedy_generation_equals_recomputation(family):
+def test_cached_greedy_generation_equals_recomputation(family, cache):
+    """With a static cache the prefill's keys include empty slots after the queries (no mask:
+    causal aligned top-left, as torch's is_causal)."""
     ztt, _ = ztt_model(family, CYCLED)
     prompt = token_ids(batch=1, length=6)
-    cached = ztt.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=1)
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    cached = ztt.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=1, **kwargs)
     uncached = ztt.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=1)
     assert cached.shape == (1, 18)
     assert torch.equal(cached, uncached)

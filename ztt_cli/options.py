@@ -29,7 +29,7 @@ from pydantic import (
 from .device import valid_device
 from .model.signals import SIGNALS
 
-InitChoice = Literal["auto", "lower", "upper", "stepwise", "average"]
+InitChoice = Literal["auto", "lower", "upper", "stepwise", "average", "grow"]
 
 # one dtype vocabulary on the command line; torch's names are accepted as aliases
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -71,6 +71,21 @@ ShardSize = Annotated[str, AfterValidator(_valid_size)]
 Device = Annotated[str, AfterValidator(valid_device)]
 
 
+def added_option(default, **field):
+    """A field added after the first release: while it is at its default it is left out of a
+    stage's key (``ztt run`` compares keys), so finished stages of existing runs stay finished."""
+    return Field(default, json_schema_extra={"added": True}, **field)
+
+
+def stage_key_options(opts: BaseModel) -> dict:
+    """The options a stage's key is computed from: the dump, less added options at their default."""
+    dump = opts.model_dump(mode="json")
+    for name, info in type(opts).model_fields.items():
+        if (info.json_schema_extra or {}).get("added") and getattr(opts, name) == info.default:
+            dump.pop(name, None)
+    return dump
+
+
 def describe_error(err: dict) -> str:
     """A pydantic validation error as a short phrase ("must be > 0", "unknown key")."""
     kind, ctx = err["type"], err.get("ctx", {})
@@ -98,7 +113,13 @@ class ConvertOptions(BaseModel):
     tail: int | None = Field(None, ge=0, description="unshared layers kept at the end (default: derived)")
     block: int | None = Field(None, ge=1, description="layers in the shared block (default: derived)")
     cycles: int | None = Field(None, ge=1, description="times the shared block is applied (default: 2)")
-    init: InitChoice = Field("auto", description="how the shared block is initialised from the middle layers")
+    init: InitChoice = Field(
+        "auto", description="how the shared block is initialised from the middle layers; grow: from the layers a "
+        "block-influence drop keeps, added cycles gated off (the model starts as that drop)"
+    )
+    grow_gate: float = added_option(
+        0.0, description="--init grow: initial residual gate of the added cycles (0: the converted model is the drop)"
+    )
     pool: bool = Field(True, description="add the zero-token pool (off: head-tail cycling)")
     log_n: bool = Field(False, description="add log(visible keys) to the zero-token logit")
     seed: int = Field(0, description="seed for the zero-token keys (the only random weights)")
@@ -109,10 +130,12 @@ class ConvertOptions(BaseModel):
     )
     select: Literal["block-influence", "contiguous"] = Field(
         "block-influence",
-        description="which layers --drop removes: the N of least block influence on calibration text (ShortGPT), "
-        "or the N just below the tail (--tail, default a third of the layers)",
+        description="which layers --drop (or --init grow) removes: the N of least block influence on calibration "
+        "text (ShortGPT), or the N just below the tail (--tail, default a third of the layers)",
     )
-    calib_data: Path | None = Field(None, description="text file for --init auto and --drop (default: built-in Shakespeare)")
+    calib_data: Path | None = Field(
+        None, description="text file for --init auto, --init grow and --drop (default: built-in Shakespeare)"
+    )
     calib_windows: int = Field(4, ge=1, description="calibration windows for --init auto")
     calib_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     overwrite: bool = Field(False, description="replace --out if it exists")
@@ -145,14 +168,19 @@ class FinetuneOptions(BaseModel):
     )
     lr: float = Field(2e-4, gt=0, description="peak learning rate of the weights")
     pool_lr: float | None = Field(None, gt=0, description="learning rate of the zero-token pool (default 100x --lr)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to the pool)")
+    gate_lr: float | None = added_option(
+        None, gt=0, description="learning rate of a grown model's residual gates (default: the pool's)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to the pool or the gates)")
     warmup: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
     steps: int | None = Field(None, ge=1, description="optimizer steps (or give --tokens)")
     tokens: int | None = Field(None, ge=1, description="training tokens (or give --steps)")
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch and process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
-    trainable: Literal["all", "block", "block+pool", "pool"] = Field("all", description="what is trained")
+    trainable: Literal["all", "block", "block+pool", "pool"] = Field(
+        "all", description="what is trained (all, block and block+pool include a grown model's residual gates)"
+    )
     log_every: int = Field(10, ge=1, description="steps between log lines")
     eval_every: int = Field(50, ge=1, description="steps between validation passes")
     val_batches: int = Field(4, ge=1, description="micro-batches per validation pass")
@@ -166,6 +194,10 @@ class FinetuneOptions(BaseModel):
     @property
     def effective_pool_lr(self) -> float:
         return self.pool_lr if self.pool_lr is not None else 100 * self.lr
+
+    @property
+    def effective_gate_lr(self) -> float:
+        return self.gate_lr if self.gate_lr is not None else self.effective_pool_lr
 
 
 class CalibrateOptions(BaseModel):

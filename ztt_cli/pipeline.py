@@ -21,6 +21,7 @@ from .errors import ZTTError
 from .io.checkpoint import write_json
 from .io.provenance import now
 from .io.sources import resolve, weights_sha256
+from .options import stage_key_options
 from .recipe import Loaded, Recipe, load, stage_options
 from .stages import STAGES, Stage
 from .stages.events import Event, Progress, silent
@@ -62,7 +63,7 @@ def _is_hub_ref(ref: str) -> bool:
 
 def _options_key(opts) -> dict:
     """Options without the paths the pipeline sets: moving OUTPUT does not invalidate stages."""
-    dump = opts.model_dump(mode="json")
+    dump = stage_key_options(opts)
     return {k: v for k, v in dump.items() if k not in ("checkpoint", "out", "output", "overwrite", "resume")}
 
 

@@ -52,8 +52,9 @@ def visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> 
     if mask is None:
         if q_len == 1:
             return torch.full((1, 1, 1), float(kv_len), device=device)
-        # causal, aligned bottom-right (the newest query sees every key)
-        return torch.arange(kv_len - q_len + 1, kv_len + 1, device=device, dtype=torch.float32).view(1, 1, -1)
+        # causal as torch's is_causal, aligned top-left: what transformers means by no mask for
+        # several queries (a static cache's prefill: the keys after the queries are empty slots)
+        return torch.arange(1, q_len + 1, device=device, dtype=torch.float32).view(1, 1, -1)
     visible = mask if mask.dtype == torch.bool else mask == 0
     return visible.sum(-1).float()
 
@@ -77,7 +78,7 @@ def zero_token_attention_eager(
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     logits = torch.matmul(query, k.transpose(2, 3)) * scaling
     if mask is None and q_len > 1:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     if zero_key is not None:
@@ -117,7 +118,7 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_b
     n_visible = visible_keys(mask, q_len, kv_len, query.device)
     is_causal = mask is None and q_len > 1
     if is_causal and q_len != kv_len:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
         is_causal = False
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
@@ -181,7 +182,7 @@ def zero_token_attention_sdpa(
             q = torch.cat([q.new_zeros(batch, n_heads, 1, q.shape[-1]), q], dim=2)
             is_causal = True
         else:
-            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()[None, None]
     if mask is not None:
         first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
         mask = torch.cat([first, mask], dim=-1)

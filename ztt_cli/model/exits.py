@@ -92,6 +92,12 @@ class TokenExits:
         self.stash[(cycle, position)] = (new_k, new_v)
         return key, value
 
+    def pass_through(self, cycle: int, position: int) -> None:
+        """A position whose residual gate is 0 runs nothing: a later cycle's copies see the keys and
+        values of the cycle before it (its slot in the cache is never read)."""
+        if (cycle - 1, position) in self.stash:
+            self.stash[(cycle, position)] = self.stash[(cycle - 1, position)]
+
     def skip(self, cycle: int, position: int, index: int) -> None:
         """Every token has exited: write the copied keys/values for this slot, run nothing."""
         k, v = self.copied_kv(cycle, position)

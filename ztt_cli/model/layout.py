@@ -11,6 +11,9 @@ InitStrategy = Literal["lower", "upper", "stepwise", "average"]
 INIT_STRATEGIES: tuple[InitStrategy, ...] = ("lower", "upper", "stepwise", "average")
 
 
+GROW = "grow"  # the unique layers are a block-influence drop's kept layers; added cycles are gated
+
+
 @dataclass(frozen=True)
 class Slot:
     """One unrolled position: which unique layer runs there, and at which cycle."""
@@ -19,6 +22,7 @@ class Slot:
     unique: int  # index into the unique layers [head..., block..., tail...]
     cycle: int | None  # 1..C for block positions, None for head/tail
     position: int | None  # j in 0..K-1 within the block
+    attribute: int = -1  # the layer this position reproduces (index-derived attributes follow it)
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,22 @@ class Layout:
         block, cycles = middle.split("×")
         return cls(int(head), int(block), int(cycles), int(tail))
 
-    def slots(self) -> list[Slot]:
-        out = [Slot(i, i, None, None) for i in range(self.head)]
-        for c in range(self.cycles):
-            for j in range(self.block):
-                out.append(Slot(len(out), self.head + j, c + 1, j))
-        for i in range(self.tail):
-            out.append(Slot(len(out), self.head + self.block + i, None, None))
-        return out
+    def slots(self, grown: bool = False) -> list[Slot]:
+        """The unrolled positions. A position's attribute index is the layer it reproduces: in a
+        layout that replaces the source layer for layer (depth = source depth) the unrolled index;
+        in a grown layout its unique layer's index (the kept layers are the model a drop makes,
+        and a recurrence added beyond them behaves as its shared layer)."""
+        out = [(i, None, None) for i in range(self.head)]
+        out += [(self.head + j, c + 1, j) for c in range(self.cycles) for j in range(self.block)]
+        out += [(self.head + self.block + i, None, None) for i in range(self.tail)]
+        return [Slot(i, unique, cycle, j, unique if grown else i) for i, (unique, cycle, j) in enumerate(out)]
+
+    def first_positions(self, grown: bool = False) -> list[int]:
+        """For each unique layer, the attribute index of its first position."""
+        first: dict[int, int] = {}
+        for slot in self.slots(grown):
+            first.setdefault(slot.unique, slot.attribute)
+        return [first[u] for u in range(self.unique_layers)]
 
     def source_layers(self, n_layers: int, init: InitStrategy) -> list[list[int]]:
         """For each unique layer, the source layers its weights come from (averaged if several).
@@ -94,17 +106,22 @@ class Layout:
         block: int | None = None,
         cycles: int | None = None,
         tail: int | None = None,
+        grown: bool = False,
     ) -> "Layout":
         """Fill in what the user left out, then check the layout against the source depth.
 
-        Default: cycles 2, head = tail = a third of the layers, the middle shared in two."""
-        for name, value in (("head", head), ("block", block), ("cycles", cycles), ("tail", tail)):
-            if value is not None and value < 0:
-                raise LayoutError(f"--{name} must not be negative (got {value})", hint="give a size >= 0")
-        for name, value in (("block", block), ("cycles", cycles)):
-            if value == 0:
-                raise LayoutError(f"--{name} must be at least 1", hint="a shared block needs one layer and one cycle")
+        Default: cycles 2, head = tail = a third of the layers, the middle shared in two. A grown
+        layout with head, block and tail all given has a depth of its own: it needs at most the
+        source's layers as unique layers (10/10×2/10 over 30 layers runs 40)."""
+        _check_sizes(head=head, block=block, cycles=cycles, tail=tail)
         cycles = 2 if cycles is None else cycles
+        if grown and None not in (head, block, tail):
+            if head + block + tail > n_layers:
+                raise LayoutError(
+                    f"head {head} + block {block} + tail {tail} needs more than the source's {n_layers} layers",
+                    hint=f"a grown layout takes its unique layers from the source: choose at most {n_layers}",
+                )
+            return cls(head, block, cycles, tail)
         if head is None and tail is None and block is None:
             head = tail = n_layers // 3
             head += (n_layers - head - tail) % cycles  # keep the middle divisible
@@ -138,3 +155,11 @@ class Layout:
                 hint=f"choose --block and --cycles whose product is {middle}, or change --head/--tail",
             )
         return cls(head, block, cycles, tail)
+
+
+def _check_sizes(**sizes: int | None) -> None:
+    for name, value in sizes.items():
+        if value is not None and value < 0:
+            raise LayoutError(f"--{name} must not be negative (got {value})", hint="give a size >= 0")
+        if value == 0 and name in ("block", "cycles"):
+            raise LayoutError(f"--{name} must be at least 1", hint="a shared block needs one layer and one cycle")

@@ -9,12 +9,18 @@ block positions, hands its attention call the zero-token pool entry of its cycle
 
 The unique layers live in ``self.layers`` as [head..., block..., tail...]; the
 pool in ``self.pool`` (key [C, K, n_kv_heads, head_dim], bias [C, K, n_heads]).
+
+A *grown* model (``config.grown``) gives every block position a residual gate g
+(``self.gates``, [C, K]): ``h <- h + g·(f(h) - h)``. g = 1 reproduces the layer, g = 0
+skips it; at conversion cycle 1 is 1 (the kept layers of a block-influence drop, in
+order) and every added cycle is 0, so the converted model computes the drop. A
+position whose gate is exactly 0 is not run unless the gate is being trained: it
+writes nothing to its KV-cache slot, and nothing ever reads that slot.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +37,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architecture import Family, family_for
+from .architecture import PER_LAYER_LISTS, Family, family_for, remap_layers
 from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
 from .exits import TokenExits
@@ -40,7 +46,8 @@ from .signals import NEVER, SIGNALS
 
 
 class ZTTConfig(PreTrainedConfig):
-    """``text_config`` is the source model's config (its own depth, unrolled); the rest is ours."""
+    """``text_config`` describes the *unrolled* model in the source's family: ``num_hidden_layers``
+    is the depth, and per-layer lists have one entry per unrolled position. The rest is ours."""
 
     model_type = "ztt"
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
@@ -51,6 +58,7 @@ class ZTTConfig(PreTrainedConfig):
     cycles: int = 1
     tail: int = 0
     pool: bool = True  # a zero-token pool; False: head-tail cycling without a zero token
+    grown: bool = False  # unique layers = a drop's kept layers, one residual gate per block position
     pool_bias_init: float = -6.0
     pool_key_std: float = 0.02
     zero_logit_log_n: bool = False  # add log(#visible keys) to the zero logit
@@ -89,6 +97,34 @@ class ZeroTokenPool(nn.Module):
     def reset_parameters(self) -> None:
         self.key.normal_(0.0, self.key_std)
         self.bias.fill_(self.bias_init)
+
+
+class ResidualGates(nn.Module):
+    """One scalar gate per (cycle, block layer): ``h <- h + g·(f(h) - h)``, no squashing, so 0 and
+    1 are exact. Initialised to 1 on cycle 1 (the layers a drop keeps) and 0 on added cycles."""
+
+    def __init__(self, cycles: int, block: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cycles, block))
+        self._closed_key, self._closed = None, frozenset()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+        self.weight[0] = 1.0
+
+    def closed(self, cycle: int, position: int) -> bool:
+        """Whether the position's gate is exactly 0 and not being trained: it need not run. The set
+        of closed gates is read from the device only when the weights change (a host sync then)."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return False
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        if key != self._closed_key:
+            rows = self.weight.tolist()
+            self._closed = frozenset((c + 1, j) for c, row in enumerate(rows) for j, g in enumerate(row) if g == 0.0)
+            self._closed_key = key
+        return (cycle, position) in self._closed
 
 
 class _ForwardRecord:
@@ -141,7 +177,7 @@ class LayerSlot(nn.Module):
 
     def __init__(self, layer: nn.Module, slot, family: Family, model: ZTTForCausalLM):
         super().__init__()
-        self.index, self.cycle, self.position = slot.index, slot.cycle, slot.position
+        self.index, self.cycle, self.position, self.attribute = slot.index, slot.cycle, slot.position, slot.attribute
         self._refs = (layer, family, model)  # a tuple: not registered as submodules
 
     def extra_repr(self) -> str:
@@ -154,14 +190,17 @@ class LayerSlot(nn.Module):
         if self.cycle is not None and record.exit_after is not None and self.cycle > record.exit_after:
             return hidden_states  # exited: straight on to the tail
         exits = record.exits if self.cycle is not None else None
+        if exits is not None and self.position == 0:
+            exits.begin_cycle(self.cycle, hidden_states)
+        gates = model.gates if self.cycle is not None else None
+        if gates is not None and gates.closed(self.cycle, self.position):
+            return self._closed(record, exits, hidden_states)
         if exits is not None:
-            if self.position == 0:
-                exits.begin_cycle(self.cycle, hidden_states)
             if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
                 exits.skip(self.cycle, self.position, self.index)
                 return self._end_of_cycle(exits, hidden_states)
             kwargs["ztt_kv"] = partial(exits.kv_hook, self.cycle, self.position)
-        family.point_at(layer, self.index, model.inner.config)
+        family.point_at(layer, self.index, self.attribute, model.inner.config)
         if self.cycle is not None and model.pool is not None and record.pool_on:
             c, j = self.cycle - 1, self.position
             kwargs["ztt_zero"] = ZeroToken(
@@ -171,10 +210,23 @@ class LayerSlot(nn.Module):
                 sink=partial(record.put, self.cycle, j),
             )
         out = layer(hidden_states, *args, **kwargs)
+        if gates is not None:  # lerp: exactly f(h) at g = 1, exactly h at g = 0
+            out = torch.lerp(hidden_states, out, gates.weight[self.cycle - 1, self.position].to(out.dtype))
         if exits is not None:
             out = torch.where(exits.active(self.cycle)[..., None], out, hidden_states)  # exited tokens stay
             out = self._end_of_cycle(exits, out)
         return out
+
+    def _closed(self, record: _ForwardRecord, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
+        """A position whose gate is 0: nothing runs. Its zero attention reads 1 (it adds nothing)."""
+        model = self._refs[2]
+        if model.pool is not None and record.pool_on:
+            record.put(self.cycle, self.position, hidden.new_ones(hidden.shape[0], model.pool.bias.shape[-1],
+                                                                  hidden.shape[1]))
+        if exits is None:
+            return hidden
+        exits.pass_through(self.cycle, self.position)
+        return self._end_of_cycle(exits, hidden)
 
     def _end_of_cycle(self, exits: TokenExits, hidden: torch.Tensor) -> torch.Tensor:
         if self.position == self._refs[2].config.block - 1:
@@ -190,7 +242,7 @@ class ZTTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        if isinstance(module, ZeroTokenPool):
+        if isinstance(module, (ZeroTokenPool, ResidualGates)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -206,15 +258,16 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         text_config = config.text_config
         family = family_for(text_config.model_type)
         impl = config._attn_implementation if config._attn_implementation in ATTENTION_NAMES else "sdpa"
-        if source is None:
-            source = AutoModelForCausalLM.from_config(_config_with_depth(text_config, layout.unique_layers))
+        if source is None:  # each unique layer built as its first unrolled position
+            source = AutoModelForCausalLM.from_config(remap_layers(text_config, layout.first_positions(config.grown)))
             unique = list(family.layer_list(source))
         else:
             by_index = list(family.layer_list(source))
             unique = [by_index[src[0]] for src in layout.source_layers(len(by_index), "lower")]
         source.config.num_hidden_layers = layout.depth
-        if hasattr(text_config, "layer_types"):
-            source.config.layer_types = list(text_config.layer_types)
+        for name in PER_LAYER_LISTS:  # per unrolled position, as text_config gives them
+            if getattr(text_config, name, None) is not None:
+                setattr(source.config, name, list(getattr(text_config, name)))
         source.config._attn_implementation = ATTENTION_NAMES[impl]
         self.inner = source
         self._family = family
@@ -227,9 +280,10 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             if config.pool
             else None
         )
+        self.gates = ResidualGates(layout.cycles, layout.block) if config.grown else None
         self._record = _ForwardRecord()
         self.exit_stats = ExitStats(layout.cycles)
-        slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots()]
+        slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots(config.grown)]
         family.set_layer_list(self.inner, nn.ModuleList(slots))
         self.post_init()
 
@@ -315,17 +369,9 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def parameter_counts(self) -> dict[str, int]:
         layers = sum(p.numel() for p in self.layers.parameters())
         pool = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
+        gates = self.gates.weight.numel() if self.gates is not None else 0
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "layers": layers, "pool": pool, "other": total - layers - pool}
-
-
-def _config_with_depth(text_config: PreTrainedConfig, depth: int) -> PreTrainedConfig:
-    """A copy of the source config with ``depth`` layers, to build the unique layers."""
-    cfg = copy.deepcopy(text_config)
-    cfg.num_hidden_layers = depth
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = list(cfg.layer_types[:depth])
-    return cfg
+        return {"total": total, "layers": layers, "pool": pool, "gates": gates, "other": total - layers - pool - gates}
 
 
 def register() -> None:

@@ -14,8 +14,8 @@ from ..io.checkpoint import atomic_dir, check_output, write_json
 from ..io.provenance import PROVENANCE, stage_record, write_model_card
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
-from ..model.architecture import family_for
-from ..model.layout import INIT_STRATEGIES, Layout
+from ..model.architecture import PER_LAYER_LISTS, family_for, remap_layers
+from ..model.layout import GROW, INIT_STRATEGIES, Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..options import TORCH_DTYPE_NAMES, ConvertOptions, parse_size, torch_dtype
 from .events import Event, Progress, silent
@@ -89,15 +89,23 @@ def dropped_layers(n_layers: int, n_drop: int, select: str, tail: int | None, in
     return sorted(sorted(range(n_layers), key=lambda i: influence[i])[:n_drop])
 
 
-def _drop(model, family, config, dropped: list[int]) -> Layout:
-    """Keep only the layers not in ``dropped``, in order; the result is a one-cycle layout."""
-    kept = [layer for i, layer in enumerate(family.layer_list(model)) if i not in dropped]
-    family.set_layer_list(model, torch.nn.ModuleList(kept))
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in dropped]
-    head = tail = len(kept) // 3
-    return Layout(head, len(kept) - head - tail, 1, tail)
+def keep_layers(model, family, dropped: list[int]) -> int:
+    """Keep only the layers not in ``dropped``, in order (config and per-layer lists follow); the
+    number kept."""
+    layers = family.layer_list(model)
+    keep = [i for i in range(len(layers)) if i not in dropped]
+    family.set_layer_list(model, torch.nn.ModuleList([layers[i] for i in keep]))
+    kept = remap_layers(model.config, keep)
+    for name in ("num_hidden_layers", *PER_LAYER_LISTS):
+        if getattr(kept, name, None) is not None:
+            setattr(model.config, name, getattr(kept, name))
+    return len(keep)
+
+
+def _one_cycle(n_layers: int) -> Layout:
+    """The layout of a drop: the kept layers, one cycle (head and tail a third each, for the record)."""
+    head = tail = n_layers // 3
+    return Layout(head, n_layers - head - tail, 1, tail)
 
 
 def _calibration_windows(opts: ConvertOptions, tokenizer, max_positions: int | None) -> torch.Tensor:
@@ -123,7 +131,10 @@ def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
     if opts.drop is None:
-        return Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail)
+        return Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
+    if opts.init == GROW:
+        raise LayoutError("--drop makes a one-cycle model and --init grow a cycled one: choose one",
+                          hint="for a cycled model that starts at the drop, give --init grow and its layout alone")
     if opts.block is not None or opts.cycles is not None or opts.head is not None:
         raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do not apply",
                           hint="leave them out (--tail sets where a contiguous drop ends)")
@@ -152,7 +163,8 @@ def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Lay
     layout = _layout(opts, config.num_hidden_layers)
     tokenizer = sources.load_tokenizer(src.folder)
     windows = None
-    if opts.init == "auto" or (opts.drop is not None and opts.select == "block-influence"):
+    removes = opts.drop is not None or (opts.init == GROW and layout.unique_layers < config.num_hidden_layers)
+    if opts.init == "auto" or (removes and opts.select == "block-influence"):
         progress(Event.status("reading calibration text"))
         windows = _calibration_windows(opts, tokenizer, getattr(config, "max_position_embeddings", None))
     progress(Event.status("loading source weights"))
@@ -161,26 +173,35 @@ def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Lay
     return _Source(src, config, family, tokenizer, model, windows, params), layout
 
 
-def _apply_drop(opts: ConvertOptions, source: _Source, progress: Progress) -> tuple[Layout, list[int], list[float] | None]:
+def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None,
+                   progress: Progress) -> tuple[list[int], list[float] | None]:
+    """Remove ``n_drop`` source layers as ``--select`` chooses them: (removed, block influence)."""
     influence = None
     if opts.select == "block-influence":
         progress(Event.status("measuring block influence"))
         influence = block_influence(source.model, source.family, source.windows)
-    dropped = dropped_layers(source.config.num_hidden_layers, opts.drop, opts.select, opts.tail, influence)
-    return _drop(source.model, source.family, source.config, dropped), dropped, influence
+    dropped = dropped_layers(source.config.num_hidden_layers, n_drop, opts.select, tail, influence)
+    keep_layers(source.model, source.family, dropped)
+    return dropped, influence
 
 
 def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausalLM:
+    grown = opts.init == GROW
+    # the source config, unrolled: one entry per position, each from the layer it reproduces
+    text_config = remap_layers(source.model.config, [slot.attribute for slot in layout.slots(grown)])
     config = ZTTConfig(
-        text_config=source.model.config.to_dict(), head=layout.head, block=layout.block, cycles=layout.cycles,
+        text_config=text_config.to_dict(), head=layout.head, block=layout.block, cycles=layout.cycles,
         tail=layout.tail, pool=opts.pool and opts.drop is None,  # one cycle: nothing to exit from
-        zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
+        grown=grown, zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
     )
     ztt = ZTTForCausalLM(config, source=source.model).eval()
     if ztt.pool is not None:  # the zero-token keys are random: seeded, so a conversion is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
             ztt.pool.reset_parameters()
+    if ztt.gates is not None:
+        with torch.no_grad():
+            ztt.gates.weight[1:] = opts.grow_gate
     return ztt
 
 
@@ -200,6 +221,8 @@ def _initialise(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layo
             ztt.layers[layout.head + j].load_state_dict(_mean_state(states))
 
     scores: dict[str, float] = {}
+    if opts.init == GROW:  # the unique layers are the kept source layers as they are
+        return GROW, scores
     init = "lower" if opts.drop is not None else opts.init  # one cycle: every strategy is the identity
     if init == "auto":
         for strategy in INIT_STRATEGIES:
@@ -236,7 +259,10 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     n_layers = source.config.num_hidden_layers
     dropped, influence = [], None
     if opts.drop is not None:
-        layout, dropped, influence = _apply_drop(opts, source, progress)
+        dropped, influence = _remove_layers(opts, source, opts.drop, opts.tail, progress)
+        layout = _one_cycle(n_layers - opts.drop)
+    elif opts.init == GROW and layout.unique_layers < n_layers:
+        dropped, influence = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress)
     layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
     ztt = _build(opts, source, layout)
     init, scores = _initialise(opts, ztt, source, layout, layers, progress)

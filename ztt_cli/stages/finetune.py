@@ -151,39 +151,44 @@ def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
     return teacher.to(device).eval()
 
 
-def _trainable(model: ZTTForCausalLM, what: str) -> tuple[list, list]:
-    """(weights, pool) parameter lists; everything else is frozen."""
+def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
+    """The trained parameters by optimizer group (weights, pool, gates); everything else is frozen.
+    A grown model's residual gates train with the block (``all``, ``block``, ``block+pool``)."""
     lay = model.config.layout
     block = {id(p) for layer in model.layers[lay.head : lay.head + lay.block] for p in layer.parameters()}
     pool = list(model.pool.parameters()) if model.pool is not None else []
-    pool_ids = {id(p) for p in pool}
+    gates = list(model.gates.parameters()) if model.gates is not None else []
+    own = {id(p) for p in pool + gates}
     weights = []
     for p in model.parameters():
-        if id(p) in pool_ids:
+        if id(p) in own:
             continue
         train = what == "all" or (what in ("block", "block+pool") and id(p) in block)
         p.requires_grad_(train)
         if train:
             weights.append(p)
-    train_pool = what in ("all", "block+pool", "pool")
-    for p in pool:
-        p.requires_grad_(train_pool)
+    train_pool, train_gates = what in ("all", "block+pool", "pool"), what in ("all", "block", "block+pool")
+    for params, train in ((pool, train_pool), (gates, train_gates)):
+        for p in params:
+            p.requires_grad_(train)
     if what in ("pool", "block+pool") and not pool:
         raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none", hint="choose --trainable all or block")
-    return weights, pool if train_pool else []
+    return {"weights": weights, "pool": pool if train_pool else [], "gates": gates if train_gates else []}
 
 
 def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[list[dict], list[dict]]:
     """AdamW's parameter groups (empty ones left out) and, for trainer.json, each group's name and
     the names of its parameters in order: what the optimizer state's indices refer to."""
-    weights, pool = _trainable(model, opts.trainable)
+    trained = _trainable(model, opts.trainable)
     names = {}
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
+    settings = {"weights": (opts.lr, opts.weight_decay), "pool": (opts.effective_pool_lr, 0.0),
+                "gates": (opts.effective_gate_lr, 0.0)}
     groups, grouping = [], []
-    for name, params, lr, decay in (("weights", weights, opts.lr, opts.weight_decay),
-                                    ("pool", pool, opts.effective_pool_lr, 0.0)):
+    for name, params in trained.items():
         if params:
+            lr, decay = settings[name]
             groups.append({"params": params, "lr": lr, "weight_decay": decay})
             grouping.append({"name": name, "params": [names[id(p)] for p in params]})
     return groups, grouping

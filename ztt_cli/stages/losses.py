@@ -5,7 +5,14 @@ Each term is a class registered in ``TERMS`` that names the ``FinetuneOptions`` 
 its weight and computes its value from a shared :class:`Batch` (ids, teacher logits, the
 full-depth output, and the exited outputs per cycle, each computed once, on first use). A
 term whose weight is 0 is not built, so it costs nothing. A new term is a class here plus its
-weight option in ``options.py``."""
+weight option in ``options.py``.
+
+On a grown model (residual gates on the added cycles) each exit's terms are weighted by how
+open the cycles after it are: mean |g| over their gates, at most 1, not differentiated. While
+those gates are 0, exiting changes nothing (every exit target exp(-KL) is 1), so the terms
+would only push the zero token without information (``rank``: no gradient; ``bce``: p0 -> 1,
+whose (1 - p0) scaling erases the very layers that reproduce the source). They therefore start
+at 0, are not even computed, and phase in as healing opens the added cycles."""
 
 from __future__ import annotations
 
@@ -88,11 +95,33 @@ class Batch:
         self.exit_grad = False
         self._exited: dict[int, object] = {}
         self._exit_losses: dict[int, tuple] = {}
+        self._exit_weights: list[tuple[int, torch.Tensor | None]] | None = None
 
     @property
     def exits(self) -> range:
         """The cycles after which the model can exit early: 1..C-1."""
         return range(1, self.model.config.cycles)
+
+    def exit_weights(self) -> list[tuple[int, torch.Tensor | None]]:
+        """The exits whose terms count, each with its weight: every exit with weight ``None`` (full)
+        without gates; on a grown model the exits whose later cycles are open, weighted by their
+        openness (one host sync per micro-batch)."""
+        if self._exit_weights is None:
+            gates = self.model.gates
+            if gates is None:
+                self._exit_weights = [(c, None) for c in self.exits]
+            else:
+                openness = [gates.weight[c:].detach().abs().mean().clamp(max=1.0) for c in self.exits]
+                live = torch.stack(openness).tolist() if openness else []
+                self._exit_weights = [(c, w) for c, w, v in zip(self.exits, openness, live) if v > 0]
+        return self._exit_weights
+
+    def over_exits(self, value) -> torch.Tensor:
+        """``value(c)`` averaged over the exits 1..C-1, each weighted as :meth:`exit_weights` says."""
+        weights = self.exit_weights()
+        if all(w is None for _, w in weights):  # no gates: the plain mean over every exit
+            return torch.stack([value(c) for c, _ in weights]).mean()
+        return torch.stack([w * value(c) for c, w in weights]).sum() / len(self.exits)
 
     def exited(self, c: int):
         """The model's output when it exits after cycle ``c``."""
@@ -159,10 +188,10 @@ class ExitAware(Term):
     exit_grad = True
 
     def applies(self, batch: Batch) -> bool:
-        return len(batch.exits) > 0
+        return len(batch.exit_weights()) > 0
 
     def value(self, batch: Batch) -> torch.Tensor:
-        return torch.stack([batch.exit_loss(c)[0] for c in batch.exits]).mean()
+        return batch.over_exits(lambda c: batch.exit_loss(c)[0])
 
 
 @register
@@ -182,15 +211,15 @@ class ExitObjective(Term):
         return cls(opts.exit_objective_weight, opts.exit_objective)
 
     def applies(self, batch: Batch) -> bool:
-        return len(batch.exits) > 0 and batch.full.zero_attention is not None
+        return len(batch.exit_weights()) > 0 and batch.full.zero_attention is not None
 
     def value(self, batch: Batch) -> torch.Tensor:
-        terms = []
-        for c in batch.exits:
+        def at(c: int) -> torch.Tensor:
             target = exit_target(batch.exited(c).logits, batch.full.logits)
             signal = batch.full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
-            terms.append(exit_objective(signal, target, self.form))
-        return torch.stack(terms).mean()
+            return exit_objective(signal, target, self.form)
+
+        return batch.over_exits(at)
 
 
 class HealingObjective(nn.Module):
@@ -225,5 +254,8 @@ class HealingObjective(nn.Module):
                 logged[term.metric] = value.detach()
         metrics.update(batch.exit_metrics())
         metrics.update(logged)
+        if self.model.gates is not None:  # how far healing has opened each added cycle
+            for c in range(2, self.model.config.cycles + 1):
+                metrics[f"gate{c}"] = self.model.gates.weight[c - 1].detach().abs().mean()
         metrics["loss"] = loss.detach()
         return loss, metrics
