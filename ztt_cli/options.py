@@ -117,6 +117,10 @@ class ConvertOptions(BaseModel):
         "auto", description="how the shared block is initialised from the middle layers; grow: from the layers a "
         "block-influence drop keeps, added cycles gated off (the model starts as that drop)"
     )
+    relax_rank: int = added_option(
+        0, ge=0, description="per-cycle relaxation: a rank-r delta per (cycle, block layer, linear weight), started "
+        "at the source layer each position replaces (0: pure sharing)"
+    )
     grow_gate: float = added_option(
         0.0, description="--init grow: initial residual gate of the added cycles (0: the converted model is the drop)"
     )

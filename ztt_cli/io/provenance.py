@@ -85,14 +85,24 @@ def _front_matter(source: dict) -> list[str]:
 
 def _structure(config: dict, lay: Layout, convert: dict) -> str:
     metrics = convert.get("metrics", {})
-    if metrics.get("dropped_layers"):
-        dropped = ", ".join(map(str, metrics["dropped_layers"]))
+    dropped = ", ".join(map(str, metrics.get("dropped_layers") or []))
+    if dropped and not config.get("grown"):
         return (f"A baseline without sharing: source layers {dropped} dropped ({metrics.get('select')}); "
                 f"the {lay.unique_layers} kept layers run once, in order.")
     zero = (", each cycle with a learned zero token in attention (key, logit bias, zero value) that drives "
             "per-token early exit." if config.get("pool") else " (no zero token: head-tail cycling).")
-    return (f"The first {lay.head} and last {lay.tail} layers keep their own weights; one block of {lay.block} "
+    text = (f"The first {lay.head} and last {lay.tail} layers keep their own weights; one block of {lay.block} "
             f"layers is applied {lay.cycles} times in between" + zero)
+    if config.get("grown"):
+        kept = f"source layers {dropped} removed by {metrics.get('select')}" if dropped else "every source layer kept"
+        gate = convert.get("options", {}).get("grow_gate", 0.0)
+        text += (f" Grown recurrences: the unique layers are those a layer drop keeps ({kept}), in order, and every "
+                 "block position has a residual gate g, h ← h + g·(f(h) − h); cycle 1 started at g = 1 (the drop) "
+                 f"and the added cycles at g = {gate:g}.")
+    if config.get("relax_rank"):
+        text += (f" Per-cycle relaxation: every (cycle, block layer) adds rank-{config['relax_rank']} deltas to the "
+                 "shared linear weights and has its own norms and biases.")
+    return text
 
 
 def _facts(config: dict, lay: Layout, prov: dict, dtype: str) -> list[str]:
@@ -104,7 +114,9 @@ def _facts(config: dict, lay: Layout, prov: dict, dtype: str) -> list[str]:
         "| | source | this model |", "|---|---|---|",
         f"| layout (head / block × cycles / tail) | {source.get('layers', '?')} layers | {lay} |",
         f"| unique layers / unrolled depth | {source.get('layers', '?')} | {lay.unique_layers} / {lay.depth} |",
-        f"| parameters | {source.get('parameters', 0):,} | {p.get('total', 0):,} (zero-token pool {p.get('pool', 0):,}) |",
+        f"| parameters | {source.get('parameters', 0):,} | {p.get('total', 0):,} (zero-token pool {p.get('pool', 0):,}"
+        + "".join(f", {label} {p[key]:,}" for key, label in (("gates", "gates"), ("relax", "relaxation")) if p.get(key))
+        + ") |",
         f"| weights | | {dtype}, safetensors |",
         f"| early exit | | signal `{config.get('exit_signal')}`, threshold {threshold:.4g}"
         + (" (never: full depth)" if threshold > 1 else "") + f"; compute-speedup bound {lay.speedup_bound:.2f}× |",

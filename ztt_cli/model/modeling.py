@@ -42,6 +42,7 @@ from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
 from .exits import TokenExits
 from .layout import Layout
+from .relax import PositionDeltas, Relaxation
 from .signals import NEVER, SIGNALS
 
 
@@ -59,6 +60,7 @@ class ZTTConfig(PreTrainedConfig):
     tail: int = 0
     pool: bool = True  # a zero-token pool; False: head-tail cycling without a zero token
     grown: bool = False  # unique layers = a drop's kept layers, one residual gate per block position
+    relax_rank: int = 0  # > 0: per-(cycle, block layer) low-rank deltas on the shared weights (relax.py)
     pool_bias_init: float = -6.0
     pool_key_std: float = 0.02
     zero_logit_log_n: bool = False  # add log(#visible keys) to the zero logit
@@ -209,7 +211,10 @@ class LayerSlot(nn.Module):
                 log_n=model.config.zero_logit_log_n,
                 sink=partial(record.put, self.cycle, j),
             )
-        out = layer(hidden_states, *args, **kwargs)
+        if model.relax is not None and self.cycle is not None:
+            out = model.relax.run(layer, self.position, self.cycle, (hidden_states, *args), kwargs)
+        else:
+            out = layer(hidden_states, *args, **kwargs)
         if gates is not None:  # lerp: exactly f(h) at g = 1, exactly h at g = 0
             out = torch.lerp(hidden_states, out, gates.weight[self.cycle - 1, self.position].to(out.dtype))
         if exits is not None:
@@ -242,7 +247,7 @@ class ZTTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        if isinstance(module, (ZeroTokenPool, ResidualGates)):
+        if isinstance(module, (ZeroTokenPool, ResidualGates, PositionDeltas)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -281,6 +286,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             else None
         )
         self.gates = ResidualGates(layout.cycles, layout.block) if config.grown else None
+        block = list(self.layers[layout.head : layout.head + layout.block])
+        self.relax = Relaxation(block, layout.cycles, config.relax_rank) if config.relax_rank > 0 else None
         self._record = _ForwardRecord()
         self.exit_stats = ExitStats(layout.cycles)
         slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots(config.grown)]
@@ -370,8 +377,10 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         layers = sum(p.numel() for p in self.layers.parameters())
         pool = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
         gates = self.gates.weight.numel() if self.gates is not None else 0
+        relax = sum(p.numel() for p in self.relax.parameters()) if self.relax is not None else 0
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "layers": layers, "pool": pool, "gates": gates, "other": total - layers - pool - gates}
+        return {"total": total, "layers": layers, "pool": pool, "gates": gates, "relax": relax,
+                "other": total - layers - pool - gates - relax}
 
 
 def register() -> None:

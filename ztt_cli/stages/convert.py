@@ -131,10 +131,14 @@ def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
     if opts.drop is None:
-        return Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
-    if opts.init == GROW:
-        raise LayoutError("--drop makes a one-cycle model and --init grow a cycled one: choose one",
-                          hint="for a cycled model that starts at the drop, give --init grow and its layout alone")
+        layout = Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
+        if opts.relax_rank and layout.cycles == 1:
+            raise LayoutError("--relax-rank relaxes a shared block, and this layout has one cycle: nothing is shared",
+                              hint="give --cycles 2 or more, or leave out --relax-rank")
+        return layout
+    if opts.init == GROW or opts.relax_rank:
+        raise LayoutError("--drop makes a one-cycle model of the kept layers, --init grow and --relax-rank a cycled one",
+                          hint="choose one: --drop N, or a cycled layout with --init grow / --relax-rank")
     if opts.block is not None or opts.cycles is not None or opts.head is not None:
         raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do not apply",
                           hint="leave them out (--tail sets where a contiguous drop ends)")
@@ -192,7 +196,7 @@ def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausa
     config = ZTTConfig(
         text_config=text_config.to_dict(), head=layout.head, block=layout.block, cycles=layout.cycles,
         tail=layout.tail, pool=opts.pool and opts.drop is None,  # one cycle: nothing to exit from
-        grown=grown, zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
+        grown=grown, relax_rank=opts.relax_rank, zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
     )
     ztt = ZTTForCausalLM(config, source=source.model).eval()
     if ztt.pool is not None:  # the zero-token keys are random: seeded, so a conversion is reproducible
@@ -202,6 +206,11 @@ def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausa
     if ztt.gates is not None:
         with torch.no_grad():
             ztt.gates.weight[1:] = opts.grow_gate
+    if ztt.relax is not None:  # LoRA's random A, seeded like the pool
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed + 1)
+            for deltas in ztt.relax.positions:
+                deltas.reset_parameters()
     return ztt
 
 
@@ -231,6 +240,12 @@ def _initialise(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layo
             scores[strategy] = perplexity(ztt, source.windows)
         init = min(scores, key=scores.get)
     use(init)
+    if ztt.relax is not None:  # each position starts at the source layer it replaces (truncated SVD)
+        for slot in layout.slots():
+            if slot.cycle is not None:
+                i = slot.index  # the source layer at this unrolled position
+                target = own[i] if i in own else layers[i].state_dict()
+                ztt.relax.positions[slot.position].fit(slot.cycle, ztt.layers[slot.unique], target)
     return init, scores
 
 

@@ -152,13 +152,15 @@ def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
 
 
 def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
-    """The trained parameters by optimizer group (weights, pool, gates); everything else is frozen.
-    A grown model's residual gates train with the block (``all``, ``block``, ``block+pool``)."""
+    """The trained parameters by optimizer group (weights, pool, gates, relax); everything else is
+    frozen. A grown model's residual gates and a relaxed model's deltas train with the block
+    (``all``, ``block``, ``block+pool``)."""
     lay = model.config.layout
     block = {id(p) for layer in model.layers[lay.head : lay.head + lay.block] for p in layer.parameters()}
     pool = list(model.pool.parameters()) if model.pool is not None else []
     gates = list(model.gates.parameters()) if model.gates is not None else []
-    own = {id(p) for p in pool + gates}
+    relax = list(model.relax.parameters()) if model.relax is not None else []
+    own = {id(p) for p in pool + gates + relax}
     weights = []
     for p in model.parameters():
         if id(p) in own:
@@ -168,12 +170,13 @@ def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
         if train:
             weights.append(p)
     train_pool, train_gates = what in ("all", "block+pool", "pool"), what in ("all", "block", "block+pool")
-    for params, train in ((pool, train_pool), (gates, train_gates)):
+    for params, train in ((pool, train_pool), (gates + relax, train_gates)):
         for p in params:
             p.requires_grad_(train)
     if what in ("pool", "block+pool") and not pool:
         raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none", hint="choose --trainable all or block")
-    return {"weights": weights, "pool": pool if train_pool else [], "gates": gates if train_gates else []}
+    return {"weights": weights, "pool": pool if train_pool else [], "gates": gates if train_gates else [],
+            "relax": relax if train_gates else []}
 
 
 def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[list[dict], list[dict]]:
@@ -184,7 +187,7 @@ def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[lis
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
     settings = {"weights": (opts.lr, opts.weight_decay), "pool": (opts.effective_pool_lr, 0.0),
-                "gates": (opts.effective_gate_lr, 0.0)}
+                "gates": (opts.effective_gate_lr, 0.0), "relax": (opts.lr, opts.weight_decay)}
     groups, grouping = [], []
     for name, params in trained.items():
         if params:
@@ -384,6 +387,10 @@ class HealingRun:
                 f"--seq-len {opts.seq_len} is above the model's context of {max_positions} tokens",
                 hint=f"choose --seq-len {max_positions} or less",
             )
+        if opts.grad_checkpointing and self.model.relax is not None:
+            raise ZTTError("--grad-checkpointing does not support a relaxed checkpoint (its per-cycle deltas are "
+                           "applied around each layer call, which checkpointing recomputes later)",
+                           hint="leave out --grad-checkpointing (lower --batch-size and raise --grad-accum instead)")
         self.progress(Event.status(f"reading {opts.data}"))
         self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field)
         self.teacher = _load_teacher(opts, self.provenance, self.model, self.ddp.device, self.progress)

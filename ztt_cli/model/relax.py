@@ -1,0 +1,119 @@
+"""Per-cycle relaxation (Relaxed Recursive Transformers, Bae et al., ICLR 2025).
+
+Every (cycle, block layer) gets its own low-rank delta on each linear weight of the shared
+layer, applied unmerged, ``y = W_shared·x + B·A·x``, so the shared weights stay shared; and
+its own copy of the layer's 1-D parameters (norm weights, biases), stored as a delta on the
+shared ones. Rank 0 is pure sharing; full rank with fitted deltas reproduces the layer each
+position replaced.
+
+Initialisation, per position: where it replaces a source layer, ``W_source - W_shared`` by
+truncated SVD (B = U_r·Σ_r, A = V_rᵀ) and the 1-D parameters' differences; elsewhere (a grown
+model's positions, or a position whose source layer *is* the shared one) B = 0 and A random,
+as in LoRA. On a grown model's added cycles B = 0 and the gate g = 0 scale each other out:
+neither B nor A gets a gradient until g moves.
+
+The linear deltas are forward hooks on the shared layer's linear modules; the 1-D copies are
+swapped in with ``torch.func.functional_call`` for the call. Both read the cycle the slot is
+running, so activation checkpointing inside a layer (which recomputes later, outside the call)
+is not supported in relaxed mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    return weight.t() if isinstance(module, Conv1D) else weight
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "-")
+
+
+class PositionDeltas(nn.Module):
+    """The deltas of one block layer, for every cycle: A [C, r, in], B [C, out, r] per linear
+    module, and d [C, *shape] per 1-D parameter."""
+
+    def __init__(self, layer: nn.Module, cycles: int, rank: int):
+        super().__init__()
+        self.linears = {name: m for name, m in layer.named_modules() if _is_linear(m)}
+        self.vectors = [name for name, p in layer.named_parameters() if p.dim() == 1]
+        self.A, self.B, self.d = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        for name, m in self.linears.items():
+            out_f, in_f = _as_out_in(m, m.weight).shape
+            self.A[_key(name)] = nn.Parameter(torch.empty(cycles, rank, in_f))
+            self.B[_key(name)] = nn.Parameter(torch.empty(cycles, out_f, rank))
+        params = dict(layer.named_parameters())
+        for name in self.vectors:
+            self.d[_key(name)] = nn.Parameter(torch.empty(cycles, *params[name].shape))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LoRA's start: A random, B = 0, no 1-D difference (the position computes the shared layer)."""
+        for a in self.A.values():
+            a.normal_(0.0, 1.0 / math.sqrt(a.shape[-1]))
+        for p in [*self.B.values(), *self.d.values()]:
+            p.zero_()
+
+    @torch.no_grad()
+    def fit(self, cycle: int, layer: nn.Module, target: dict[str, torch.Tensor]) -> None:
+        """Start position ``cycle`` at the source layer whose state is ``target``."""
+        c = cycle - 1
+        for name, m in self.linears.items():
+            diff = (_as_out_in(m, target[f"{name}.weight"]) - _as_out_in(m, m.weight)).float()
+            if not diff.any():
+                continue  # the shared layer is the target: keep the LoRA start
+            u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+            r = min(self.A[_key(name)].shape[1], s.shape[0])
+            self.B[_key(name)][c].zero_()
+            self.B[_key(name)][c, :, :r] = u[:, :r] * s[:r]
+            self.A[_key(name)][c, :r] = vh[:r]
+        params = dict(layer.named_parameters())
+        for name in self.vectors:
+            self.d[_key(name)][c] = target[name] - params[name]
+
+
+class Relaxation(nn.Module):
+    """Per-cycle deltas for the block's layers; ``run`` calls a block layer as cycle ``c`` sees it."""
+
+    def __init__(self, block_layers: list[nn.Module], cycles: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.positions = nn.ModuleList([PositionDeltas(layer, cycles, rank) for layer in block_layers])
+        self._cycle: int | None = None
+        for j, layer in enumerate(block_layers):
+            for name, module in self.positions[j].linears.items():
+                module.register_forward_hook(self._delta_hook(j, _key(name)))
+
+    def _delta_hook(self, j: int, key: str):
+        def add_delta(module, args, output):
+            if self._cycle is None:
+                return output
+            pos = self.positions[j]
+            a, b = pos.A[key][self._cycle - 1], pos.B[key][self._cycle - 1]
+            x = args[0]
+            return output + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(output.dtype)
+
+        return add_delta
+
+    def run(self, layer: nn.Module, j: int, cycle: int, args: tuple, kwargs: dict):
+        """``layer(*args, **kwargs)`` with position (cycle, j)'s deltas."""
+        pos = self.positions[j]
+        params = dict(layer.named_parameters())
+        own = {name: params[name] + pos.d[_key(name)][cycle - 1].to(params[name].dtype) for name in pos.vectors}
+        self._cycle = cycle
+        try:
+            return torch.func.functional_call(layer, own, args, kwargs, strict=False)
+        finally:
+            self._cycle = None
