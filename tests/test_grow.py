@@ -12,7 +12,14 @@ from ztt_cli.model.modeling import ZTTForCausalLM
 from ztt_cli.options import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 
-from .fixtures import FAMILIES, cli, corpus, grown_model, save_source, source_model, token_ids
+from .fixtures import (
+    FAMILIES,
+    cli,
+    corpus,
+    grown_model,
+    save_source,
+    token_ids,
+)
 
 GROWN = (1, 2, 2, 1)  # 4 of the 6 fixture layers kept, depth 6
 DEEPEN = (2, 2, 2, 2)  # all 6 layers kept, depth 8
@@ -49,26 +56,26 @@ def test_a_grown_conversion_is_the_drop_it_starts_from(family, tmp_path, calib_f
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
-def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family):
+def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family, monkeypatch):
     """GPT-2's 1/(i+1) scaling and Qwen2's sliding layers come from the layer a position
     reproduces; the KV slot is the unrolled position."""
+    from ztt_cli.model.architecture import Family
+
     grown, src = grown_model(family, GROWN, dropped=(1, 3), added_gate=0.5)
     slots = grown.config.layout.slots(grown=True)
     assert [s.attribute for s in slots] == [0, 1, 2, 1, 2, 3]
     assert [s.index for s in slots] == list(range(6))
     calls = []
-    fam = grown._family
-    original = fam.point_at
-    fam_cls = type(fam)
-    fam_cls_point_at = fam_cls.point_at
-    try:
-        fam_cls.point_at = lambda self, layer, slot, attribute, config: (calls.append((slot, attribute)),
-                                                                       fam_cls_point_at(self, layer, slot, attribute, config))
-        with torch.no_grad():
-            grown(token_ids(length=8))
-    finally:
-        fam_cls.point_at = fam_cls_point_at
-    assert calls == [(s.index, s.attribute) for s in slots] and original
+    point_at = Family.point_at
+
+    def spy(self, layer, slot, attribute, config):
+        calls.append((slot, attribute))
+        point_at(self, layer, slot, attribute, config)
+
+    monkeypatch.setattr(Family, "point_at", spy)
+    with torch.no_grad():
+        grown(token_ids(length=8))
+    assert calls == [(s.index, s.attribute) for s in slots]
     text = grown.config.text_config
     assert text.num_hidden_layers == 6
     if family == "qwen2":  # per position, from the kept layers [0, 2, 4, 5]
@@ -213,3 +220,14 @@ def test_grow_with_drop_is_refused_in_one_line(tmp_path):
 def test_source_model_fixture_is_untouched():
     model, src = grown_model("llama", GROWN, dropped=(1, 3))
     assert len(src.model.layers) == 6 and isinstance(model, ZTTForCausalLM)
+
+
+def test_the_command_line_says_what_a_grown_conversion_kept(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    result = cli("convert", src, "--out", tmp_path / "g", "--init", "grow", "--head", "2", "--block", "2",
+                 "--cycles", "2", "--tail", "2", "--relax-rank", "2", "--calib-data", calib_file, "--calib-tokens", "32")
+    assert result.exit_code == 0, result.output
+    assert "every source layer kept" in result.output and "starts as that drop" in result.output
+    assert "residual gates" in result.output and "relaxation deltas" in result.output
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "Grown recurrences" in card and "rank-2 deltas" in card

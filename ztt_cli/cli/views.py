@@ -65,10 +65,18 @@ def convert(command: Command, opts, execute: Execute) -> None:
     table.add_row("unrolled depth", str(result.source_layers), str(lay.depth))
     table.add_row("parameters", f"{result.source_params:,}", f"{result.params['total']:,}")
     table.add_row("  of which zero-token pool", "", f"{result.params['pool']:,}")
+    for key, label in (("gates", "residual gates"), ("relax", "relaxation deltas")):
+        if result.params.get(key):
+            table.add_row(f"  of which {label}", "", f"{result.params[key]:,}")
     table.add_row("saved", "", f"{100 * result.saved_fraction:.1f}%")
     table.add_row("early-exit compute bound", "", f"{lay.speedup_bound:.2f}×")
     out.print(table)
-    if result.dropped:
+    if result.init == "grow":
+        removed = f"source layers {', '.join(map(str, result.dropped))} removed ({opts.select})" if result.dropped \
+            else "every source layer kept"
+        out.print(f"init [bold]grow[/]: the layers a drop keeps ({removed}); added cycles gated at "
+                  f"{opts.grow_gate:g}, so the model starts as that drop")
+    elif result.dropped:
         out.print(f"dropped source layers [bold]{', '.join(map(str, result.dropped))}[/] ({opts.select}); "
                   "a one-cycle model of the kept layers, no zero token")
     elif result.init_scores:
