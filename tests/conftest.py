@@ -23,3 +23,13 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "ztt-cache"
     monkeypatch.setenv("ZTT_CACHE", str(d))
     return d
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A plain-text calibration file (convert's --calib-data)."""
+    from .fixtures import corpus
+
+    path = tmp_path / "calib.txt"
+    path.write_text(corpus(300, seed=1))
+    return path

@@ -13,14 +13,7 @@ from ztt_cli.model.modeling import ZTTForCausalLM
 from ztt_cli.options import ConvertOptions
 from ztt_cli.stages.convert import convert
 
-from .fixtures import FAMILIES, corpus, save_source, source_model, token_ids
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(corpus(300, seed=1))
-    return path
+from .fixtures import FAMILIES, save_source, source_model, token_ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -15,7 +15,6 @@ from ztt_cli.stages.convert import convert
 from .fixtures import (
     FAMILIES,
     cli,
-    corpus,
     grown_model,
     save_source,
     token_ids,
@@ -23,13 +22,6 @@ from .fixtures import (
 
 GROWN = (1, 2, 2, 1)  # 4 of the 6 fixture layers kept, depth 6
 DEEPEN = (2, 2, 2, 2)  # all 6 layers kept, depth 8
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(corpus(300, seed=1))
-    return path
 
 
 @pytest.mark.parametrize("family", FAMILIES)
