@@ -223,11 +223,12 @@ class LayerSlot(nn.Module):
         return out
 
     def _closed(self, record: _ForwardRecord, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
-        """A position whose gate is 0: nothing runs. Its zero attention reads 1 (it adds nothing)."""
+        """A position whose gate is 0: nothing runs. Its zero attention is NaN (not computed), so the
+        zero-attention signal never exits a token after a closed cycle."""
         model = self._refs[2]
         if model.pool is not None and record.pool_on:
-            record.put(self.cycle, self.position, hidden.new_ones(hidden.shape[0], model.pool.bias.shape[-1],
-                                                                  hidden.shape[1]))
+            shape = (hidden.shape[0], model.pool.bias.shape[-1], hidden.shape[1])
+            record.put(self.cycle, self.position, hidden.new_full(shape, float("nan")))
         if exits is None:
             return hidden
         exits.pass_through(self.cycle, self.position)
