@@ -174,3 +174,25 @@ def test_drop_refuses_sharing_options(tmp_path):
     with pytest.raises(LayoutError):
         convert(ConvertOptions(source=str(src), out=tmp_path / "x", drop=5))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@torch.no_grad()
+def test_keeping_layers_leaves_a_plain_model_of_its_family(family):
+    """What --drop removes, removed from the family's own model: it generates with its cache and
+    computes what the one-cycle ztt checkpoint of the same layers computes."""
+    import copy
+
+    from ztt_cli.model.architecture import family_for
+    from ztt_cli.model.modeling import ZTTConfig
+    from ztt_cli.stages.convert import keep_layers
+
+    kept = source_model(family)
+    fam = family_for(kept.config.model_type)
+    keep_layers(kept, fam, [1, 3])
+    ztt = ZTTForCausalLM(ZTTConfig(text_config=kept.config.to_dict(), head=1, block=2, cycles=1, tail=1, pool=False),
+                         source=copy.deepcopy(kept)).eval()
+    ids = token_ids(batch=1, length=8)
+    assert torch.equal(kept(ids).logits, ztt(ids).logits)
+    cached = kept.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert torch.equal(cached, ztt.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=1))

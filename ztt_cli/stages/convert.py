@@ -90,7 +90,8 @@ def dropped_layers(n_layers: int, n_drop: int, select: str, tail: int | None, in
 
 
 def keep_layers(model, family, dropped: list[int]) -> int:
-    """Keep only the layers not in ``dropped``, in order (config and per-layer lists follow); the
+    """Keep only the layers not in ``dropped``, in order (config and per-layer lists follow, and each
+    layer's index attributes are renumbered): a plain model of its family with fewer layers. The
     number kept."""
     layers = family.layer_list(model)
     keep = [i for i in range(len(layers)) if i not in dropped]
@@ -99,6 +100,8 @@ def keep_layers(model, family, dropped: list[int]) -> int:
     for name in ("num_hidden_layers", *PER_LAYER_LISTS):
         if getattr(kept, name, None) is not None:
             setattr(model.config, name, getattr(kept, name))
+    for i, layer in enumerate(family.layer_list(model)):
+        family.point_at(layer, i, i, model.config)
     return len(keep)
 
 

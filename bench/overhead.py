@@ -1,0 +1,263 @@
+"""What ztt's wrapper costs in decoding, against each family's own model: `python bench/overhead.py`.
+
+Tiny models of every family (32 layers, hidden size 64: overhead-bound, as a GPU is at batch 1)
+and, with --smollm2, the real SmolLM2-135M. Per family, side by side in one run (repetitions
+interleaved, so drifts in machine load hit every model alike):
+
+- ``own 32`` / ``own 20``: the family's own transformers model with all layers, and with the 12
+  middle layers a drop removes taken out (built directly in transformers);
+- ``no-share``: a ztt conversion that shares nothing (0/32×1/0, no pool);
+- ``drop``: a one-cycle ztt checkpoint of the same 20 layers (what ``--drop 12`` makes);
+- ``ztt``, ``ztt + pool``: 4/12×2/4 without and with the zero-token pool, exits off;
+- ``ztt + exits``: with the pool and exits on, at a fixed exit fraction (a bench-only exit signal
+  that scores tokens at random, seeded, so the fraction that exits after cycle 1 is chosen;
+  a calibrated threshold means nothing on a random model).
+
+Greedy decoding with a KV cache (16-token prompts, 32 new tokens) at batch 1 and 8. Reported
+per model: tokens/s (median, and the spread min–max), throughput per layer run relative to the
+family's own model of the same depth, host reads per decoded token beyond what the own model's
+``generate()`` does (``__bool__``/``__int__``/``__float__``/``item``/``cpu``/``tolist`` counted
+by a TorchFunctionMode; on a GPU also the synchronisations ``torch.cuda.set_sync_debug_mode``
+warns about), and Python time per slot in ztt's own code (cProfile, self time).
+
+    python bench/overhead.py [--reps 7] [--families llama,qwen2] [--smollm2] [--readme docs/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import inspect
+import json
+import platform
+import pstats
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+import ztt_cli  # noqa: F401  (registers the model)
+from ztt_cli.device import describe, resolve_device, synchronize
+from ztt_cli.model.architecture import family_for
+from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
+from ztt_cli.model.signals import SIGNALS, signal
+from ztt_cli.stages.convert import keep_layers
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT, NEW = 16, 32
+
+
+def shapes(depth: int) -> tuple[dict, list[int]]:
+    """The cycled layout (head = tail = 4, two cycles of the rest) and the layers its drop removes:
+    32 layers -> 4/12×2/4 (20 unique) and 12 dropped; SmolLM2's 30 -> 4/11×2/4 and 11."""
+    block = (depth - 8) // 2
+    return dict(head=4, block=block, cycles=2, tail=4), list(range(4 + block, 4 + 2 * block))
+
+
+def tiny_config(family: str, layers: int = 32):
+    common = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=256, **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=64, num_hidden_layers=layers, ffn_dim=128, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, **common)
+
+
+@signal("bench-fraction")
+def _random_scores(exits, cycle):
+    """Seeded uniform scores per token: a threshold of 1 - f exits a fraction f after each cycle."""
+    g = torch.Generator().manual_seed(1000 * cycle + exits.cycle.numel())
+    return torch.rand(exits.cycle.shape, generator=g).to(exits.cycle.device)
+
+
+def ztt_around(source, layout: dict, pool: bool, **config):
+    cfg = ZTTConfig(text_config=source.config.to_dict(), pool=pool, **layout, **config)
+    return ZTTForCausalLM(cfg, source=copy.deepcopy(source)).eval()
+
+
+def models_for(source, exit_fraction: float) -> dict:
+    """name -> (model, layers run per token, name of the own model of the same depth)."""
+    depth = source.config.num_hidden_layers
+    layout, dropped = shapes(depth)
+    n_kept = depth - len(dropped)
+    kept = copy.deepcopy(source)
+    keep_layers(kept, family_for(kept.config.model_type), dropped)
+    exits = ztt_around(source, layout, True, exit_signal="bench-fraction", exit_threshold=1 - exit_fraction)
+    own, own_kept = f"own {depth}", f"own {n_kept}"
+    return {
+        own: (source, depth, own),
+        "no-share": (ztt_around(source, dict(head=0, block=depth, cycles=1, tail=0), False), depth, own),
+        own_kept: (kept, n_kept, own_kept),
+        "drop": (ztt_around(kept, dict(head=6, block=n_kept - 12, cycles=1, tail=6), False), n_kept, own_kept),
+        "ztt": (ztt_around(source, layout, False), depth, own),
+        "ztt + pool": (ztt_around(source, layout, True), depth, own),
+        "ztt + exits": (exits, None, own),  # layers run: measured
+    }
+
+
+def generate(model, prompts):
+    return model.generate(prompts, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                          attention_mask=torch.ones_like(prompts), pad_token_id=0)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor methods that read a value back to the host."""
+
+    NAMES = {"__bool__", "__int__", "__float__", "__index__", "item", "cpu", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def host_reads(model, prompts) -> tuple[int, int]:
+    """(host reads, CUDA syncs warned about) in one ``generate()`` call."""
+    cuda = prompts.device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with HostReads() as reads:
+                generate(model, prompts)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    return reads.count, sum("synchroniz" in str(w.message) for w in caught)
+
+
+@torch.no_grad()
+def python_per_slot(model, prompts) -> float | None:
+    """Self time in ztt_cli's own functions per slot call, in microseconds (cProfile)."""
+    if not isinstance(model, ZTTForCausalLM):
+        return None
+    profile = cProfile.Profile()
+    profile.runcall(generate, model, prompts)
+    stats = pstats.Stats(profile).stats
+    slot = (inspect.getsourcefile(LayerSlot), LayerSlot.forward.__code__.co_firstlineno, "forward")
+    ours = sum(tt for (file, _, _), (_, _, tt, _, _) in stats.items() if "ztt_cli" in file)
+    return 1e6 * ours / max(stats.get(slot, (0, 1))[1], 1)
+
+
+@torch.no_grad()
+def time_all(models: dict, prompts, reps: int) -> dict[str, list[float]]:
+    times = {name: [] for name in models}
+    for model, _, _ in models.values():  # warm-up
+        generate(model, prompts)
+    for _ in range(reps):
+        for name, (model, _, _) in models.items():  # interleaved
+            synchronize(prompts.device)
+            t0 = time.perf_counter()
+            generate(model, prompts)
+            synchronize(prompts.device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def measure_family(label: str, source, device, reps: int, exit_fraction: float) -> list[dict]:
+    source = source.to(device).eval()
+    models = {k: (m.to(device).eval(), n, ref) for k, (m, n, ref) in models_for(source, exit_fraction).items()}
+    rows = []
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(3, source.config.vocab_size, (batch, PROMPT), generator=g).to(device)
+        exits = models["ztt + exits"][0]
+        exits.exit_stats.reset()
+        times = time_all(models, prompts, reps)
+        layers_exits = exits.config.layout.layers_run(exits.exit_stats.mean_cycles)
+        rate = {k: batch * NEW / statistics.median(t) for k, t in times.items()}
+        reads = {k: host_reads(m, prompts) for k, (m, _, _) in models.items()}
+        for name, (model, layers, ref) in models.items():
+            layers = layers_exits if layers is None else layers
+            ref_layers = models[ref][1]
+            rows.append({
+                "family": label, "batch": batch, "model": name, "layers_run": layers,
+                "tok_s": rate[name], "tok_s_min": batch * NEW / max(times[name]),
+                "tok_s_max": batch * NEW / min(times[name]),
+                "per_layer_vs_own": rate[name] * layers / (rate[ref] * ref_layers),
+                "host_reads_per_token": (reads[name][0] - reads[ref][0]) / NEW,
+                "cuda_syncs_per_token": (reads[name][1] - reads[ref][1]) / NEW,
+                "python_us_per_slot": python_per_slot(model, prompts),
+            })
+    return rows
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    lines = [f"`python bench/overhead.py` on {m['device']} ({m['machine']}, {m['threads']} threads), torch {m['torch']}, "
+             f"{m['date']}; {report['reps']} interleaved repetitions, median (min–max); exits on at fraction "
+             f"{report['exit_fraction']} after cycle 1.", "",
+             "| family | batch | model | layers run | tok/s (min–max) | per layer run vs own | host reads / token | "
+             "Python µs / slot |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        py = "" if r["python_us_per_slot"] is None else f"{r['python_us_per_slot']:.1f}"
+        lines.append(f"| {r['family']} | {r['batch']} | {r['model']} | {r['layers_run']:.1f} | {r['tok_s']:.0f} "
+                     f"({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) | {r['per_layer_vs_own']:.2f} | "
+                     f"{r['host_reads_per_token']:+.2f} | {py} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    start, end = "<!-- overhead -->", "<!-- /overhead -->"
+    text = readme.read_text()
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--families", default="llama,qwen2,mistral,gpt2,opt")
+    ap.add_argument("--smollm2", action="store_true", help="also the real SmolLM2-135M (30 layers)")
+    ap.add_argument("--exit-fraction", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    ap.add_argument("--readme", type=Path, help="replace the <!-- overhead --> block of this page")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    rows = []
+    for family in args.families.split(","):
+        torch.manual_seed(0)
+        rows += measure_family(family, AutoModelForCausalLM.from_config(tiny_config(family)), device, args.reps,
+                               args.exit_fraction)
+    if args.smollm2:
+        from ztt_cli.io import sources
+
+        rows += measure_family("smollm2-135m", sources.load_model(sources.resolve("smollm2-135m").folder, torch.float32),
+                               device, args.reps, args.exit_fraction)
+    meta = {"device": describe(device), "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    report = {"meta": meta, "reps": args.reps, "exit_fraction": args.exit_fraction, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    print(table)
+    if args.readme:
+        update_readme(args.readme, table)
+
+
+if __name__ == "__main__":
+    assert "bench-fraction" in SIGNALS
+    main()
