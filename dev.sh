@@ -28,6 +28,7 @@ case "$job" in
   bench)
     "$VENV/bin/python" bench/attention.py "$@"
     "$VENV/bin/python" bench/convert.py "$@"
+    "$VENV/bin/python" bench/overhead.py --readme docs/results.md
     "$VENV/bin/python" bench/compare.py bench/compare.yaml --readme docs/results.md
     "$VENV/bin/python" bench/compare.py bench/compare-cpu-high.yaml --readme docs/results.md ;;
   *)

@@ -78,11 +78,18 @@ def tiny_config(family: str, layers: int = 32):
                num_key_value_heads=2, max_position_embeddings=256, **common)
 
 
+_SCORES = torch.Generator()
+
+
 @signal("bench-fraction")
 def _random_scores(exits, cycle):
-    """Seeded uniform scores per token: a threshold of 1 - f exits a fraction f after each cycle."""
-    g = torch.Generator().manual_seed(1000 * cycle + exits.cycle.numel())
-    return torch.rand(exits.cycle.shape, generator=g).to(exits.cycle.device)
+    """Uniform scores per token from one seeded stream (``reseed()`` before each measurement): a
+    threshold of 1 - f exits a fraction f after each cycle."""
+    return torch.rand(exits.cycle.shape, generator=_SCORES).to(exits.cycle.device)
+
+
+def reseed() -> None:
+    _SCORES.manual_seed(0)
 
 
 def ztt_around(source, layout: dict, pool: bool, **config):
@@ -184,6 +191,7 @@ def measure_family(label: str, source, device, reps: int, exit_fraction: float) 
         prompts = torch.randint(3, source.config.vocab_size, (batch, PROMPT), generator=g).to(device)
         exits = models["ztt + exits"][0]
         exits.exit_stats.reset()
+        reseed()
         times = time_all(models, prompts, reps)
         layers_exits = exits.config.layout.layers_run(exits.exit_stats.mean_cycles)
         rate = {k: batch * NEW / statistics.median(t) for k, t in times.items()}
