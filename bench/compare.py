@@ -101,7 +101,7 @@ def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
         out = work / (("cycle" if v.get("pool", True) else "cycle-nopool")
                       + ("" if layout == lay else "-{head}-{block}x{cycles}-{tail}".format(**layout))
                       + "".join(f"-{k}-{val}" for k, val in sorted(extra.items())))
-        opts = dict(layout, init="lower", pool=v.get("pool", True), **extra)
+        opts = {**layout, "init": "lower", "pool": v.get("pool", True), **extra}
     if not (out / "config.json").is_file():
         convert(ConvertOptions(source=cfg["source"], out=out, overwrite=True, **opts))
     return out

@@ -79,3 +79,20 @@ def test_results_table_partial_runs_and_readme_block(tmp_path):
     again = compare.write_outputs(json.loads((tmp_path / "results" / "compare-cpu.json").read_text()),
                                   tmp_path / "results", readme)
     assert again == table and readme.read_text() == text
+
+
+def test_variants_convert_with_their_own_options(tmp_path, monkeypatch):
+    """Each kind of variant asks `ztt convert` for what it names (no conversion runs here)."""
+    compare = _compare_module()
+    asked = []
+    monkeypatch.setattr(compare, "convert", lambda opts: asked.append(opts))
+    monkeypatch.setattr(compare, "sources_layers", lambda cfg: 30)
+    cfg = yaml.safe_load((BENCH / "compare-cpu-grow.yaml").read_text())
+    for v in cfg["variants"]:
+        compare.convert_variant(v, cfg, tmp_path)
+    by_name = dict(zip([v["name"] for v in cfg["variants"]], asked))
+    assert by_name["drop block influence"].drop == 11 and by_name["drop block influence, 22 layers"].drop == 8
+    grown = by_name["ZTT grown, relaxed r = 32"]
+    assert (grown.init, grown.relax_rank, grown.head, grown.block, grown.tail) == ("grow", 32, 4, 11, 4)
+    outs = [opts.out for opts in asked]
+    assert len(set(outs)) == len(outs) - 1  # the two healings of the same 19-layer drop share one conversion
