@@ -196,7 +196,7 @@ class LayerSlot(nn.Module):
             exits.begin_cycle(self.cycle, hidden_states)
         gates = model.gates if self.cycle is not None else None
         if gates is not None and gates.closed(self.cycle, self.position):
-            return self._closed(record, exits, hidden_states)
+            return self._closed(model, exits, hidden_states)
         if exits is not None:
             if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
                 exits.skip(self.cycle, self.position, self.index)
@@ -222,10 +222,10 @@ class LayerSlot(nn.Module):
             out = self._end_of_cycle(exits, out)
         return out
 
-    def _closed(self, record: _ForwardRecord, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
+    def _closed(self, model: ZTTForCausalLM, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
         """A position whose gate is 0: nothing runs. Its zero attention is NaN (not computed), so the
         zero-attention signal never exits a token after a closed cycle."""
-        model = self._refs[2]
+        record = model._record
         if model.pool is not None and record.pool_on:
             shape = (hidden.shape[0], model.pool.bias.shape[-1], hidden.shape[1])
             record.put(self.cycle, self.position, hidden.new_full(shape, float("nan")))

@@ -110,8 +110,10 @@ class Relaxation(nn.Module):
     def run(self, layer: nn.Module, j: int, cycle: int, args: tuple, kwargs: dict):
         """``layer(*args, **kwargs)`` with position (cycle, j)'s deltas."""
         pos = self.positions[j]
-        params = dict(layer.named_parameters())
-        own = {name: params[name] + pos.d[_key(name)][cycle - 1].to(params[name].dtype) for name in pos.vectors}
+        own = {}
+        for name in pos.vectors:  # the layer's 1-D parameters, by name (no dict of all of them per call)
+            shared = layer.get_parameter(name)
+            own[name] = shared + pos.d[_key(name)][cycle - 1].to(shared.dtype)
         self._cycle = cycle
         try:
             return torch.func.functional_call(layer, own, args, kwargs, strict=False)
