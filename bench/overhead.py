@@ -38,7 +38,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -51,6 +50,7 @@ from transformers import (
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.device import describe, resolve_device, synchronize
 from ztt_cli.model.architecture import family_for
+from ztt_cli.model.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
 from ztt_cli.model.signals import SIGNALS, signal
 from ztt_cli.stages.convert import keep_layers
@@ -120,21 +120,6 @@ def models_for(source, exit_fraction: float) -> dict:
 def generate(model, prompts):
     return model.generate(prompts, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                           attention_mask=torch.ones_like(prompts), pad_token_id=0)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the tensor methods that read a value back to the host."""
-
-    NAMES = {"__bool__", "__int__", "__float__", "__index__", "item", "cpu", "tolist"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()

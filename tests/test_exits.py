@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from ztt_cli.model.host_reads import HostReads
+
 from .fixtures import token_ids, ztt_model
 
 LAYOUT = (1, 2, 2, 1)
@@ -175,3 +177,29 @@ def test_options_offer_the_registered_signals():
 
     choices = typing.get_args(typing.get_args(CalibrateOptions.model_fields["signal"].annotation)[0])
     assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation"}
+
+
+@pytest.mark.parametrize("cycles", [2, 3, 4])
+@torch.no_grad()
+def test_a_decoding_step_reads_the_device_at_most_once(cycles):
+    """Host reads (each a synchronisation on a GPU) in one cached decoding step, beyond what the
+    source model's own step does: none at full depth; with exits on at most one, whatever the
+    number of cycles and wherever the tokens exit."""
+    model, source = ztt_model("llama", (1, 2, cycles, 1))
+    prompt = token_ids(batch=3, length=5)
+
+    def reads(m, **kwargs) -> int:
+        out = m(prompt, use_cache=True, **kwargs)
+        step = {k: v[:, -1:] for k, v in kwargs.items() if k == "exit_map"}
+        with HostReads() as counted:
+            m(prompt[:, -1:], cache=out.cache, use_cache=True, **{**kwargs, **step})
+        return counted.count
+
+    own = reads(source)
+    assert reads(model) == own
+    assert reads(model, exit_threshold=2.0) == own
+    for threshold in (0.0, 0.5, 1.0):
+        assert reads(model, exit_threshold=threshold) <= own + 1
+    mixed = torch.tensor([1, 2, cycles])[:, None].expand(3, 5)  # tokens exit after different cycles
+    assert reads(model, exit_map=mixed) <= own + 1
+    assert model.exit_stats.tokens > 0  # counted without a read per step

@@ -67,7 +67,15 @@ def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family
     monkeypatch.setattr(Family, "point_at", spy)
     with torch.no_grad():
         grown(token_ids(length=8))
-    assert calls == [(s.index, s.attribute) for s in slots]
+    # shared layers are pointed at each call; the head and tail once, when the model is built
+    assert calls == [(s.index, s.attribute) for s in slots if s.cycle is not None]
+    family_row = grown._family
+    for s in slots:
+        if s.cycle is None:
+            attn = getattr(grown.layers[s.unique], family_row.attention)
+            assert attn.layer_idx == s.index
+            if family == "gpt2":
+                assert attn.scaling == attn.head_dim**-0.5 / (s.attribute + 1)
     text = grown.config.text_config
     assert text.num_hidden_layers == 6
     if family == "qwen2":  # per position, from the kept layers [0, 2, 4, 5]

@@ -106,6 +106,29 @@ def test_cached_greedy_generation_equals_recomputation(family, cache):
     assert torch.equal(cached, ids)
 
 
+@pytest.mark.parametrize("threshold", [2.0, 0.0])
+@torch.no_grad()
+def test_full_depth_traces_in_one_graph_with_a_static_cache(threshold):
+    """``torch.compile(fullgraph=True)`` traces prefill and decode with a static cache. With exits
+    on (threshold 0: every token exits after cycle 1) the traced graph never asks the host which
+    tokens exited: it runs every cycle, exited tokens frozen, with the eager model's outputs."""
+    from transformers import StaticCache
+
+    ztt, _ = ztt_model("llama", CYCLED)
+    compiled = torch.compile(ztt.forward, fullgraph=True, backend="eager")
+    prompt = token_ids(batch=1, length=6)
+    caches = [StaticCache(config=ztt.inner.config, max_cache_len=16) for _ in range(2)]
+    ids, pos = prompt, None
+    for _ in range(3):  # prefill, then two decoding steps
+        eager = ztt(ids, cache=caches[0], use_cache=True, position_ids=pos, exit_threshold=threshold)
+        traced = compiled(input_ids=ids, cache=caches[1], use_cache=True, position_ids=pos, exit_threshold=threshold)
+        torch.testing.assert_close(traced.logits, eager.logits)
+        if threshold < 1:
+            assert torch.equal(traced.exit_cycles, eager.exit_cycles)
+        step = 6 if pos is None else int(pos) + 1
+        ids, pos = eager.logits[:, -1:].argmax(-1), torch.tensor([[step]])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(family, tmp_path):
     ztt, _ = ztt_model(family, CYCLED)

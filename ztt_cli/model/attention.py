@@ -24,7 +24,8 @@ called without a ``ztt_zero`` kwarg (head, tail, pool off) use the plain kernels
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -37,14 +38,27 @@ from transformers.models.llama.modeling_llama import repeat_kv
 ATTENTION_NAMES = {"sdpa": "ztt_sdpa", "eager": "ztt_eager"}
 
 
-@dataclass
+@dataclass(eq=False)
 class ZeroToken:
-    """What one slot hands its attention call: the pool entry for (cycle, layer)."""
+    """What one slot hands its attention call: the pool entry for (cycle, layer). At inference a
+    slot keeps one and reuses it (see ``LayerSlot``), so the terms the log-sum-exp path derives
+    from it are computed once, not per call."""
 
     key: torch.Tensor  # [n_kv_heads, head_dim]
     bias: torch.Tensor  # [n_heads]
     log_n: bool = False  # add log(number of visible keys) to the zero logit
     sink: Callable[[torch.Tensor], None] | None = None  # receives p0 [B, H, T]
+    _lse: tuple | None = field(default=None, repr=False)
+
+    def lse_terms(self, n_heads: int, scaling: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale·z per query head [H, 1, D], b [H, 1]): s0 = q · first + second. Memoised."""
+        if self._lse is None or self._lse[0] != (scaling, dtype) or torch.compiler.is_compiling():
+            z = self.key.detach().repeat_interleave(n_heads // self.key.shape[0], dim=0)
+            terms = ((z * scaling).to(dtype).unsqueeze(1), self.bias.detach().to(dtype)[:, None])
+            if torch.compiler.is_compiling():
+                return terms
+            self._lse = ((scaling, dtype), *terms)
+        return self._lse[1], self._lse[2]
 
 
 def visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -103,11 +117,43 @@ def _zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible):
     return s0 + n_visible.clamp(min=1).log().to(query.dtype) if log_n else s0
 
 
-def _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_bias, log_n):
+@functools.lru_cache(maxsize=None)
+def _log_count(n: int) -> float:
+    """log(n) rounded as the other paths round it (float32), for adding as a plain number."""
+    return float(torch.tensor(float(n)).log())
+
+
+class _MaskTerms:
+    """The additive float mask and per-query visible-key counts of the last boolean mask seen: every
+    zero-token layer of a forward pass gets the same mask object, so it is converted once."""
+
+    def __init__(self):
+        self.source, self.version, self.terms = None, None, None
+
+    def __call__(self, mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # traced once anyway
+            return self.convert(mask, dtype)
+        if mask is not self.source or mask._version != self.version or self.terms[0].dtype != dtype:
+            self.source, self.version, self.terms = mask, mask._version, self.convert(mask, dtype)
+        return self.terms
+
+    @staticmethod
+    def convert(mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        visible = mask if mask.dtype == torch.bool else mask == 0
+        additive = (torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~visible, float("-inf"))
+                    if mask.dtype == torch.bool else mask.to(dtype))
+        n_visible = visible.sum(-1).float()
+        return additive, n_visible, n_visible == 0
+
+
+_mask_terms = _MaskTerms()
+
+
+def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken):
     """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE).
 
-    Exact, and as fast as plain attention, but the LSE carries no gradient: only used
-    when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
+    Exact, and as fast as plain attention plus a matrix-vector product, but the LSE carries no
+    gradient: only used when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
     if torch.is_autocast_enabled("cpu"):
         # the raw kernel is not autocast-aware: under bf16 autocast, rotary embeddings leave query
         # and key in float32 beside a bf16 value; cast all three as autocast does for SDPA
@@ -115,24 +161,38 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_b
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
     q_len, kv_len = query.shape[2], key.shape[2]
-    n_visible = visible_keys(mask, q_len, kv_len, query.device)
     is_causal = mask is None and q_len > 1
-    if is_causal and q_len != kv_len:
+    if is_causal and q_len != kv_len:  # top-left causal (a static cache's prefill)
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
         is_causal = False
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    n_visible = empty = None
+    if mask is not None:
+        mask, n_visible, empty = _mask_terms(mask, query.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
     )
-    if mask is not None:  # rows with no visible key: only the zero token is left
-        lse = lse.masked_fill(n_visible == 0, float("-inf"))
-    p0 = torch.sigmoid(_zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible) - lse.to(query.dtype))
-    return out.mul_((1 - p0).unsqueeze(-1)), p0
+    z, b = zero.lse_terms(query.shape[1], scaling, query.dtype)
+    s = torch.linalg.vecdot(query, z).add_(b)  # s0 [B, H, T]
+    if zero.log_n:
+        if n_visible is not None:
+            s = s.add_(n_visible.clamp(min=1).log().to(s.dtype))
+        elif q_len == 1 and not torch.compiler.is_compiling():
+            s = s.add_(_log_count(kv_len))
+        else:
+            s = s.add_(visible_keys(None, q_len, kv_len, query.device).log().to(s.dtype))
+    if empty is not None:  # rows with no visible key: only the zero token is left
+        lse = lse.masked_fill(empty, float("-inf"))
+    s = s.sub_(lse.to(s.dtype))
+    p0 = torch.sigmoid(s)
+    return out.mul_(torch.sigmoid(s.neg_()).unsqueeze(-1)), p0  # 1 - p0 = sigmoid(lse - s0)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _lse_applies(*tensors, dropout: float) -> bool:
+    return tensors[0].device.type == "cpu" and dropout == 0.0 and not _needs_grad(*tensors)
 
 
 def zero_token_attention_sdpa(
@@ -147,8 +207,8 @@ def zero_token_attention_sdpa(
     dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused path through torch SDPA. Same contract as the eager reference."""
-    if query.device.type == "cpu" and dropout == 0.0 and not _needs_grad(query, key, value, zero_key, zero_bias):
-        return _zero_token_attention_lse(query, key, value, mask, scaling, zero_key, zero_bias, log_n)
+    if _lse_applies(query, key, value, zero_key, zero_bias, dropout=dropout):
+        return _zero_token_attention_lse(query, key, value, mask, scaling, ZeroToken(zero_key, zero_bias, log_n))
     batch, n_heads, q_len, head_dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     groups = n_heads // n_kv
@@ -205,7 +265,12 @@ def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
         if ztt_zero is None:
             return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n, dropout)
+        if impl is zero_token_attention_sdpa and _lse_applies(query, key, value, ztt_zero.key, ztt_zero.bias,
+                                                              dropout=dropout):
+            out, p0 = _zero_token_attention_lse(query, key, value, attention_mask, scaling, ztt_zero)
+        else:
+            out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n,
+                           dropout)
         if ztt_zero.sink is not None:
             ztt_zero.sink(p0)
         return out.transpose(1, 2).contiguous(), None

@@ -32,22 +32,33 @@ class TokenExits:
         self.signals: dict[int, torch.Tensor] = {}
         self.stash: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache = cache
-        self.all_exited = False  # in the current cycle
-        self.any_exited = False
+        self.all_exited = False  # in the current cycle, as far as the host knows
+        self.any_exited = False  # False only when known
+        self.active_mask: torch.Tensor | None = None  # [B, T, 1]: still running in the current cycle
+        self.asked = False  # whether the host has read the exit state in this pass
         self.skipped_any = False
 
-    def active(self, cycle: int) -> torch.Tensor:
-        return self.cycle >= cycle  # [B, T]
-
     def begin_cycle(self, cycle: int, hidden: torch.Tensor) -> None:
-        """At a cycle's first layer: the one host sync of the cycle (how many tokens still run)."""
+        """At a cycle's first layer. The host learns what the device decided at most once per forward
+        pass: at the first cycle after an exit decision, how many tokens still run (all exited: the
+        rest of the pass runs nothing; none exited: this cycle needs no copies). Later cycles are
+        run without asking; exited tokens are frozen and get copied keys/values all the same."""
         self.cycle_input[cycle] = hidden
         if cycle == 1:  # the first block layer: every new token starts at full depth (or its given exit)
             self.cycle = (self.exit_map.to(hidden.device).long().clone() if self.exit_map is not None
                           else torch.full(hidden.shape[:2], self.cycles, dtype=torch.long, device=hidden.device))
-            self.all_exited = self.any_exited = False
+            self.all_exited = self.any_exited = False  # exits happen after a cycle, the first after cycle 1
+            self.asked = False
+        self.active_mask = self.cycle[..., None] >= cycle  # [B, T, 1]
+        if cycle == 1:
             return
-        n_active = int(self.active(cycle).sum())
+        if self.asked or torch.compiler.is_compiling():
+            # all exited stays so; otherwise run the cycle, freezing whoever exited (a traced graph
+            # never asks: it runs every cycle, with the same outputs)
+            self.any_exited = True
+            return
+        n_active = int(self.active_mask.sum())  # the one host read of the pass
+        self.asked = True
         self.all_exited, self.any_exited = n_active == 0, n_active < self.cycle.numel()
 
     def end_of_cycle(self, cycle: int, hidden: torch.Tensor) -> None:
@@ -79,7 +90,7 @@ class TokenExits:
         """Called by the attention function with this slot's keys/values (cache included)."""
         new_k, new_v = key[:, :, -q_len:], value[:, :, -q_len:]
         if self.any_exited:
-            exited = ~self.active(cycle)
+            exited = ~self.active_mask[..., 0]
             copy_k, copy_v = self.copied_kv(cycle, position)
             m = exited[:, None, :, None]
             new_k, new_v = torch.where(m, copy_k, new_k), torch.where(m, copy_v, new_v)

@@ -121,6 +121,8 @@ class ResidualGates(nn.Module):
         of closed gates is read from the device only when the weights change (a host sync then)."""
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return False
+        if torch.compiler.is_compiling():  # a traced graph uses the set the last eager call read
+            return (cycle, position) in self._closed
         key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
         if key != self._closed_key:
             rows = self.weight.tolist()
@@ -137,9 +139,17 @@ class _ForwardRecord:
         self.pool_on = True
         self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
         self.exits: TokenExits | None = None  # per-token early exit, when active
+        self._sinks: dict[tuple[int, int], partial] = {}
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
+
+    def sink(self, cycle: int, position: int):
+        """``put`` for one slot: the same object on every call."""
+        key = (cycle, position)
+        if key not in self._sinks:
+            self._sinks[key] = partial(self.put, cycle, position)
+        return self._sinks[key]
 
     def zero_attention(self, layout: Layout, cycles: int | None = None) -> torch.Tensor | None:
         if not self.zero:
@@ -152,14 +162,19 @@ class _ForwardRecord:
 
 
 class ExitStats:
-    """Cycles run per token, accumulated over forward passes with early exit (``reset()`` to clear)."""
+    """Cycles run per token, accumulated over forward passes with early exit (``reset()`` to clear).
+    Counted on the device the tokens are on: reading ``tokens`` or ``mean_cycles`` is the only
+    host read."""
 
     def __init__(self, cycles: int):
         # explicit device: from_pretrained builds models under a meta-device context
         self.histogram = torch.zeros(cycles + 1, dtype=torch.long, device="cpu")  # c: tokens that exited after cycle c
 
     def add(self, exit_cycles: torch.Tensor) -> None:
-        self.histogram += torch.bincount(exit_cycles.flatten().cpu(), minlength=len(self.histogram))
+        if self.histogram.device != exit_cycles.device:
+            self.histogram = self.histogram.to(exit_cycles.device)
+        flat = exit_cycles.flatten()
+        self.histogram.scatter_add_(0, flat, torch.ones_like(flat))  # no host read (bincount sizes on the host)
 
     def reset(self) -> None:
         self.histogram.zero_()
@@ -170,17 +185,31 @@ class ExitStats:
 
     @property
     def mean_cycles(self) -> float:
-        c = torch.arange(len(self.histogram), dtype=torch.float64)
+        c = torch.arange(len(self.histogram), dtype=torch.float64, device=self.histogram.device)
         return float((self.histogram * c).sum() / max(self.tokens, 1))
 
 
 class LayerSlot(nn.Module):
-    """One unrolled position. Holds its layer by reference so shared weights are registered once."""
+    """One unrolled position. Holds its layer by reference so shared weights are registered once.
+
+    What the plain model does not pay is kept off the per-call path: an unshared layer is pointed
+    at its slot once, and at inference the slot keeps its zero-token entry (rebuilt only when the
+    pool's tensors change) and one bound key/value hook."""
 
     def __init__(self, layer: nn.Module, slot, family: Family, model: ZTTForCausalLM):
         super().__init__()
         self.index, self.cycle, self.position, self.attribute = slot.index, slot.cycle, slot.position, slot.attribute
         self._refs = (layer, family, model)  # a tuple: not registered as submodules
+        self._zero: tuple | None = None  # (pool tensors' versions, ZeroToken), inference only
+        # the head and tail, and every layer of a one-cycle model without pool, gates or deltas
+        # (a drop): used by this slot alone, run as the family runs it
+        one_cycle = model.config.cycles == 1 and model.pool is None and model.gates is None and model.relax is None
+        self._plain = self.cycle is None or one_cycle
+        if self._plain:
+            family.point_at(layer, self.index, self.attribute, model.inner.config)
+        else:
+            record = model._record
+            self._kv_hook = lambda key, value, q_len: record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
 
     def extra_repr(self) -> str:
         where = f"cycle={self.cycle}, position={self.position}" if self.cycle else "unshared"
@@ -188,39 +217,49 @@ class LayerSlot(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         layer, family, model = self._refs
+        if self._plain:
+            return layer(hidden_states, *args, **kwargs)
         record = model._record
-        if self.cycle is not None and record.exit_after is not None and self.cycle > record.exit_after:
+        if record.exit_after is not None and self.cycle > record.exit_after:
             return hidden_states  # exited: straight on to the tail
-        exits = record.exits if self.cycle is not None else None
+        exits = record.exits
         if exits is not None and self.position == 0:
             exits.begin_cycle(self.cycle, hidden_states)
-        gates = model.gates if self.cycle is not None else None
+        gates = model.gates
         if gates is not None and gates.closed(self.cycle, self.position):
             return self._closed(model, exits, hidden_states)
         if exits is not None:
             if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
                 exits.skip(self.cycle, self.position, self.index)
                 return self._end_of_cycle(exits, hidden_states)
-            kwargs["ztt_kv"] = partial(exits.kv_hook, self.cycle, self.position)
+            kwargs["ztt_kv"] = self._kv_hook
         family.point_at(layer, self.index, self.attribute, model.inner.config)
-        if self.cycle is not None and model.pool is not None and record.pool_on:
-            c, j = self.cycle - 1, self.position
-            kwargs["ztt_zero"] = ZeroToken(
-                key=model.pool.key[c, j],
-                bias=model.pool.bias[c, j],
-                log_n=model.config.zero_logit_log_n,
-                sink=partial(record.put, self.cycle, j),
-            )
-        if model.relax is not None and self.cycle is not None:
+        if model.pool is not None and record.pool_on:
+            kwargs["ztt_zero"] = self._zero_token(model)
+        if model.relax is not None:
             out = model.relax.run(layer, self.position, self.cycle, (hidden_states, *args), kwargs)
         else:
             out = layer(hidden_states, *args, **kwargs)
         if gates is not None:  # lerp: exactly f(h) at g = 1, exactly h at g = 0
             out = torch.lerp(hidden_states, out, gates.weight[self.cycle - 1, self.position].to(out.dtype))
         if exits is not None:
-            out = torch.where(exits.active(self.cycle)[..., None], out, hidden_states)  # exited tokens stay
+            if exits.any_exited:
+                out = torch.where(exits.active_mask, out, hidden_states)  # exited tokens stay
             out = self._end_of_cycle(exits, out)
         return out
+
+    def _zero_token(self, model: ZTTForCausalLM) -> ZeroToken:
+        """This position's pool entry: built per call where it may need a gradient or is being
+        traced, kept otherwise (rebuilt when the pool's tensors change: a step, a load, a move)."""
+        pool, c, j = model.pool, self.cycle - 1, self.position
+        sink = model._record.sink(self.cycle, j)
+        if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
+            return ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink)
+        version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(),
+                   model.config.zero_logit_log_n)
+        if self._zero is None or self._zero[0] != version:
+            self._zero = (version, ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink))
+        return self._zero[1]
 
     def _closed(self, model: ZTTForCausalLM, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
         """A position whose gate is 0: nothing runs. Its zero attention is NaN (not computed), so the
@@ -321,14 +360,17 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, exit_after: int | None = None,
                 exit_map: torch.Tensor | None = None, exit_threshold: float | None = None,
-                **kwargs) -> ZTTCausalLMOutput:
+                output_zero_attention: bool = True, **kwargs) -> ZTTCausalLMOutput:
         """``exit_after=c`` runs cycles 1..c only, then the tail (the exit after cycle c, for every token;
         without a KV cache).
 
         Per-token early exit is on when the threshold (``exit_threshold``, default the config's) is
         at most 1: after cycle c < C a token whose exit signal is at or above it skips the remaining
         cycles. ``exit_map`` [batch, tokens] replays given decisions instead (the cycle each token
-        exits after; C = full depth). ``exit_cycles`` in the output says what happened."""
+        exits after; C = full depth). ``exit_cycles`` in the output says what happened.
+
+        ``zero_attention`` in the output is stacked only when asked for (``output_zero_attention``,
+        on by default, off in ``generate()``: decoding reads no per-layer tensors it does not use)."""
         if "past_key_values" in kwargs:  # older spelling of the cache argument
             cache = kwargs.pop("past_key_values")
         if exit_after is not None and (use_cache or cache is not None):
@@ -356,7 +398,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         skipped = self._record.exits is not None and self._record.exits.skipped_any
-        zero = None if skipped else self._record.zero_attention(self.config.layout, cycles=exit_after)
+        zero = (None if skipped or not output_zero_attention
+                else self._record.zero_attention(self.config.layout, cycles=exit_after))
         exits, self._record.exits = self._record.exits, None
         exit_cycles = exits.cycle if exits is not None else None
         exit_signals = exits.signal_table() if exits is not None else None
@@ -373,6 +416,11 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             exit_cycles=exit_cycles,
             exit_signals=exit_signals,
         )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs.setdefault("output_zero_attention", False)
+        return inputs
 
     def parameter_counts(self) -> dict[str, int]:
         layers = sum(p.numel() for p in self.layers.parameters())
