@@ -57,6 +57,42 @@ def test_calibration_reaches_the_compute_target(ckpt, base):
     assert 6 / (2 + 2 * cycles.mean()) == pytest.approx(chosen["compute_speedup"], rel=0.01)
 
 
+def test_wall_clock_is_timed_through_generate_with_an_interval(ckpt, base, monkeypatch):
+    """Calibration times what users call, ``generate(..., exit_threshold=t)`` on batch-1 prompts,
+    and reports the chosen threshold's speedup from paired repetitions with a 95% interval."""
+    from transformers import GenerationMixin
+
+    seen = []
+    generate = GenerationMixin.generate
+
+    def spy(self, inputs=None, *args, **kwargs):
+        seen.append((inputs.shape, kwargs.get("exit_threshold"), kwargs.get("max_new_tokens")))
+        return generate(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    args = [*FAST[: FAST.index("--prompts")], "--prompts", "3", "--candidates", "10", "--confirm-reps", "4"]
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric",
+                 "compute", *args)
+    assert result.exit_code == 0, result.output
+    chosen = json.loads((ckpt / "calibration.json").read_text())["chosen"]
+    timed = [s for s in seen if s[2] == 4]
+    assert {shape for shape, _, _ in timed} == {(1, 16)}
+    assert sum(t == chosen["threshold"] for _, t, _ in timed) == 3 * (1 + 4)  # screening, then confirming
+    low, high = chosen["wall_interval"]
+    assert low <= high and low > 0
+    assert "95%" in result.stdout
+
+
+def test_paired_speedup_and_its_interval():
+    from ztt_cli.stages.calibrate import paired_speedup
+
+    median, low, high = paired_speedup([2.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+    assert median == pytest.approx(2.0) and low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    median, low, high = paired_speedup([1.0, 1.1, 0.9, 1.0], [1.0, 1.0, 1.0, 1.0])
+    assert low < 1.0 < high and median == pytest.approx(1.0, abs=0.05)
+    assert paired_speedup([2.0], [1.0])[1] != paired_speedup([2.0], [1.0])[1]  # NaN from one pair
+
+
 @pytest.mark.parametrize("case,args,words", [
     ("above the bound", ["--target-speedup", "1.6"], "above this layout's bound"),
     ("unreachable", ["--target-speedup", "1.499"], "no threshold reaches"),

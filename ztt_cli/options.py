@@ -223,9 +223,12 @@ class CalibrateOptions(BaseModel):
     windows: int = Field(8, ge=1, description="calibration windows for quality and exit decisions")
     seq_len: int = Field(256, ge=8, description="tokens per calibration window")
     candidates: int = Field(16, ge=2, description="thresholds tried (quantiles of the signal)")
-    decode_tokens: int = Field(32, ge=1, description="tokens decoded per wall-clock measurement")
-    prompts: int = Field(2, ge=1, description="prompts decoded per wall-clock measurement")
-    reps: int = Field(3, ge=1, description="interleaved repetitions of the wall-clock measurement (median)")
+    decode_tokens: int = Field(32, ge=1, description="tokens generate() decodes per prompt and measurement")
+    prompts: int = Field(4, ge=1, description="batch-1 prompts (16 tokens, spread over the windows) per measurement")
+    reps: int = Field(3, ge=1, description="interleaved repetitions timing every candidate (median)")
+    confirm_reps: int = added_option(
+        7, ge=2, description="paired repetitions timing the chosen threshold against full depth (median, 95% interval)"
+    )
     seed: int = Field(0, description="seed for the calibration split")
     device: Device = Field("auto", description="where to measure: auto (a CUDA GPU if present), cpu, cuda, cuda:N")
     out: Path | None = Field(None, description="write a calibrated copy here and leave CHECKPOINT as it is")

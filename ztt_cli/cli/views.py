@@ -3,6 +3,7 @@ gets the options, a function that runs the stage with a progress callback, and p
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -135,8 +136,10 @@ def calibrate(command: Command, opts, execute: Execute) -> None:
                       f"{r.perplexity:.2f}", f"{100 * r.quality_loss:+.1f}%", f"{100 * r.agreement:.1f}%",
                       style="bold green" if r.threshold == c.threshold else None)
     out.print(table)
+    low, high = c.wall_interval or (float("nan"), float("nan"))
+    interval = f" (95% interval {low:.2f}–{high:.2f}, {opts.confirm_reps} paired runs)" if math.isfinite(low) else ""
     out.print(f"chose threshold [bold]{c.threshold:.4g}[/]: {c.compute_speedup:.2f}× compute, "
-              f"{c.wall_speedup:.2f}× wall clock on {report.device}, perplexity {c.perplexity:.2f} "
+              f"{c.wall_speedup:.2f}× wall clock{interval} on {report.device}, perplexity {c.perplexity:.2f} "
               f"({100 * c.quality_loss:+.1f}%); signal/exit-cost Spearman {report.spearman_cycle1:.2f}. "
               f"Written to {report.written_to / 'config.json'}")
 

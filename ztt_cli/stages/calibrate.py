@@ -47,6 +47,7 @@ class Candidate:
     quality_loss: float  # relative perplexity increase over full depth
     agreement: float  # greedy next-token agreement with full depth
     spearman: float  # signal vs exp(-KL(exit || full)), cycle 1
+    wall_interval: list[float] | None = None  # 95% interval of wall_speedup (the chosen threshold only)
 
 
 @dataclass
@@ -85,11 +86,13 @@ class CalibrationReport:
     def summary(self) -> dict:
         c = self.chosen
         return {"threshold": c.threshold, "compute_speedup": c.compute_speedup, "wall_speedup": c.wall_speedup,
-                "perplexity": c.perplexity, "quality_loss": c.quality_loss}
+                "wall_interval": c.wall_interval, "perplexity": c.perplexity, "quality_loss": c.quality_loss}
 
 
 def summary_line(s: dict) -> str:
-    return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall, "
+    low, high = s.get("wall_interval") or (float("nan"), float("nan"))
+    interval = f" (95% {low:.2f}–{high:.2f})" if math.isfinite(low) else ""
+    return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall{interval}, "
             f"perplexity {s['perplexity']:.2f} ({100 * s['quality_loss']:+.1f}%)")
 
 
@@ -116,28 +119,60 @@ def score_exits(model, windows: torch.Tensor, threshold: float | None = None, re
 
 
 @torch.no_grad()
-def _decode(model, prompt: torch.Tensor, steps: int, threshold: float) -> None:
-    out = model(prompt, use_cache=True, exit_threshold=threshold)
-    for _ in range(steps):
-        nxt = out.logits[:, -1:].argmax(-1)
-        out = model(nxt, cache=out.cache, use_cache=True, exit_threshold=threshold)
+def _generate(model, prompt: torch.Tensor, tokens: int, threshold: float) -> None:
+    """What users run: ``generate()``, greedy, batch 1, a fixed number of new tokens."""
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                   do_sample=False, exit_threshold=threshold, pad_token_id=model.config.text_config.eos_token_id)
 
 
-def _wall_speedups(model, prompts: list[torch.Tensor], thresholds: list[float], opts) -> dict[float, float]:
-    """Median over interleaved repetitions of time(full depth) / time(threshold)."""
+def _time_generation(model, prompts: list[torch.Tensor], thresholds: list[float], tokens: int,
+                     reps: int) -> dict[float, list[float]]:
+    """Seconds to decode every prompt, per threshold and repetition; full depth (``NEVER``)
+    first in every repetition, so each threshold's times pair with full depth's of the same round."""
     times: dict[float, list[float]] = {t: [] for t in [NEVER, *thresholds]}
     for p in prompts:  # warm-up
-        _decode(model, p, 2, NEVER)
-    for _ in range(opts.reps):
+        _generate(model, p, 2, NEVER)
+    for _ in range(reps):
         for t in times:
             synchronize(model.device)
             start = time.perf_counter()
             for p in prompts:
-                _decode(model, p, opts.decode_tokens, t)
+                _generate(model, p, tokens, t)
             synchronize(model.device)
             times[t].append(time.perf_counter() - start)
-    full = statistics.median(times[NEVER])
-    return {t: full / statistics.median(times[t]) for t in thresholds}
+    return times
+
+
+def paired_speedup(full: list[float], timed: list[float]) -> tuple[float, float, float]:
+    """(median, low, high): the speedup full / timed over paired repetitions, with a 95% interval
+    for its typical value (Student's t on the log ratios; NaN bounds from a single pair)."""
+    logs = [math.log(f / t) for f, t in zip(full, timed)]
+    median = math.exp(statistics.median(logs))
+    if len(logs) < 2:
+        return median, float("nan"), float("nan")
+    half = _T975[min(len(logs) - 1, len(_T975)) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return median, math.exp(mean - half), math.exp(mean + half)
+
+
+# two-sided 95% Student's t quantiles for 1..30 degrees of freedom (beyond: about 2.04 and falling to 1.96)
+_T975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def _screen_wall(model, prompts, rows: list[Candidate], opts) -> None:
+    """Every candidate's wall-clock speedup, ``--reps`` interleaved repetitions (median)."""
+    times = _time_generation(model, prompts, [r.threshold for r in rows], opts.decode_tokens, opts.reps)
+    for row in rows:
+        row.wall_speedup = paired_speedup(times[NEVER], times[row.threshold])[0]
+
+
+def _confirm_wall(model, prompts, row: Candidate, opts) -> None:
+    """The chosen threshold against full depth again, ``--confirm-reps`` paired repetitions: the
+    figure reported, with its 95% interval."""
+    times = _time_generation(model, prompts, [row.threshold], opts.decode_tokens, opts.confirm_reps)
+    row.wall_speedup, low, high = paired_speedup(times[NEVER], times[row.threshold])
+    row.wall_interval = [low, high]
 
 
 def _load(opts: CalibrateOptions, folder: Path):
@@ -158,8 +193,10 @@ def _load(opts: CalibrateOptions, folder: Path):
     return model, device
 
 
-def _measure(model, device, opts: CalibrateOptions, folder: Path, progress: Progress) -> CalibrationReport:
-    """Every candidate threshold: quality with per-token exits, then batch-1 decoding speed."""
+def _measure(model, device, opts: CalibrateOptions, folder: Path,
+             progress: Progress) -> tuple[CalibrationReport, list[torch.Tensor]]:
+    """Every candidate threshold: quality with per-token exits, then batch-1 decoding speed.
+    Returns the report and the prompts it timed."""
     progress(Event.status("reading calibration text"))
     packed = prepare(opts.data, sources.load_tokenizer(folder), opts.seq_len, 0.0, opts.seed, opts.text_field)
     windows = packed.train[: opts.windows]
@@ -177,11 +214,16 @@ def _measure(model, device, opts: CalibrateOptions, folder: Path, progress: Prog
         rows.append(Candidate(t, s.compute_speedup, float("nan"), s.mean_cycles, s.perplexity, s.perplexity / base - 1,
                               s.agreement, correlation))
     progress(Event.status("timing batch-1 greedy decoding"))
-    walls = _wall_speedups(model, [w[None, :16].to(device) for w in windows[: opts.prompts]], thresholds, opts)
-    for row in rows:
-        row.wall_speedup = walls[row.threshold]
+    prompts = _prompts(windows, opts, device)
+    _screen_wall(model, prompts, rows, opts)
     return CalibrationReport(opts.target_speedup, opts.speedup_metric, model.config.exit_signal, describe(device),
-                             opts.max_quality_loss, base, model.config.layout.speedup_bound, correlation, rows)
+                             opts.max_quality_loss, base, model.config.layout.speedup_bound, correlation, rows), prompts
+
+
+def _prompts(windows: torch.Tensor, opts: CalibrateOptions, device) -> list[torch.Tensor]:
+    """Batch-1 prompts of 16 tokens from the calibration windows, spread over them."""
+    picks = torch.linspace(0, windows.shape[0] - 1, min(opts.prompts, windows.shape[0])).round().long().unique()
+    return [windows[int(i), None, :16].to(device) for i in picks]
 
 
 def _choose(report: CalibrationReport, opts: CalibrateOptions) -> Candidate:
@@ -223,8 +265,10 @@ def _write(folder: Path, name: str, report: CalibrationReport, opts: CalibrateOp
 
 def _calibrate_in(folder: Path, name: str, opts: CalibrateOptions, progress: Progress) -> CalibrationReport:
     model, device = _load(opts, folder)
-    report = _measure(model, device, opts, folder, progress)
+    report, prompts = _measure(model, device, opts, folder, progress)
     report.chosen = _choose(report, opts)
+    progress(Event.status("timing the chosen threshold against full depth"))
+    _confirm_wall(model, prompts, report.chosen, opts)
     _write(folder, name, report, opts)
     report.written_to = folder
     return report
