@@ -208,7 +208,22 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['family']} | {r['batch']} | {r['model']} | {r['layers_run']:.1f} | {r['tok_s']:.0f} "
                      f"({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) | {r['per_layer_vs_own']:.2f} | "
                      f"{r['host_reads_per_token']:+.2f} | {py} |")
+    lines += ["", "| family | batch | wrapper tax: no-share vs own | drop vs own of its depth | zero token, µs per block "
+              "layer and step |", "|---|---|---|---|---|"]
+    for (family, batch), rows in _groups(report["rows"]).items():
+        step = {r["model"]: batch / r["tok_s"] for r in rows}  # seconds per decoding step
+        pool_slots = next(r["layers_run"] for r in rows if r["model"] == "ztt") - 8  # all but head and tail
+        zero = 1e6 * (step["ztt + pool"] - step["ztt"]) / pool_slots
+        ratio = {r["model"]: r["per_layer_vs_own"] for r in rows}
+        lines.append(f"| {family} | {batch} | {ratio['no-share']:.3f} | {ratio['drop']:.3f} | {zero:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["batch"]), []).append(r)
+    return groups
 
 
 def update_readme(readme: Path, table: str) -> None:
@@ -228,7 +243,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     ap.add_argument("--readme", type=Path, help="replace the <!-- overhead --> block of this page")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="print (and --readme) the tables of a results file")
     args = ap.parse_args()
+    if args.render:
+        table = markdown(json.loads(args.render.read_text()))
+        print(table)
+        if args.readme:
+            update_readme(args.readme, table)
+        return
     device = resolve_device(args.device)
     rows = []
     for family in args.families.split(","):
