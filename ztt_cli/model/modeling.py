@@ -139,17 +139,9 @@ class _ForwardRecord:
         self.pool_on = True
         self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
         self.exits: TokenExits | None = None  # per-token early exit, when active
-        self._sinks: dict[tuple[int, int], partial] = {}
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
-
-    def sink(self, cycle: int, position: int):
-        """``put`` for one slot: the same object on every call."""
-        key = (cycle, position)
-        if key not in self._sinks:
-            self._sinks[key] = partial(self.put, cycle, position)
-        return self._sinks[key]
 
     def zero_attention(self, layout: Layout, cycles: int | None = None) -> torch.Tensor | None:
         if not self.zero:
@@ -210,6 +202,7 @@ class LayerSlot(nn.Module):
         else:
             record = model._record
             self._kv_hook = lambda key, value, q_len: record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
+            self._sink = partial(record.put, self.cycle, self.position)
 
     def extra_repr(self) -> str:
         where = f"cycle={self.cycle}, position={self.position}" if self.cycle else "unshared"
@@ -252,7 +245,7 @@ class LayerSlot(nn.Module):
         """This position's pool entry: built per call where it may need a gradient or is being
         traced, kept otherwise (rebuilt when the pool's tensors change: a step, a load, a move)."""
         pool, c, j = model.pool, self.cycle - 1, self.position
-        sink = model._record.sink(self.cycle, j)
+        sink = self._sink
         if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
             return ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink)
         version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(),
