@@ -5,6 +5,12 @@ Forward: inference (no gradients). Forward+backward: p0 enters the loss, so the
 differentiable path runs. Repetitions are interleaved and the median is reported.
 
     python bench/attention.py [--reps 5] [--out bench/results/attention.json]
+    python bench/attention.py --backends [--device cuda]   # which SDPA kernels the zero token can use
+
+``--backends`` runs the zero token's training path (padded to head_dim + groups channels) and
+its inference path under ``sdpa_kernel([backend])`` for each backend, and says which run: on a
+GPU, whether the padded widths keep the flash kernel out (bf16, batch 1, 64 new queries over a
+512-key cache and a 512-token prefill).
 """
 
 from __future__ import annotations
@@ -67,11 +73,45 @@ def measure(pair, batch, seq, reps):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def backends(device: str) -> list[dict]:
+    """For each SDPA backend: does each zero-token path run when only that backend is allowed?"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rows = []
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        for label, q_len, kv_len, grad in (("prefill, training", 512, 512, True), ("prefill, inference", 512, 512, False),
+                                           ("decode, inference", 1, 512, False)):
+            q, k, v, z, b = (t.detach().to(device, dtype).requires_grad_(grad) for t in inputs(1, kv_len, False))
+            q = q[:, :, -q_len:].detach().requires_grad_(grad)
+            try:
+                with sdpa_kernel([backend]), torch.set_grad_enabled(grad):
+                    out, p0 = zero_token_attention_sdpa(q, k, v, None, D**-0.5, z, b)
+                    if grad:
+                        (out.float().sum() + p0.float().sum()).backward()
+                result = "runs"
+            except RuntimeError as e:
+                result = "refused: " + str(e).splitlines()[0][:100]
+            rows.append({"backend": name, "path": label, "result": result})
+            print(f"{name:>20} {label:>20}  {result}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backends", action="store_true", help="only probe which SDPA backends the zero token can use")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention.json")
     args = ap.parse_args()
+    if args.backends:
+        probe = backends(args.device)
+        out = args.out.with_name(f"attention-backends-{args.device.replace(':', '')}.json")
+        out.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "rows": probe}, indent=2) + "\n")
+        return
     rows = []
     print(f"{'batch':>5} {'seq':>5} {'pass':>16} {'plain ms':>9} {'ztt ms':>9} {'ratio':>6}")
     for batch in (1, 8):

@@ -47,7 +47,7 @@ class ZeroToken:
     key: torch.Tensor  # [n_kv_heads, head_dim]
     bias: torch.Tensor  # [n_heads]
     log_n: bool = False  # add log(number of visible keys) to the zero logit
-    sink: Callable[[torch.Tensor], None] | None = None  # receives p0 [B, H, T]
+    sink: Callable[[torch.Tensor], None] | None = None  # receives p0 [B, H, T]; none: p0 may be skipped
     _lse: tuple | None = field(default=None, repr=False)
 
     def lse_terms(self, n_heads: int, scaling: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +149,7 @@ class _MaskTerms:
 _mask_terms = _MaskTerms()
 
 
-def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken):
+def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool = True):
     """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE).
 
     Exact, and as fast as plain attention plus a matrix-vector product, but the LSE carries no
@@ -172,19 +172,19 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken)
         query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
     )
     z, b = zero.lse_terms(query.shape[1], scaling, query.dtype)
-    s = torch.linalg.vecdot(query, z).add_(b)  # s0 [B, H, T]
-    if zero.log_n:
-        if n_visible is not None:
-            s = s.add_(n_visible.clamp(min=1).log().to(s.dtype))
-        elif q_len == 1 and not torch.compiler.is_compiling():
-            s = s.add_(_log_count(kv_len))
-        else:
-            s = s.add_(visible_keys(None, q_len, kv_len, query.device).log().to(s.dtype))
     if empty is not None:  # rows with no visible key: only the zero token is left
         lse = lse.masked_fill(empty, float("-inf"))
-    s = s.sub_(lse.to(s.dtype))
-    p0 = torch.sigmoid(s)
-    return out.mul_(torch.sigmoid(s.neg_()).unsqueeze(-1)), p0  # 1 - p0 = sigmoid(lse - s0)
+    t = lse.to(query.dtype).sub(torch.linalg.vecdot(query, z)).sub_(b)  # LSE - s0 (before log n) [B, H, T]
+    if zero.log_n:
+        if n_visible is not None:
+            t = t.sub_(n_visible.clamp(min=1).log().to(t.dtype))
+        elif q_len == 1 and not torch.compiler.is_compiling():
+            t = t.sub_(_log_count(kv_len))
+        else:
+            t = t.sub_(visible_keys(None, q_len, kv_len, query.device).log().to(t.dtype))
+    keep = torch.sigmoid(t)  # 1 - p0
+    p0 = torch.sigmoid(t.neg_()) if want_p0 else None
+    return out.mul_(keep.unsqueeze(-1)), p0
 
 
 def _needs_grad(*tensors) -> bool:
@@ -267,7 +267,9 @@ def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if impl is zero_token_attention_sdpa and _lse_applies(query, key, value, ztt_zero.key, ztt_zero.bias,
                                                               dropout=dropout):
-            out, p0 = _zero_token_attention_lse(query, key, value, attention_mask, scaling, ztt_zero)
+            # p0 only when someone reads it
+            out, p0 = _zero_token_attention_lse(query, key, value, attention_mask, scaling, ztt_zero,
+                                                want_p0=ztt_zero.sink is not None)
         else:
             out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n,
                            dropout)

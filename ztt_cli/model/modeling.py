@@ -139,6 +139,7 @@ class _ForwardRecord:
         self.pool_on = True
         self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
         self.exits: TokenExits | None = None  # per-token early exit, when active
+        self.wants_zero = True  # whether anyone reads the zero attention of this pass
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
@@ -245,11 +246,11 @@ class LayerSlot(nn.Module):
         """This position's pool entry: built per call where it may need a gradient or is being
         traced, kept otherwise (rebuilt when the pool's tensors change: a step, a load, a move)."""
         pool, c, j = model.pool, self.cycle - 1, self.position
-        sink = self._sink
         if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
-            return ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink)
+            return ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, self._sink)
+        sink = self._sink if model._record.wants_zero else None  # nobody reads p0: it need not be computed
         version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(),
-                   model.config.zero_logit_log_n)
+                   model.config.zero_logit_log_n, sink is None)
         if self._zero is None or self._zero[0] != version:
             self._zero = (version, ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink))
         return self._zero[1]
@@ -379,6 +380,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
                 cache = DynamicCache(config=self.inner.config)
             self._record.exits = TokenExits(self.config.cycles, self.config.block, threshold,
                                             SIGNALS[self.config.exit_signal].score, exit_map, self._record.zero, cache)
+        self._record.wants_zero = output_zero_attention or self._record.exits is not None
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,
