@@ -96,3 +96,35 @@ def test_variants_convert_with_their_own_options(tmp_path, monkeypatch):
     assert (grown.init, grown.relax_rank, grown.head, grown.block, grown.tail) == ("grow", 32, 4, 11, 4)
     outs = [opts.out for opts in asked]
     assert len(set(outs)) == len(outs) - 1  # the two healings of the same 19-layer drop share one conversion
+
+
+def test_overhead_tables_and_docs_block(tmp_path):
+    """bench/overhead.py's tables: per model, then per family the wrapper tax, the drop against its
+    own model and the zero token's cost per block layer (from the tok/s of ztt with and without pool)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rates = {"own 32": 100.0, "no-share": 98.0, "own 20": 160.0, "drop": 156.0, "ztt": 100.0, "ztt + pool": 80.0,
+             "ztt + exits": 90.0}
+    layers = {"own 32": 32, "no-share": 32, "own 20": 20, "drop": 20, "ztt": 32, "ztt + pool": 32, "ztt + exits": 26}
+    rows = [{"family": "llama", "batch": 1, "model": m, "layers_run": layers[m], "tok_s": r, "tok_s_min": r - 1,
+             "tok_s_max": r + 1, "per_layer_vs_own": r * layers[m] / ((160.0 if layers[m] == 20 else 100.0) *
+                                                                   (20 if layers[m] == 20 else 32)),
+             "host_reads_per_token": 1.0 if m == "ztt + exits" else 0.0, "cuda_syncs_per_token": 0.0,
+             "python_us_per_slot": None if m.startswith("own") else 5.0} for m, r in rates.items()]
+    report = {"meta": {"device": "cpu", "machine": "x86_64", "threads": 2, "torch": "2", "date": "2026-11-28"},
+              "reps": 7, "exit_fraction": 0.5, "rows": rows,
+              "inductor": [{"family": "llama", "model": "ztt, compiled", "tok_s": 250.0, "tok_s_min": 240.0,
+                            "tok_s_max": 260.0}]}
+    table = module.markdown(report)
+    # 24 pool slots (32 layers less head and tail 4 + 4): (1/80 - 1/100) s / 24 = 104.2 µs
+    assert "| llama | 1 | 0.980 | 0.975 | 104.2 |" in table
+    assert "| llama | ztt, compiled | 250 (240–260) |" in table
+    page = tmp_path / "results.md"
+    page.write_text("before\n<!-- overhead -->\nold\n<!-- /overhead -->\nafter\n")
+    module.update_readme(page, table)
+    text = page.read_text()
+    assert text.startswith("before\n<!-- overhead -->\n`python bench/overhead.py`") and text.endswith("<!-- /overhead -->\nafter\n")
+    assert "old" not in text
