@@ -117,9 +117,9 @@ def models_for(source, exit_fraction: float) -> dict:
     }
 
 
-def generate(model, prompts):
+def generate(model, prompts, **kwargs):
     return model.generate(prompts, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                          attention_mask=torch.ones_like(prompts), pad_token_id=0)
+                          attention_mask=torch.ones_like(prompts), pad_token_id=0, **kwargs)
 
 
 @torch.no_grad()
@@ -153,15 +153,15 @@ def python_per_slot(model, prompts) -> float | None:
 
 
 @torch.no_grad()
-def time_all(models: dict, prompts, reps: int) -> dict[str, list[float]]:
+def time_all(models: dict, prompts, reps: int, **kwargs) -> dict[str, list[float]]:
     times = {name: [] for name in models}
     for model, _, _ in models.values():  # warm-up
-        generate(model, prompts)
+        generate(model, prompts, **kwargs)
     for _ in range(reps):
         for name, (model, _, _) in models.items():  # interleaved
             synchronize(prompts.device)
             t0 = time.perf_counter()
-            generate(model, prompts)
+            generate(model, prompts, **kwargs)
             synchronize(prompts.device)
             times[name].append(time.perf_counter() - t0)
     return times
@@ -196,6 +196,25 @@ def measure_family(label: str, source, device, reps: int, exit_fraction: float) 
     return rows
 
 
+@torch.no_grad()
+def measure_inductor(label: str, source, device, reps: int) -> list[dict]:
+    """Batch-1 decoding with a static cache, each model's forward under ``torch.compile``
+    (inductor, default mode), against the same model uncompiled."""
+    source = source.to(device).eval()
+    picked = {k: v for k, v in models_for(source, 0.5).items() if k in (f"own {source.config.num_hidden_layers}",
+                                                                        "ztt", "ztt + pool")}
+    models = {}
+    for name, (model, layers, ref) in picked.items():
+        compiled = copy.deepcopy(model).to(device).eval()
+        compiled.forward = torch.compile(compiled.forward)
+        models[name] = (model.to(device).eval(), layers, ref)
+        models[f"{name}, compiled"] = (compiled, layers, ref)
+    prompts = torch.randint(3, source.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    times = time_all(models, prompts.to(device), reps, cache_implementation="static")
+    return [{"family": label, "model": name, "tok_s": NEW / statistics.median(t), "tok_s_min": NEW / max(t),
+             "tok_s_max": NEW / min(t)} for name, t in times.items()]
+
+
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [f"`python bench/overhead.py` on {m['device']} ({m['machine']}, {m['threads']} threads), torch {m['torch']}, "
@@ -216,6 +235,11 @@ def markdown(report: dict) -> str:
         zero = 1e6 * (step["ztt + pool"] - step["ztt"]) / pool_slots
         ratio = {r["model"]: r["per_layer_vs_own"] for r in rows}
         lines.append(f"| {family} | {batch} | {ratio['no-share']:.3f} | {ratio['drop']:.3f} | {zero:.1f} |")
+    if report.get("inductor"):
+        lines += ["", "Batch 1 with a static cache, `torch.compile` (inductor) against eager:", "",
+                  "| family | model | tok/s (min–max) |", "|---|---|---|"]
+        lines += [f"| {r['family']} | {r['model']} | {r['tok_s']:.0f} ({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) |"
+                  for r in report["inductor"]]
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +267,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     ap.add_argument("--readme", type=Path, help="replace the <!-- overhead --> block of this page")
+    ap.add_argument("--inductor", metavar="FAMILY", help="also time this family's models under torch.compile")
     ap.add_argument("--render", type=Path, metavar="JSON", help="print (and --readme) the tables of a results file")
     args = ap.parse_args()
     if args.render:
@@ -265,6 +290,10 @@ def main() -> None:
     meta = {"device": describe(device), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     report = {"meta": meta, "reps": args.reps, "exit_fraction": args.exit_fraction, "rows": rows}
+    if args.inductor:
+        torch.manual_seed(0)
+        report["inductor"] = measure_inductor(args.inductor, AutoModelForCausalLM.from_config(
+            tiny_config(args.inductor)), device, args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
