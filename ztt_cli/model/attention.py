@@ -83,8 +83,11 @@ def zero_token_attention_eager(
     zero_bias: torch.Tensor | None,
     log_n: bool = False,
     dropout: float = 0.0,
+    entry: ZeroToken | None = None,
+    want_p0: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference implementation. Returns (out [B, H, T, D], p0 [B, H, T]).
+    """Reference implementation. Returns (out [B, H, T, D], p0 [B, H, T]); ``entry`` and
+    ``want_p0`` are the fast path's (see :func:`zero_token_attention_sdpa`) and change nothing here.
 
     With ``zero_key=None`` it is plain eager attention (p0 is None)."""
     n_heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
@@ -139,17 +142,16 @@ class _MaskTerms:
 
     @staticmethod
     def convert(mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        visible = mask if mask.dtype == torch.bool else mask == 0
-        additive = (torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~visible, float("-inf"))
+        additive = (torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
                     if mask.dtype == torch.bool else mask.to(dtype))
-        n_visible = visible.sum(-1).float()
+        n_visible = visible_keys(mask, mask.shape[-2], mask.shape[-1], mask.device)
         return additive, n_visible, n_visible == 0
 
 
 _mask_terms = _MaskTerms()
 
 
-def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool = True):
+def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool):
     """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE).
 
     Exact, and as fast as plain attention plus a matrix-vector product, but the LSE carries no
@@ -205,10 +207,15 @@ def zero_token_attention_sdpa(
     zero_bias: torch.Tensor,
     log_n: bool = False,
     dropout: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused path through torch SDPA. Same contract as the eager reference."""
+    entry: ZeroToken | None = None,
+    want_p0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused path through torch SDPA. Same contract as the eager reference. Without gradients on
+    the CPU it takes the log-sum-exp shortcut, which memoises its terms on ``entry`` (the slot's
+    kept pool entry, when it has one) and skips p0 (returns None) unless ``want_p0``."""
     if _lse_applies(query, key, value, zero_key, zero_bias, dropout=dropout):
-        return _zero_token_attention_lse(query, key, value, mask, scaling, ZeroToken(zero_key, zero_bias, log_n))
+        entry = entry if entry is not None else ZeroToken(zero_key, zero_bias, log_n)
+        return _zero_token_attention_lse(query, key, value, mask, scaling, entry, want_p0)
     batch, n_heads, q_len, head_dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     groups = n_heads // n_kv
@@ -265,14 +272,8 @@ def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
         if ztt_zero is None:
             return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if impl is zero_token_attention_sdpa and _lse_applies(query, key, value, ztt_zero.key, ztt_zero.bias,
-                                                              dropout=dropout):
-            # p0 only when someone reads it
-            out, p0 = _zero_token_attention_lse(query, key, value, attention_mask, scaling, ztt_zero,
-                                                want_p0=ztt_zero.sink is not None)
-        else:
-            out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n,
-                           dropout)
+        out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n,
+                       dropout, entry=ztt_zero, want_p0=ztt_zero.sink is not None)  # p0 only when someone reads it
         if ztt_zero.sink is not None:
             ztt_zero.sink(p0)
         return out.transpose(1, 2).contiguous(), None

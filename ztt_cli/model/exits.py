@@ -49,9 +49,8 @@ class TokenExits:
                           else torch.full(hidden.shape[:2], self.cycles, dtype=torch.long, device=hidden.device))
             self.all_exited = self.any_exited = False  # exits happen after a cycle, the first after cycle 1
             self.asked = False
+            return  # nothing reads the active mask while no token can have exited
         self.active_mask = self.cycle[..., None] >= cycle  # [B, T, 1]
-        if cycle == 1:
-            return
         if self.asked or torch.compiler.is_compiling():
             # all exited stays so; otherwise run the cycle, freezing whoever exited (a traced graph
             # never asks: it runs every cycle, with the same outputs)

@@ -245,14 +245,13 @@ class LayerSlot(nn.Module):
     def _zero_token(self, model: ZTTForCausalLM) -> ZeroToken:
         """This position's pool entry: built per call where it may need a gradient or is being
         traced, kept otherwise (rebuilt when the pool's tensors change: a step, a load, a move)."""
-        pool, c, j = model.pool, self.cycle - 1, self.position
+        pool, c, j, log_n = model.pool, self.cycle - 1, self.position, model.config.zero_logit_log_n
         if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
-            return ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, self._sink)
+            return ZeroToken(pool.key[c, j], pool.bias[c, j], log_n, self._sink)
         sink = self._sink if model._record.wants_zero else None  # nobody reads p0: it need not be computed
-        version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(),
-                   model.config.zero_logit_log_n, sink is None)
+        version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(), log_n, sink)
         if self._zero is None or self._zero[0] != version:
-            self._zero = (version, ZeroToken(pool.key[c, j], pool.bias[c, j], model.config.zero_logit_log_n, sink))
+            self._zero = (version, ZeroToken(pool.key[c, j], pool.bias[c, j], log_n, sink))
         return self._zero[1]
 
     def _closed(self, model: ZTTForCausalLM, exits: TokenExits | None, hidden: torch.Tensor) -> torch.Tensor:
