@@ -152,7 +152,8 @@ _mask_terms = _MaskTerms()
 
 
 def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool):
-    """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE).
+    """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE). Its
+    terms are memoised on ``zero`` (a slot's kept entry); p0 is None unless ``want_p0``.
 
     Exact, and as fast as plain attention plus a matrix-vector product, but the LSE carries no
     gradient: only used when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
@@ -207,14 +208,11 @@ def zero_token_attention_sdpa(
     zero_bias: torch.Tensor,
     log_n: bool = False,
     dropout: float = 0.0,
-    entry: ZeroToken | None = None,
-    want_p0: bool = True,
+    *, entry: ZeroToken | None = None, want_p0: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fused path through torch SDPA. Same contract as the eager reference. Without gradients on
-    the CPU it takes the log-sum-exp shortcut, which memoises its terms on ``entry`` (the slot's
-    kept pool entry, when it has one) and skips p0 (returns None) unless ``want_p0``."""
+    """Fused SDPA path, as the eager reference; on the CPU without gradients the LSE shortcut (below)."""
     if _lse_applies(query, key, value, zero_key, zero_bias, dropout=dropout):
-        entry = entry if entry is not None else ZeroToken(zero_key, zero_bias, log_n)
+        entry = entry or ZeroToken(zero_key, zero_bias, log_n)
         return _zero_token_attention_lse(query, key, value, mask, scaling, entry, want_p0)
     batch, n_heads, q_len, head_dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
