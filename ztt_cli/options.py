@@ -323,8 +323,9 @@ class ExportOptions(BaseModel):
 
     checkpoint: Path = Field(description="ZTT checkpoint folder")
     out: Path = Field(description="output folder")
-    format: Literal["hf", "remote-code"] = Field(
-        "hf", description="hf: for users with ztt installed; remote-code: self-contained (trust_remote_code=True)"
+    format: Literal["hf", "remote-code", "plain"] = Field(
+        "hf", description="hf: for users with ztt installed; remote-code: self-contained (trust_remote_code=True); "
+        "plain: the source family's own checkpoint, unrolled, without zero token or exit"
     )
     dtype: Dtype = Field("fp32", description="dtype of the written weights (float32, bfloat16, float16 also accepted)")
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")

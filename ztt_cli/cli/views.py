@@ -30,7 +30,13 @@ Execute = Callable[[Callable[[Event], None]], object]  # runs the stage, reporti
 def spinner(name: str, execute: Execute):
     """Run with a status line that shows the stage's latest ``status`` message."""
     with err.status(f"{name}…") as status:
-        return execute(lambda e: status.update(e.message) if e.kind == "status" else None)
+        def on_event(e: Event) -> None:
+            if e.kind == "status":
+                status.update(e.message)
+            elif e.kind == "note":
+                err.print(e.message)
+
+        return execute(on_event)
 
 
 def default(command: Command, opts, execute: Execute) -> None:
@@ -193,7 +199,8 @@ def eval(command: Command, opts, execute: Execute) -> None:  # noqa: A001 (the c
 
 def export(command: Command, opts, execute: Execute) -> None:
     result = spinner("exporting", execute)
-    load = "trust_remote_code=True" if opts.format == "remote-code" else "import ztt_cli first"
+    load = {"remote-code": "trust_remote_code=True", "plain": "AutoModelForCausalLM, no ztt needed"}.get(
+        opts.format, "import ztt_cli first")
     out.print(f"exported [bold]{result.out}[/] ({opts.format}, {opts.dtype}, {result.params['total']:,} parameters; "
               f"load with {load}): {', '.join(result.files)}")
 
@@ -235,6 +242,8 @@ def run(recipe, execute: Execute) -> None:
             bar.update(tasks[e.stage], total=1, completed=1, info=f"done in {e.metrics['wall_s']:.0f} s")
         elif e.kind == "status":
             bar.update(tasks[e.stage], info=e.message)
+        elif e.kind == "note":
+            bar.console.print(f"{e.stage}: {e.message}")
         elif e.kind == "start":
             bar.update(tasks[e.stage], total=e.total, completed=e.step)
         elif e.kind == "step":

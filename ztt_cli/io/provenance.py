@@ -165,22 +165,40 @@ def _evaluation(prov: dict) -> list[str]:
     return lines
 
 
+def _load_lines(name: str, fmt: str) -> list[str]:
+    remote = ", trust_remote_code=True" if fmt == "remote-code" else ""
+    imports = ["import ztt_cli  # registers the ztt model type"] if fmt == "hf" else []
+    return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", *imports,
+            f'model = AutoModelForCausalLM.from_pretrained("{name}"{remote})',
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}"{remote})', "```"]
+
+
+def _unrolled(prov: dict, dtype: str) -> list[str]:
+    m = (last_stage(prov, "export") or {}).get("metrics") or {}
+    if not m:
+        return []
+    return ["", "## Exported as a plain model", "",
+            f"Every unrolled position is a layer of its own ({m['layers']} layers; shared weights written once per "
+            "position, relaxation deltas merged, positions whose gate is 0 left out); the zero token and early exit "
+            f"are left out; weights {dtype}, safetensors. Parameters {m['parameters_before']:,} → {m['parameters_after']:,}; perplexity on the "
+            f"calibration text {m['perplexity_before']:.2f} → {m['perplexity_after']:.2f} (full depth, zero token removed)."]
+
+
 def model_card(name: str, prov: dict, config: dict, fmt: str = "hf", dtype: str = "fp32", recipe: str | None = None) -> str:
-    """The card of a checkpoint named ``name``, from its provenance and config alone."""
+    """The card of a checkpoint named ``name``, from its provenance and (ztt) config alone."""
     lay = Layout(config["head"], config["block"], config["cycles"], config["tail"])
     source = prov.get("source", {})
-    load = [f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)'] if fmt == "remote-code" \
-        else ["import ztt_cli  # registers the ztt model type", f'model = AutoModelForCausalLM.from_pretrained("{name}")']
     size = f" ({source['parameters']:,} parameters, {source['layers']} layers)" if "parameters" in source else ""
     sha = f" (sha256 of the source weights `{source['sha256']}`)" if source.get("sha256") else ""
+    made = f"made with `ztt` from `{source.get('ref', 'unknown')}`{size}{sha}."
+    plain = fmt == "plain"
+    intro = (f"A plain `{config.get('text_config', {}).get('model_type', '?')}` checkpoint {made} It loads without "
+             "`ztt`. It was this Zero-Token Transformer:" if plain else f"A Zero-Token Transformer {made}")
     lines = [
-        *_front_matter(source), f"# {name}", "",
-        f"A Zero-Token Transformer made with `ztt` from `{source.get('ref', 'unknown')}`{size}{sha}.",
-        _structure(config, lay, last_stage(prov, "convert") or {}),
-        "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", *load,
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}"' + (", trust_remote_code=True)" if fmt == "remote-code" else ")"),
-        "```", "",
-        *_facts(config, lay, prov, dtype), *_healing(prov), *_calibration(prov), *_evaluation(prov),
+        *_front_matter(source), f"# {name}", "", intro, _structure(config, lay, last_stage(prov, "convert") or {}),
+        "", *_load_lines(name, fmt), "",
+        *([] if plain else [*_facts(config, lay, prov, dtype), *_healing(prov), *_calibration(prov)]),
+        *(_unrolled(prov, dtype) + _healing(prov) if plain else []), *_evaluation(prov),
         "", "## Provenance", "", "Stages: " + " → ".join(s.get("stage", "?") for s in prov.get("stages", [])) + ".",
         f"Full record in `{PROVENANCE}`.",
     ]
@@ -189,10 +207,11 @@ def model_card(name: str, prov: dict, config: dict, fmt: str = "hf", dtype: str 
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: Path, name: str, fmt: str = "hf", dtype: str = "fp32") -> None:
-    """(Re)write ``folder/README.md`` from the folder's ztt.json, config.json and recipe.yaml."""
+def write_model_card(folder: Path, name: str, fmt: str = "hf", dtype: str = "fp32", config: dict | None = None) -> None:
+    """(Re)write ``folder/README.md`` from the folder's ztt.json, config.json (or the ztt ``config``
+    it was made from) and recipe.yaml."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = config or json.loads((folder / "config.json").read_text())
     recipe = folder / "recipe.yaml"
     card = model_card(name, read_provenance(folder), config, fmt, dtype, recipe.read_text() if recipe.is_file() else None)
     (folder / "README.md").write_text(card)

@@ -83,6 +83,19 @@ class PositionDeltas(nn.Module):
         for name in self.vectors:
             self.d[_key(name)][c] = target[name] - params[name]
 
+    @torch.no_grad()
+    def merged(self, cycle: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The shared layer's ``state`` with position ``cycle``'s deltas folded in (``W + B·A``, and
+        the 1-D differences added): the entries that change."""
+        c, out = cycle - 1, {}
+        for name, m in self.linears.items():
+            w = state[f"{name}.weight"]
+            delta = (self.B[_key(name)][c].float() @ self.A[_key(name)][c].float())
+            out[f"{name}.weight"] = (w.float() + _as_out_in(m, delta)).to(w.dtype)
+        for name in self.vectors:
+            out[name] = (state[name].float() + self.d[_key(name)][c].float()).to(state[name].dtype)
+        return out
+
 
 class Relaxation(nn.Module):
     """Per-cycle deltas for the block's layers; ``run`` calls a block layer as cycle ``c`` sees it."""

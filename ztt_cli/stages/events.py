@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Event:
-    """``kind``: ``status`` (a phase begins; ``message`` says which), ``start`` (a loop of
+    """``kind``: ``status`` (a phase begins; ``message`` says which), ``note`` (a line worth
+    keeping on screen, e.g. what an export costs, said before it is written), ``start`` (a loop of
     ``total`` steps begins at ``step``), ``step``, ``validation`` or ``checkpoint`` (in that loop,
     with ``metrics``). ``ztt run`` adds ``stage-start``, ``stage-skipped`` and ``stage-done``
     (``metrics["wall_s"]``), and names the ``stage`` of every event."""
@@ -25,6 +26,10 @@ class Event:
     @classmethod
     def status(cls, message: str) -> Event:
         return cls("status", message)
+
+    @classmethod
+    def note(cls, message: str) -> Event:
+        return cls("note", message)
 
 
 Progress = Callable[[Event], None]
