@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from ztt_cli.io.checkpoint import load_checkpoint
+from ztt_cli.model.unroll import NotPlainError, to_plain
 from ztt_cli.options import ConvertOptions
 from ztt_cli.stages.convert import convert
-
-from ztt_cli.model.unroll import NotPlainError, to_plain
 
 from .fixtures import FAMILIES, grown_model, save_source, token_ids, ztt_model
 from .fixtures import cli as run

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from .device import valid_device
+from .io.specs import DataError, parse_spec
 from .model.signals import SIGNALS
 
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average", "grow"]
@@ -155,7 +156,8 @@ class FinetuneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Path = Field(description="ZTT checkpoint folder to heal")
-    data: str = Field(description="shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+    data: str = Field(description="shakespeare, a .txt/.jsonl/.parquet file or folder, a hub dataset, or "
+                      "source-samples:N (N tokens sampled from the source); mix with + (PART*w weighs a part)")
     out: Path = Field(description="output checkpoint folder")
     text_field: str = Field("text", description="field holding the text in .jsonl/.parquet/hub data")
     seq_len: int = Field(512, ge=8, description="tokens per training sequence")
@@ -194,6 +196,18 @@ class FinetuneOptions(BaseModel):
     overwrite: bool = Field(False, description="replace --out (and discard an unfinished run for it)")
     precision: Precision = Field("fp32", description="bf16 autocast (GPUs) or fp32 (bfloat16, float32 also accepted)")
     grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _mixed(cls, value):
+        """A recipe may list the parts of a mix: [shakespeare, source-samples:30k] = shakespeare+source-samples:30k."""
+        value = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, str):
+            try:
+                parse_spec(value)
+            except DataError as e:
+                raise ValueError(e.message) from None
+        return value
 
     @property
     def effective_pool_lr(self) -> float:

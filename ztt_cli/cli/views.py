@@ -95,7 +95,7 @@ def convert(command: Command, opts, execute: Execute) -> None:
 
 def _healing_bar(rank0: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]healing"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=err, disable=not rank0,
     )
@@ -107,8 +107,12 @@ def finetune(command: Command, opts, execute: Execute) -> None:
     shown = {"task": None, "info": "", "val": ""}
 
     def on_event(e: Event) -> None:
-        if e.kind == "start":
-            shown["task"] = bar.add_task("heal", total=e.total, completed=e.step, info="")
+        if e.kind == "progress":  # a loop before healing (sampling from the source)
+            if shown.get(e.message) is None:
+                shown[e.message] = bar.add_task(e.message.split()[0], total=e.total, info="")
+            bar.update(shown[e.message], total=e.total, completed=e.step)
+        elif e.kind == "start":
+            shown["task"] = bar.add_task("healing", total=e.total, completed=e.step, info="")
             m = e.metrics
             if rank0:
                 err.print(f"{m['train_blocks']} training and {m['val_blocks']} validation sequences, {m['world']} process(es)")
@@ -246,6 +250,8 @@ def run(recipe, execute: Execute) -> None:
             bar.console.print(f"{e.stage}: {e.message}")
         elif e.kind == "start":
             bar.update(tasks[e.stage], total=e.total, completed=e.step)
+        elif e.kind == "progress":
+            bar.update(tasks[e.stage], info=f"{e.message} {e.step}/{e.total}")
         elif e.kind == "step":
             bar.update(tasks[e.stage], completed=e.step, info=f"step {e.step} · loss {e.metrics['loss']:.3f}")
 

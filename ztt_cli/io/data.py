@@ -1,8 +1,15 @@
 """Training text: load documents, tokenise, pack into fixed-length blocks, split by document.
 
 A data spec is the built-in name ``shakespeare``, a local ``.txt`` / ``.jsonl`` / ``.parquet``
-file or a folder of them (read with ``datasets``' loaders), or a ``datasets`` hub name.
-Packed blocks are cached by a digest of the documents, the tokenizer and the options."""
+file or a folder of them (read with ``datasets``' loaders), a ``datasets`` hub name, or
+``source-samples:N``: N tokens sampled from the source model (``samples.py``; healing only).
+Packed blocks are cached by a digest of the documents, the tokenizer and the options.
+
+Specs mix with ``+`` (a list in recipes): ``shakespeare+source-samples:30k``. The unit is the
+share of training tokens drawn: by default each part gives an equal share whatever its size
+(a smaller part's blocks repeat within an epoch), ``PART*w`` weighs a part. Each part holds out
+its own ``val_fraction`` (documents of text, whole sequences of samples); validation is their
+union. A spec that is an existing path is always that path."""
 
 from __future__ import annotations
 
@@ -10,19 +17,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import OfflineError, ZTTError
+from ..errors import OfflineError
 from .assets import cache_dir
+from .specs import SPEC_PREFIX, DataError, Part, parse_spec
+
+__all__ = ["DataError", "Part", "PackedData", "parse_spec", "prepare", "batch_indices", "load_documents"]
 from .texts import HELD_OUT, TEXT_START, read_text
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ZTTError):
-    """The training data is missing, empty or malformed."""
 
 
 @dataclass
@@ -68,6 +75,9 @@ def _load_with_datasets(files: list[Path], text_field: str) -> list[Document]:
 
 
 def load_documents(spec: str, text_field: str = "text") -> list[Document]:
+    if spec.startswith(SPEC_PREFIX) and not Path(spec).expanduser().exists():
+        raise DataError(f"'{spec}' is healing data sampled from the source: only `ztt finetune` makes it",
+                        hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
     if spec == "shakespeare":
         docs = shakespeare_documents()
     else:
@@ -136,11 +146,8 @@ def _pack(tokenizer, docs: list[Document], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def prepare(spec: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
-            text_field: str = "text") -> PackedData:
+def _prepare_text(spec: str, tokenizer, seq_len: int, val_fraction: float, seed: int, text_field: str) -> PackedData:
     """Load, split by document (seeded), tokenise and pack; cached."""
-    if tokenizer.eos_token_id is None:
-        raise DataError("the checkpoint's tokenizer has no EOS token", hint="add one to its tokenizer files")
     docs = load_documents(spec, text_field)
     key = _digest(docs, tokenizer, seq_len=seq_len, val_fraction=val_fraction, seed=seed)
     cached = cache_dir() / "data" / f"{key}.safetensors"
@@ -162,6 +169,43 @@ def prepare(spec: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed
             f"'{spec}' gives {sum(len(d.text) for d in train_docs)} characters of training text, less than one "
             f"block of {seq_len} tokens", hint="use more text or a smaller --seq-len")
     return PackedData(train, val, [d.name for d in train_docs], [d.name for d in val_docs])
+
+
+Sampler = Callable[[int, int], torch.Tensor]  # (tokens, seq_len) -> [sequences, seq_len] ids
+
+
+def _prepare_samples(part: Part, samples: Sampler | None, seq_len: int, val_fraction: float, seed: int) -> PackedData:
+    if samples is None:
+        raise DataError(f"'{part.spec}' is healing data sampled from the source: only `ztt finetune` makes it",
+                        hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+    blocks = samples(part.samples, seq_len)
+    n = blocks.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n > 1 else 0
+    val, train = sorted(order[:n_val]), sorted(order[n_val:])
+    return PackedData(blocks[train], blocks[val], [f"{part.spec}#{i}" for i in train], [f"{part.spec}#{i}" for i in val])
+
+
+def _mix(parts: list[Part], packed: list[PackedData]) -> PackedData:
+    """Each part's share of the training blocks in proportion to its weight: the largest part (by
+    blocks per unit of weight) appears once, the others' blocks repeat to make up their share."""
+    total = sum(p.weight for p in parts)
+    epoch = max(d.train.shape[0] * total / p.weight for p, d in zip(parts, packed))
+    train = [d.train[torch.arange(max(1, round(epoch * p.weight / total))) % d.train.shape[0]]
+             for p, d in zip(parts, packed)]
+    return PackedData(torch.cat(train), torch.cat([d.val for d in packed]),
+                      [n for d in packed for n in d.train_documents], [n for d in packed for n in d.val_documents])
+
+
+def prepare(spec: str, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
+            text_field: str = "text", samples: Sampler | None = None) -> PackedData:
+    """The packed training and validation blocks of a data spec (one part, or a mix)."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the checkpoint's tokenizer has no EOS token", hint="add one to its tokenizer files")
+    parts = parse_spec(spec)
+    packed = [_prepare_samples(p, samples, seq_len, val_fraction, seed) if p.samples is not None
+              else _prepare_text(p.spec, tokenizer, seq_len, val_fraction, seed, text_field) for p in parts]
+    return packed[0] if len(parts) == 1 else _mix(parts, packed)
 
 
 def batch_indices(step: int, micro: int, n_blocks: int, micro_batch: int, accum: int, rank: int, world: int,

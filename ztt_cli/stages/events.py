@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Event:
     """``kind``: ``status`` (a phase begins; ``message`` says which), ``note`` (a line worth
-    keeping on screen, e.g. what an export costs, said before it is written), ``start`` (a loop of
+    keeping on screen, e.g. what an export costs, said before it is written), ``progress`` (a
+    preparatory loop, ``message`` naming it, at ``step`` of ``total``), ``start`` (a loop of
     ``total`` steps begins at ``step``), ``step``, ``validation`` or ``checkpoint`` (in that loop,
     with ``metrics``). ``ztt run`` adds ``stage-start``, ``stage-skipped`` and ``stage-done``
     (``metrics["wall_s"]``), and names the ``stage`` of every event."""

@@ -37,6 +37,7 @@ from ..io.provenance import (
     read_provenance,
     write_model_card,
 )
+from ..io.samples import Sampling, source_samples
 from ..options import FinetuneOptions
 from .events import Event, Progress, silent
 from .losses import HealingObjective, next_token_loss
@@ -131,9 +132,9 @@ def _setup_distributed() -> Dist:
 
 
 # --- loading -----------------------------------------------------------------------------------
-def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device, progress: Progress):
-    if opts.no_teacher or opts.kd_weight == 0:
-        return None
+def _source_model(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM, device, progress: Progress):
+    """The model to distil from and sample from (``--teacher``, else the recorded source), frozen on
+    ``device``, and its weights' sha256."""
     recorded = provenance.get("source", {})
     ref = opts.teacher or recorded.get("path") or recorded.get("ref")
     if ref is None:
@@ -148,7 +149,11 @@ def _load_teacher(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
         )
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.to(device).eval()
+    return teacher.to(device).eval(), src.sha256
+
+
+def _distils(opts: FinetuneOptions) -> bool:
+    return not (opts.no_teacher or opts.kd_weight == 0)
 
 
 def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
@@ -391,9 +396,33 @@ class HealingRun:
             raise ZTTError("--grad-checkpointing does not support a relaxed checkpoint (its per-cycle deltas are "
                            "applied around each layer call, which checkpointing recomputes later)",
                            hint="leave out --grad-checkpointing (lower --batch-size and raise --grad-accum instead)")
+        self._source = None  # (model, sha256), loaded when distilling or sampling needs it
         self.progress(Event.status(f"reading {opts.data}"))
-        self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field)
-        self.teacher = _load_teacher(opts, self.provenance, self.model, self.ddp.device, self.progress)
+        self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field,
+                            samples=self._sample)
+        self.teacher = self._source_model()[0] if _distils(opts) else None
+        if self.teacher is None:
+            self._source = None  # loaded for sampling only: not kept through training
+
+    def _source_model(self):
+        if self._source is None:
+            self._source = _source_model(self.opts, self.provenance, self.model, self.ddp.device, self.progress)
+        return self._source
+
+    def _sample(self, n_tokens: int, seq_len: int) -> torch.Tensor:
+        """``source-samples:N`` data: each rank samples its share of the batches, then all wait."""
+        teacher, sha = self._source_model()
+        param = next(teacher.parameters())
+        where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
+        sampling = Sampling(sha, seq_len, self.opts.seed, dtype=str(param.dtype).removeprefix("torch."), device=where)
+        ddp = self.ddp
+
+        def shown(done: int, total: int) -> None:
+            self.progress(Event("progress", "sampling from the source", step=done, total=total))
+
+        wait = dist.barrier if ddp.world > 1 else (lambda: None)
+        return source_samples(teacher, self.tokenizer.all_special_ids, n_tokens, sampling, ddp.rank, ddp.world,
+                              wait, shown)
 
     def _build_training(self) -> None:
         opts, ddp = self.opts, self.ddp
