@@ -102,7 +102,7 @@ def models_for(source, exit_fraction: float) -> dict:
     layout, dropped = shapes(depth)
     n_kept = depth - len(dropped)
     kept = copy.deepcopy(source)
-    keep_layers(kept, family_for(kept.config.model_type), dropped)
+    keep_layers(kept, family_for(kept), dropped)
     exits = ztt_around(source, layout, True, exit_signal="bench-fraction", exit_threshold=1 - exit_fraction)
     own, own_kept = f"own {depth}", f"own {n_kept}"
     return {

@@ -132,7 +132,7 @@ def grown_model(family: str, layout: tuple[int, int, int, int], dropped=(), adde
 
     src = source_model(family, seed)
     kept = copy.deepcopy(src)
-    keep_layers(kept, family_for(kept.config.model_type), list(dropped))
+    keep_layers(kept, family_for(kept), list(dropped))
     lay = Layout(*layout)
     text = remap_layers(kept.config, [slot.attribute for slot in lay.slots(grown=True)])
     config = ZTTConfig(text_config=text.to_dict(), head=lay.head, block=lay.block, cycles=lay.cycles, tail=lay.tail,

@@ -1,7 +1,7 @@
 """The command line: help, version, the convert summary, and one clear line for every bad input."""
 
 import pytest
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import MambaConfig, MambaForCausalLM
 from typer.testing import CliRunner
 
 from ztt_cli import __version__
@@ -42,10 +42,10 @@ def test_convert_prints_summary(tmp_path):
 
 
 def _unsupported(tmp_path):
-    cfg = GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=len(tokenizer()))
-    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
-    tokenizer().save_pretrained(tmp_path / "neox")
-    return [str(tmp_path / "neox")]
+    cfg = MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=len(tokenizer()))
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "mamba")  # a state-space model: no attention to enter
+    tokenizer().save_pretrained(tmp_path / "mamba")
+    return [str(tmp_path / "mamba")]
 
 
 def _truncated(tmp_path):
@@ -68,7 +68,7 @@ def _layout(*extra):
 BAD_INPUTS = {
     "missing path": (lambda tmp_path: ["./no/such/model"], "no such file"),
     "hub id offline": (lambda tmp_path: ["someorg/some-model"], "cannot reach the model hub"),
-    "unsupported architecture": (_unsupported, "not supported"),
+    "unsupported architecture": (_unsupported, "has no attention: a state-space or hybrid model"),
     "head + tail >= layers": (_layout("--head", "3", "--tail", "3"), "no middle"),
     "not divisible": (_layout("--head", "1", "--tail", "2", "--cycles", "2"), "not divisible"),
     "zero block": (_layout("--block", "0"), "--block: must be >= 1"),

@@ -132,7 +132,7 @@ def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path
     assert dropped.pool is None and dropped.config.cycles == 1 and dropped.config.layout.unique_layers == 4
 
     reference = source_model(family)
-    fam = family_for(reference.config.model_type)
+    fam = family_for(reference)
     kept = [layer for i, layer in enumerate(fam.layer_list(reference)) if i not in (3, 4)]
     for i, layer in enumerate(kept):
         fam.point_at(layer, i, i, reference.config)
@@ -188,7 +188,7 @@ def test_keeping_layers_leaves_a_plain_model_of_its_family(family):
     from ztt_cli.stages.convert import keep_layers
 
     kept = source_model(family)
-    fam = family_for(kept.config.model_type)
+    fam = family_for(kept)
     keep_layers(kept, fam, [1, 3])
     ztt = ZTTForCausalLM(ZTTConfig(text_config=kept.config.to_dict(), head=1, block=2, cycles=1, tail=1, pool=False),
                          source=copy.deepcopy(kept)).eval()

@@ -50,32 +50,28 @@ def test_a_grown_conversion_is_the_drop_it_starts_from(family, tmp_path, calib_f
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
 def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family, monkeypatch):
     """GPT-2's 1/(i+1) scaling and Qwen2's sliding layers come from the layer a position
-    reproduces; the KV slot is the unrolled position."""
-    from ztt_cli.model.architecture import Family
-
+    reproduces; the KV slot is the unrolled position. Read from each attention module as it runs."""
     grown, src = grown_model(family, GROWN, dropped=(1, 3), added_gate=0.5)
     slots = grown.config.layout.slots(grown=True)
     assert [s.attribute for s in slots] == [0, 1, 2, 1, 2, 3]
     assert [s.index for s in slots] == list(range(6))
-    calls = []
-    point_at = Family.point_at
-
-    def spy(self, layer, slot, attribute, config):
-        calls.append((slot, attribute))
-        point_at(self, layer, slot, attribute, config)
-
-    monkeypatch.setattr(Family, "point_at", spy)
+    seen = []
+    attention = grown._family.attention
+    for layer in grown.layers:
+        attn = layer.get_submodule(attention)
+        attn.register_forward_pre_hook(lambda m, a: seen.append(
+            (m.layer_idx, getattr(m, "scaling", None), getattr(m, "sliding_window", None))))
     with torch.no_grad():
         grown(token_ids(length=8))
-    # shared layers are pointed at each call; the head and tail once, when the model is built
-    assert calls == [(s.index, s.attribute) for s in slots if s.cycle is not None]
-    family_row = grown._family
+    text = grown.config.text_config
+    expected = []
     for s in slots:
-        if s.cycle is None:
-            attn = getattr(grown.layers[s.unique], family_row.attention)
-            assert attn.layer_idx == s.index
-            if family == "gpt2":
-                assert attn.scaling == attn.head_dim**-0.5 / (s.attribute + 1)
+        attn = grown.layers[s.unique].get_submodule(attention)
+        scaling = attn.head_dim**-0.5 / (s.attribute + 1) if family == "gpt2" else attn.scaling
+        window = (text.sliding_window if text.layer_types[s.index] == "sliding_attention" else None) \
+            if family == "qwen2" else None
+        expected.append((s.index, pytest.approx(scaling), window))
+    assert seen == expected
     text = grown.config.text_config
     assert text.num_hidden_layers == 6
     if family == "qwen2":  # per position, from the kept layers [0, 2, 4, 5]

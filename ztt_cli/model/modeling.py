@@ -37,7 +37,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architecture import PER_LAYER_LISTS, Family, family_for, remap_layers
+from .architecture import Family, family_for, per_layer_lists, remap_layers
 from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
 from .exits import TokenExits
@@ -198,9 +198,11 @@ class LayerSlot(nn.Module):
         # (a drop): used by this slot alone, run as the family runs it
         one_cycle = model.config.cycles == 1 and model.pool is None and model.gates is None and model.relax is None
         self._plain = self.cycle is None or one_cycle
+        point = family.pointer(layer, self.index, self.attribute, model.inner.config)
         if self._plain:
-            family.point_at(layer, self.index, self.attribute, model.inner.config)
+            point()
         else:
+            self._point = point
             record = model._record
             self._kv_hook = lambda key, value, q_len: record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
             self._sink = partial(record.put, self.cycle, self.position)
@@ -227,7 +229,7 @@ class LayerSlot(nn.Module):
                 exits.skip(self.cycle, self.position, self.index)
                 return self._end_of_cycle(exits, hidden_states)
             kwargs["ztt_kv"] = self._kv_hook
-        family.point_at(layer, self.index, self.attribute, model.inner.config)
+        self._point()
         if model.pool is not None and record.pool_on:
             kwargs["ztt_zero"] = self._zero_token(model)
         if model.relax is not None:
@@ -294,25 +296,27 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         layout = config.layout
         text_config = config.text_config
-        family = family_for(text_config.model_type)
         impl = config._attn_implementation if config._attn_implementation in ATTENTION_NAMES else "sdpa"
         if source is None:  # each unique layer built as its first unrolled position
             source = AutoModelForCausalLM.from_config(remap_layers(text_config, layout.first_positions(config.grown)))
+            family = family_for(source)
             unique = list(family.layer_list(source))
         else:
+            family = family_for(source)
             by_index = list(family.layer_list(source))
             unique = [by_index[src[0]] for src in layout.source_layers(len(by_index), "lower")]
         source.config.num_hidden_layers = layout.depth
-        for name in PER_LAYER_LISTS:  # per unrolled position, as text_config gives them
-            if getattr(text_config, name, None) is not None:
-                setattr(source.config, name, list(getattr(text_config, name)))
+        for name in per_layer_lists(text_config):  # per unrolled position, as text_config gives them
+            setattr(source.config, name, list(getattr(text_config, name)))
         source.config._attn_implementation = ATTENTION_NAMES[impl]
         self.inner = source
         self._family = family
         self.layers = nn.ModuleList(unique)
         n_heads = text_config.num_attention_heads
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
+        # the width of queries and keys: multi-head latent attention (DeepSeek) has its own
+        head_dim = (getattr(text_config, "qk_head_dim", None) or getattr(text_config, "head_dim", None)
+                    or text_config.hidden_size // n_heads)
         self.pool = (
             ZeroTokenPool(layout.cycles, layout.block, n_kv, n_heads, head_dim, config.pool_key_std, config.pool_bias_init)
             if config.pool

@@ -14,7 +14,7 @@ from ..io.checkpoint import atomic_dir, check_output, write_json
 from ..io.provenance import PROVENANCE, stage_record, write_model_card
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
-from ..model.architecture import PER_LAYER_LISTS, family_for, remap_layers
+from ..model.architecture import family_for, per_layer_lists, remap_layers
 from ..model.layout import GROW, INIT_STRATEGIES, Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..options import TORCH_DTYPE_NAMES, ConvertOptions, parse_size, torch_dtype
@@ -96,10 +96,10 @@ def keep_layers(model, family, dropped: list[int]) -> int:
     layers = family.layer_list(model)
     keep = [i for i in range(len(layers)) if i not in dropped]
     family.set_layer_list(model, torch.nn.ModuleList([layers[i] for i in keep]))
+    names = ["num_hidden_layers", *per_layer_lists(model.config)]
     kept = remap_layers(model.config, keep)
-    for name in ("num_hidden_layers", *PER_LAYER_LISTS):
-        if getattr(kept, name, None) is not None:
-            setattr(model.config, name, getattr(kept, name))
+    for name in names:
+        setattr(model.config, name, getattr(kept, name))
     for i, layer in enumerate(family.layer_list(model)):
         family.point_at(layer, i, i, model.config)
     return len(keep)
@@ -166,7 +166,7 @@ def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Lay
     progress(Event.status(f"resolving {opts.source}"))
     src = sources.resolve(opts.source)
     config = AutoConfig.from_pretrained(src.folder)
-    family = family_for(config.model_type)
+    family = family_for(config)
     layout = _layout(opts, config.num_hidden_layers)
     tokenizer = sources.load_tokenizer(src.folder)
     windows = None
