@@ -119,25 +119,25 @@ def score_exits(model, windows: torch.Tensor, threshold: float | None = None, re
 
 
 @torch.no_grad()
-def _generate(model, prompt: torch.Tensor, tokens: int, threshold: float) -> None:
+def generate_once(model, prompt: torch.Tensor, tokens: int, threshold: float) -> None:
     """What users run: ``generate()``, greedy, batch 1, a fixed number of new tokens."""
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
                    do_sample=False, exit_threshold=threshold, pad_token_id=model.config.text_config.eos_token_id)
 
 
-def _time_generation(model, prompts: list[torch.Tensor], thresholds: list[float], tokens: int,
+def time_generation(model, prompts: list[torch.Tensor], thresholds: list[float], tokens: int,
                      reps: int) -> dict[float, list[float]]:
     """Seconds to decode every prompt, per threshold and repetition; full depth (``NEVER``)
     first in every repetition, so each threshold's times pair with full depth's of the same round."""
     times: dict[float, list[float]] = {t: [] for t in [NEVER, *thresholds]}
     for p in prompts:  # warm-up
-        _generate(model, p, 2, NEVER)
+        generate_once(model, p, 2, NEVER)
     for _ in range(reps):
         for t in times:
             synchronize(model.device)
             start = time.perf_counter()
             for p in prompts:
-                _generate(model, p, tokens, t)
+                generate_once(model, p, tokens, t)
             synchronize(model.device)
             times[t].append(time.perf_counter() - start)
     return times
@@ -162,7 +162,7 @@ _T975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def _screen_wall(model, prompts, rows: list[Candidate], opts) -> None:
     """Every candidate's wall-clock speedup, ``--reps`` interleaved repetitions (median)."""
-    times = _time_generation(model, prompts, [r.threshold for r in rows], opts.decode_tokens, opts.reps)
+    times = time_generation(model, prompts, [r.threshold for r in rows], opts.decode_tokens, opts.reps)
     for row in rows:
         row.wall_speedup = paired_speedup(times[NEVER], times[row.threshold])[0]
 
@@ -170,7 +170,7 @@ def _screen_wall(model, prompts, rows: list[Candidate], opts) -> None:
 def _confirm_wall(model, prompts, row: Candidate, opts) -> None:
     """The chosen threshold against full depth again, ``--confirm-reps`` paired repetitions: the
     figure reported, with its 95% interval."""
-    times = _time_generation(model, prompts, [row.threshold], opts.decode_tokens, opts.confirm_reps)
+    times = time_generation(model, prompts, [row.threshold], opts.decode_tokens, opts.confirm_reps)
     row.wall_speedup, low, high = paired_speedup(times[NEVER], times[row.threshold])
     row.wall_interval = [low, high]
 
