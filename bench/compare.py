@@ -337,6 +337,12 @@ def main() -> None:
     console.print(write_outputs(report, args.results, None if args.smoke else args.readme))
 
 
+def _rate(row: dict, batch: int) -> str:
+    """A decoding rate for the table: "—" where that batch size was not measured."""
+    rate = row.get(f"decode_tok_s_b{batch}")
+    return "—" if rate is None else f"{rate:.1f}"
+
+
 def markdown(r: dict) -> str:
     cfg, h = r["config"], r["config"]["heal"]
     tokens = next((v["heal"]["tokens"] for v in r["variants"].values() if "heal" in v), 0)
@@ -359,8 +365,7 @@ def markdown(r: dict) -> str:
         before = f"{v['before']['tempest16']:.2f} → {a['tempest16']:.2f}" if "heal" in v else f"{a['tempest16']:.2f}"
         lines.append(
             f"| {name} | {v['layout']} | {v['unique_layers']} | {v['params'] / 1e6:.1f} M | {before} | "
-            f"{a['docutils16']:.2f} | {100 * a['agreement']:.1f}% | {v.get('decode_tok_s_b1', 0):.1f} / "
-            f"{v.get('decode_tok_s_b8', 0):.1f} | {heal} |"
+            f"{a['docutils16']:.2f} | {100 * a['agreement']:.1f}% | {_rate(v, 1)} / {_rate(v, 8)} | {heal} |"
         )
     if not r.get("complete", True):
         missing = [v["name"] for v in cfg["variants"] if v["name"] not in r["variants"]]
@@ -377,7 +382,7 @@ def markdown(r: dict) -> str:
             lines.append(
                 f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | {100 * e['compute_saved']:.1f}% | "
                 f"{e['tempest16']:.2f} | {e['docutils16']:.2f} | {100 * e['agreement']:.1f}% | "
-                f"{e.get('decode_tok_s_b1', 0):.1f} / {e.get('decode_tok_s_b8', 0):.1f} |"
+                f"{_rate(e, 1)} / {_rate(e, 8)} |"
             )
     return "\n".join(lines) + "\n"
 
