@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import OfflineError
 from .assets import cache_dir
 from .specs import SPEC_PREFIX, DataError, Part, parse_spec
+from .texts import HELD_OUT, TEXT_START, read_text
 
 __all__ = ["DataError", "Part", "PackedData", "parse_spec", "prepare", "batch_indices", "load_documents"]
-from .texts import HELD_OUT, TEXT_START, read_text
 
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -74,10 +74,14 @@ def _load_with_datasets(files: list[Path], text_field: str) -> list[Document]:
     return docs
 
 
+def _samples_not_here(spec: str) -> DataError:
+    return DataError(f"'{spec}' is healing data sampled from the source: only `ztt finetune` makes it",
+                     hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+
+
 def load_documents(spec: str, text_field: str = "text") -> list[Document]:
     if spec.startswith(SPEC_PREFIX) and not Path(spec).expanduser().exists():
-        raise DataError(f"'{spec}' is healing data sampled from the source: only `ztt finetune` makes it",
-                        hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+        raise _samples_not_here(spec)
     if spec == "shakespeare":
         docs = shakespeare_documents()
     else:
@@ -176,8 +180,7 @@ Sampler = Callable[[int, int], torch.Tensor]  # (tokens, seq_len) -> [sequences,
 
 def _prepare_samples(part: Part, samples: Sampler | None, seq_len: int, val_fraction: float, seed: int) -> PackedData:
     if samples is None:
-        raise DataError(f"'{part.spec}' is healing data sampled from the source: only `ztt finetune` makes it",
-                        hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+        raise _samples_not_here(part.spec)
     blocks = samples(part.samples, seq_len)
     n = blocks.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
