@@ -3,7 +3,8 @@ calibration's wall-clock figure holds on text it was not calibrated on.
 
 Healed briefly by `ztt finetune` (with the exit objective), then calibrated as users do:
 `ztt calibrate --target-speedup 1.25 --max-quality-loss 0.05` on Shakespeare (its own figure
-and 95% interval). Then, on batch-1 16-token prompts from The Tempest (held out of the
+and 95% interval). Where the sweep cannot reach that, the refusal is recorded and the same
+target is calibrated without the quality limit, the refusal's hint's next step. Then, on batch-1 16-token prompts from The Tempest (held out of the
 calibration text): `generate()` timed at full depth and at each threshold in paired,
 interleaved repetitions (median and 95% interval), alongside thresholds giving about 1.1×,
 1.25× and 1.4× compute and the source model; Tempest-16 with per-token exits; the signal's
@@ -31,6 +32,7 @@ from ztt_cli.io.texts import tempest16
 from ztt_cli.model.signals import NEVER
 from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import (
+    CalibrationError,
     calibrate,
     paired_speedup,
     score_exits,
@@ -82,6 +84,22 @@ def heal(work: Path, steps: int) -> Path:
     return healed
 
 
+def calibrate_as_asked(healed: Path, out: Path, tokens: int):
+    """(report, refusal): 1.25× wall within 5% quality loss, or, if the sweep cannot reach that,
+    its one-line refusal and the same target without the quality limit."""
+    refusal = None
+    for limit in (0.05, None):
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            return calibrate(CalibrateOptions(checkpoint=healed, out=out, data="shakespeare", target_speedup=1.25,
+                                              max_quality_loss=limit, decode_tokens=tokens, device="cpu")), refusal
+        except CalibrationError as e:
+            if limit is None:
+                raise
+            refusal = str(e)
+            print("refused:", refusal, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("runs/bench-exit"))
@@ -93,17 +111,15 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     healed = heal(args.work, args.heal_steps)
-    calibrated = args.work / "calibrated"
-    shutil.rmtree(calibrated, ignore_errors=True)
-    report = calibrate(CalibrateOptions(checkpoint=healed, out=calibrated, data="shakespeare", target_speedup=1.25,
-                                        max_quality_loss=0.05, decode_tokens=args.tokens, device="cpu"))
+    report, refusal = calibrate_as_asked(healed, args.work / "calibrated", args.tokens)
+    label = "calibrate 1.25x wall" + (", ≤ 5% loss" if refusal is None else ", no quality limit")
 
     model = AutoModelForCausalLM.from_pretrained(healed).eval()
     source = AutoModelForCausalLM.from_pretrained(sources.resolve("smollm2-135m").folder).eval()
     tok = sources.load_tokenizer(healed)
     windows = prepare("shakespeare", tok, 256, 0.0).train[:8]
     thresholds = {f"{t}x compute": threshold_for(model, windows, t) for t in (1.1, 1.25, 1.4)}
-    thresholds["calibrate 1.25x wall, ≤ 5% loss"] = report.chosen.threshold
+    thresholds[label] = report.chosen.threshold
 
     tempest = tempest16(tok)
     picks = torch.linspace(0, tempest.shape[0] - 1, args.prompts).round().long().tolist()
@@ -112,13 +128,13 @@ def main() -> None:
     source_times = time_generation(source, prompts, [], args.tokens, args.reps)[NEVER]
     rows = exit_rows(model, tempest, {"full depth": NEVER, **thresholds}, times, source_times)
     chosen = report.to_json()["chosen"]
-    held_out = rows["calibrate 1.25x wall, ≤ 5% loss"]
+    held_out = rows[label]
     transfer = {"calibration": chosen["wall_speedup"], "calibration_interval": chosen["wall_interval"],
                 "held_out": held_out["wall_vs_full"], "held_out_interval": held_out["wall_interval"],
                 "calibration_over_held_out": chosen["wall_speedup"] / held_out["wall_vs_full"]}
     print("transfer", transfer, flush=True)
     rho = exit_signal_correlation(model, tempest[:4])[1]
-    result = {"rows": rows, "transfer": transfer, "spearman_tempest": rho, "source_tempest16": perplexity(source, tempest),
+    result = {"rows": rows, "transfer": transfer, "refused_at_5_percent": refusal, "spearman_tempest": rho, "source_tempest16": perplexity(source, tempest),
               "calibrate_1.25_wall": chosen,
               "meta": {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d"), "heal_steps": args.heal_steps, "reps": args.reps,

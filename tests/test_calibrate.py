@@ -93,6 +93,36 @@ def test_paired_speedup_and_its_interval():
     assert paired_speedup([2.0], [1.0])[1] != paired_speedup([2.0], [1.0])[1]  # NaN from one pair
 
 
+def test_monotone_fit_pools_violators():
+    from ztt_cli.stages.calibrate import monotone
+
+    assert monotone([1.0, 1.1, 1.2]) == [1.0, 1.1, 1.2]
+    assert monotone([1.0, 1.2, 0.9, 1.3]) == pytest.approx([1.0, 1.05, 1.05, 1.3])
+    assert monotone([1.3, 1.2, 1.1]) == pytest.approx([1.2, 1.2, 1.2])
+    assert monotone([]) == []
+
+
+def test_screen_smooths_a_noisy_dip_and_keeps_what_it_timed(ckpt, base, monkeypatch):
+    """One noisy median below a cheaper threshold's is pooled with it, so it neither picks nor
+    rejects a threshold; calibration.json keeps the medians as timed."""
+    from ztt_cli.stages import calibrate as stage
+
+    def timed(model, prompts, thresholds, tokens, reps):  # thresholds arrive in rising compute speedup
+        walls = [1.0 + 0.1 * i for i in range(len(thresholds))]
+        walls[len(walls) // 2] = 0.5  # a machine hiccup in the middle
+        return {stage.NEVER: [1.0] * reps, **{t: [1.0 / w] * reps for t, w in zip(thresholds, walls)}}
+
+    monkeypatch.setattr(stage, "time_generation", timed)
+    args = [*FAST, "--confirm-reps", "2"]
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.05", "--speedup-metric",
+                 "compute", *args)
+    assert result.exit_code == 0, result.output
+    rows = sorted(json.loads((ckpt / "calibration.json").read_text())["candidates"], key=lambda r: r["compute_speedup"])
+    rows = [r for r in rows if r["wall_interval"] is None]  # the chosen one is timed again
+    fitted, screened = [r["wall_speedup"] for r in rows], [r["wall_screened"] for r in rows]
+    assert fitted == sorted(fitted) and min(screened) == pytest.approx(0.5) and min(fitted) > 0.5
+
+
 @pytest.mark.parametrize("case,args,words", [
     ("above the bound", ["--target-speedup", "1.6"], "above this layout's bound"),
     ("unreachable", ["--target-speedup", "1.499"], "no threshold reaches"),

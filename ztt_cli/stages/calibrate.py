@@ -48,6 +48,7 @@ class Candidate:
     agreement: float  # greedy next-token agreement with full depth
     spearman: float  # signal vs exp(-KL(exit || full)), cycle 1
     wall_interval: list[float] | None = None  # 95% interval of wall_speedup (the chosen threshold only)
+    wall_screened: float = float("nan")  # the screen's own median, before the monotone fit
 
 
 @dataclass
@@ -160,11 +161,29 @@ _T975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def monotone(values: list[float]) -> list[float]:
+    """The nondecreasing sequence closest to ``values`` in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(n)]
+
+
 def _screen_wall(model, prompts, rows: list[Candidate], opts) -> None:
-    """Every candidate's wall-clock speedup, ``--reps`` interleaved repetitions (median)."""
+    """Every candidate's wall-clock speedup: ``--reps`` interleaved repetitions (median each), then
+    made nondecreasing in compute speedup. At batch 1 a threshold that runs fewer layers per token
+    decodes no slower, so a dip below a cheaper threshold's figure is timing noise; the fit pools
+    it with its neighbours instead of letting one noisy median pick or reject a threshold. The
+    medians as timed stay in ``wall_screened``."""
     times = time_generation(model, prompts, [r.threshold for r in rows], opts.decode_tokens, opts.reps)
-    for row in rows:
-        row.wall_speedup = paired_speedup(times[NEVER], times[row.threshold])[0]
+    order = sorted(rows, key=lambda r: r.compute_speedup)
+    for row in order:
+        row.wall_screened = paired_speedup(times[NEVER], times[row.threshold])[0]
+    for row, fitted in zip(order, monotone([r.wall_screened for r in order])):
+        row.wall_speedup = fitted
 
 
 def _confirm_wall(model, prompts, row: Candidate, opts) -> None:
