@@ -78,6 +78,8 @@ class TokenExits:
 
     def copied_kv(self, cycle: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of each new token's last computed cycle for layer ``position``: [B, Hkv, T, D]."""
+        if cycle == 2:  # one earlier cycle: every token's last computed cycle is cycle 1
+            return self.stash[(1, position)]
         last = self.cycle.clamp(max=cycle - 1) - 1  # 0-based index into cycles 1..cycle-1
         keys = torch.stack([self.stash[(c, position)][0] for c in range(1, cycle)])  # [c-1, B, Hkv, T, D]
         values = torch.stack([self.stash[(c, position)][1] for c in range(1, cycle)])
