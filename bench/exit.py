@@ -84,19 +84,28 @@ def heal(work: Path, steps: int) -> Path:
     return healed
 
 
-def calibrate_as_asked(healed: Path, out: Path, tokens: int):
-    """(report, refusal): 1.25× wall within 5% quality loss, or, if the sweep cannot reach that,
-    its one-line refusal and the same target without the quality limit."""
+def calibrate_as_asked(healed: Path, out: Path, tokens: int) -> tuple[dict, str | None]:
+    """(calibration.json's chosen threshold, refusal): 1.25× wall within 5% quality loss, or, if the
+    sweep cannot reach that, its one-line refusal and the same target without the quality limit.
+    A finished calibration in ``out`` (and its refusal beside it) is reused, as the healed model is."""
+    refused = out.with_name("refused-at-5-percent.txt")
+    if (out / "calibration.json").is_file():
+        print(f"reusing {out}", flush=True)
+        return (json.loads((out / "calibration.json").read_text())["chosen"],
+                refused.read_text().strip() if refused.is_file() else None)
+    refused.unlink(missing_ok=True)
     refusal = None
     for limit in (0.05, None):
         shutil.rmtree(out, ignore_errors=True)
         try:
-            return calibrate(CalibrateOptions(checkpoint=healed, out=out, data="shakespeare", target_speedup=1.25,
-                                              max_quality_loss=limit, decode_tokens=tokens, device="cpu")), refusal
+            report = calibrate(CalibrateOptions(checkpoint=healed, out=out, data="shakespeare", target_speedup=1.25,
+                                                max_quality_loss=limit, decode_tokens=tokens, device="cpu"))
+            return report.to_json()["chosen"], refusal
         except CalibrationError as e:
             if limit is None:
                 raise
             refusal = str(e)
+            refused.write_text(refusal + "\n")
             print("refused:", refusal, flush=True)
 
 
@@ -111,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     healed = heal(args.work, args.heal_steps)
-    report, refusal = calibrate_as_asked(healed, args.work / "calibrated", args.tokens)
+    chosen, refusal = calibrate_as_asked(healed, args.work / "calibrated", args.tokens)
     label = "calibrate 1.25x wall" + (", ≤ 5% loss" if refusal is None else ", no quality limit")
 
     model = AutoModelForCausalLM.from_pretrained(healed).eval()
@@ -119,15 +128,14 @@ def main() -> None:
     tok = sources.load_tokenizer(healed)
     windows = prepare("shakespeare", tok, 256, 0.0).train[:8]
     thresholds = {f"{t}x compute": threshold_for(model, windows, t) for t in (1.1, 1.25, 1.4)}
-    thresholds[label] = report.chosen.threshold
+    thresholds[label] = chosen["threshold"]
 
     tempest = tempest16(tok)
     picks = torch.linspace(0, tempest.shape[0] - 1, args.prompts).round().long().tolist()
     prompts = [tempest[i : i + 1, :16] for i in picks]
-    times = time_generation(model, prompts, list(thresholds.values()), args.tokens, args.reps)
     source_times = time_generation(source, prompts, [], args.tokens, args.reps)[NEVER]
+    times = time_generation(model, prompts, list(thresholds.values()), args.tokens, args.reps)
     rows = exit_rows(model, tempest, {"full depth": NEVER, **thresholds}, times, source_times)
-    chosen = report.to_json()["chosen"]
     held_out = rows[label]
     transfer = {"calibration": chosen["wall_speedup"], "calibration_interval": chosen["wall_interval"],
                 "held_out": held_out["wall_vs_full"], "held_out_interval": held_out["wall_interval"],

@@ -93,6 +93,22 @@ def test_paired_speedup_and_its_interval():
     assert paired_speedup([2.0], [1.0])[1] != paired_speedup([2.0], [1.0])[1]  # NaN from one pair
 
 
+def test_a_source_model_is_timed_beside_its_checkpoint(ckpt, base):
+    """``time_generation`` times a plain model at its full depth (benchmarks time the source beside
+    the ZTT checkpoint); an exit threshold for it is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from ztt_cli.stages.calibrate import NEVER, time_generation
+
+    prompt = torch.randint(3, 100, (1, 16))
+    for folder in (base / "src", ckpt):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        times = time_generation(model, [prompt], [], tokens=3, reps=2)
+        assert list(times) == [NEVER] and len(times[NEVER]) == 2 and min(times[NEVER]) > 0
+    with pytest.raises(ValueError, match="exit threshold"):
+        time_generation(AutoModelForCausalLM.from_pretrained(base / "src"), [prompt], [0.5], tokens=3, reps=1)
+
+
 def test_monotone_fit_pools_violators():
     from ztt_cli.stages.calibrate import monotone
 

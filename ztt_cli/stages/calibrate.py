@@ -121,9 +121,14 @@ def score_exits(model, windows: torch.Tensor, threshold: float | None = None, re
 
 @torch.no_grad()
 def generate_once(model, prompt: torch.Tensor, tokens: int, threshold: float) -> None:
-    """What users run: ``generate()``, greedy, batch 1, a fixed number of new tokens."""
+    """What users run: ``generate()``, greedy, batch 1, a fixed number of new tokens. A model that is
+    not a ZTT checkpoint (a source, timed beside one) runs at its full depth, ``threshold`` NEVER."""
+    ztt = model.config.model_type == "ztt"
+    if not ztt and threshold != NEVER:
+        raise ValueError("only a ZTT checkpoint has an exit threshold")
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                   do_sample=False, exit_threshold=threshold, pad_token_id=model.config.text_config.eos_token_id)
+                   do_sample=False, pad_token_id=model.config.get_text_config().eos_token_id,
+                   **({"exit_threshold": threshold} if ztt else {}))
 
 
 def time_generation(model, prompts: list[torch.Tensor], thresholds: list[float], tokens: int,
