@@ -129,6 +129,27 @@ def test_full_depth_traces_in_one_graph_with_a_static_cache(threshold):
         ids, pos = eager.logits[:, -1:].argmax(-1), torch.tensor([[step]])
 
 
+@pytest.mark.parametrize("threshold", [2.0, 0.5])
+@torch.no_grad()
+def test_a_deep_copy_runs_on_its_own_modules(threshold):
+    """``copy.deepcopy`` (benchmarks, EMA, compiling a copy) gives a model whose slots point and
+    record into its own modules: its cached decoding equals the original's, and running it leaves
+    the original's shared layers and exit record untouched."""
+    import copy
+
+    ztt, _ = ztt_model("llama", CYCLED)
+    twin = copy.deepcopy(ztt)
+    prompt = token_ids(batch=1, length=6)
+    first = ztt.generate(prompt, max_new_tokens=8, do_sample=False, exit_threshold=threshold, pad_token_id=0)
+    for layer in ztt.layers:
+        layer.self_attn.layer_idx = -1  # a KV slot no position has: any pointing at the original shows
+    record = ztt._record.exits
+    again = twin.generate(prompt, max_new_tokens=8, do_sample=False, exit_threshold=threshold, pad_token_id=0)
+    assert torch.equal(again, first)
+    assert {layer.self_attn.layer_idx for layer in ztt.layers} == {-1} and ztt._record.exits is record
+    assert -1 not in {layer.self_attn.layer_idx for layer in twin.layers}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip(family, tmp_path):
     ztt, _ = ztt_model(family, CYCLED)

@@ -121,6 +121,23 @@ def _plain_attributes(layer: nn.Module) -> dict[tuple[str, str], object]:
 Hook = Callable[[nn.Module, object, int, int], None]
 
 
+class Pointer:
+    """Sets a layer's index-dependent attributes when called. A plain object holding its modules,
+    not a closure: a deep copy of the model gets pointers at its own modules (a copied function
+    would keep pointing at the original's)."""
+
+    def __init__(self, targets: list[tuple[nn.Module, str, object]], hooks: tuple[Hook, ...], attn: nn.Module,
+                 config, slot: int, attribute: int):
+        self.targets, self.hooks, self.attn, self.config = targets, hooks, attn, config
+        self.slot, self.attribute = slot, attribute
+
+    def __call__(self) -> None:
+        for module, name, value in self.targets:
+            setattr(module, name, value)
+        for hook in self.hooks:
+            hook(self.attn, self.config, self.slot, self.attribute)
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -135,21 +152,12 @@ class Family:
         parent, _, name = self.layers.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, layers)
 
-    def pointer(self, layer: nn.Module, slot: int, attribute: int, config) -> Callable[[], None]:
-        """A call that makes a (possibly shared) layer behave, for its next call, as the layer at
-        unrolled position ``slot`` (its KV-cache slot) that reproduces layer ``attribute``."""
+    def pointer(self, layer: nn.Module, slot: int, attribute: int, config) -> Pointer:
+        """What makes a (possibly shared) layer behave, for its next call, as the layer at unrolled
+        position ``slot`` (its KV-cache slot) that reproduces layer ``attribute``."""
         values = _position_attributes(type(layer), config, slot, attribute)
         targets = [(layer.get_submodule(path), name, value) for (path, name), value in values.items()]
-        attn = layer.get_submodule(self.attention)
-        hooks = self.per_index
-
-        def point() -> None:
-            for module, name, value in targets:
-                setattr(module, name, value)
-            for hook in hooks:
-                hook(attn, config, slot, attribute)
-
-        return point
+        return Pointer(targets, self.per_index, layer.get_submodule(self.attention), config, slot, attribute)
 
     def point_at(self, layer: nn.Module, slot: int, attribute: int, config) -> None:
         self.pointer(layer, slot, attribute, config)()

@@ -203,9 +203,12 @@ class LayerSlot(nn.Module):
             point()
         else:
             self._point = point
-            record = model._record
-            self._kv_hook = lambda key, value, q_len: record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
-            self._sink = partial(record.put, self.cycle, self.position)
+            # bound methods and partials, not closures: a deep copy of the model rebinds them to its own
+            self._kv_hook = self._copied_kv
+            self._sink = partial(model._record.put, self.cycle, self.position)
+
+    def _copied_kv(self, key, value, q_len):
+        return self._refs[2]._record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
 
     def extra_repr(self) -> str:
         where = f"cycle={self.cycle}, position={self.position}" if self.cycle else "unshared"
