@@ -178,21 +178,66 @@ def measure_family(label: str, source, device, reps: int, exit_fraction: float) 
         reseed()
         times = time_all(models, prompts, reps)
         layers_exits = exits.config.layout.layers_run(exits.exit_stats.mean_cycles)
-        rate = {k: batch * NEW / statistics.median(t) for k, t in times.items()}
         reads = {k: host_reads(m, prompts) for k, (m, _, _) in models.items()}
         for name, (model, layers, ref) in models.items():
             layers = layers_exits if layers is None else layers
-            ref_layers = models[ref][1]
+            per_layer = paired(times[ref], times[name], layers / models[ref][1])
             rows.append({
-                "family": label, "batch": batch, "model": name, "layers_run": layers,
-                "tok_s": rate[name], "tok_s_min": batch * NEW / max(times[name]),
+                "family": label, "batch": batch, "model": name, "layers_run": layers, "times": times[name],
+                "tok_s": batch * NEW / statistics.median(times[name]), "tok_s_min": batch * NEW / max(times[name]),
                 "tok_s_max": batch * NEW / min(times[name]),
-                "per_layer_vs_own": rate[name] * layers / (rate[ref] * ref_layers),
+                "per_layer_vs_own": per_layer[0], "per_layer_q25": per_layer[1], "per_layer_q75": per_layer[2],
                 "host_reads_per_token": (reads[name][0] - reads[ref][0]) / NEW,
                 "cuda_syncs_per_token": (reads[name][1] - reads[ref][1]) / NEW,
                 "python_us_per_slot": python_per_slot(model, prompts),
             })
     return rows
+
+
+def paired(reference: list[float], timed: list[float], work: float = 1.0) -> tuple[float, float, float]:
+    """Throughput of ``timed`` against ``reference`` (times of the same interleaved repetitions),
+    times the work ratio, per repetition: (median, first quartile, third quartile). Pairing each
+    repetition with its neighbour in time cancels the machine's drifts that both saw."""
+    ratios = [r / t * work for r, t in zip(reference, timed)]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+# (goal, model, against, target, per layer run): the issue's goals, at batch 1
+GOALS = [
+    ("no-share against its own model of the same depth", "no-share", "own", 0.98, False),
+    ("drop against its own model of the same depth", "drop", "own kept", 0.98, False),
+    ("ZTT without pool against the source, per layer run", "ztt", "own", 0.95, True),
+    ("ZTT with pool against ZTT without pool", "ztt + pool", "ztt", 0.85, False),
+    ("exits on against exits off, per layer run", "ztt + exits", "ztt + pool", 0.97, True),
+]
+
+
+def goal_ratio(rows: list[dict], name: str, against: str, per_layer: bool) -> tuple[float, float, float]:
+    """One goal's paired ratio in one family's batch-1 rows: median, first and third quartile."""
+    by = {r["model"]: r for r in rows}
+    own = [r["model"] for r in rows if r["model"].startswith("own ")]  # the full depth first, then the drop's
+    a, b = by[name], by[{"own": own[0], "own kept": own[1]}.get(against, against)]
+    return paired(b["times"], a["times"], a["layers_run"] / b["layers_run"] if per_layer else 1.0)
+
+
+def goals_table(groups: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """The goals at batch 1, a column per family: paired ratio, median (quartiles), met or missed
+    (marked ~ where the target lies between the quartiles: not resolved at this noise)."""
+    families = [f for (f, batch), rows in groups.items() if batch == 1 and all("times" in r for r in rows)]
+    if not families:
+        return []
+    lines = ["", "The goals at batch 1, as paired ratios per repetition: median (quartiles); ✓ met, ✗ missed, "
+             "~ the target between the quartiles.", "",
+             "| goal | target | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+    for goal, name, against, target, per_layer in GOALS:
+        cells = []
+        for family in families:
+            median, q1, q3 = goal_ratio(groups[(family, 1)], name, against, per_layer)
+            mark = "~" if q1 <= target <= q3 else "✓" if median >= target else "✗"
+            cells.append(f"{median:.3f} ({q1:.3f}–{q3:.3f}) {mark}")
+        lines.append(f"| {goal} | ≥ {target:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 @torch.no_grad()
@@ -217,14 +262,16 @@ def measure_inductor(label: str, source, device, reps: int) -> list[dict]:
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [f"`python bench/overhead.py` on {m['device']} ({m['machine']}, {m['threads']} threads), torch {m['torch']}, "
-             f"{m['date']}; {report['reps']} interleaved repetitions, median (min–max); exits on at fraction "
+             f"{m['date']}; {report['reps']} interleaved repetitions: tok/s median (min–max); against the own "
+             f"model, the median of the repetitions' paired ratios (quartiles); exits on at fraction "
              f"{report['exit_fraction']} after cycle 1.", "",
              "| family | batch | model | layers run | tok/s (min–max) | per layer run vs own | host reads / token | "
              "Python µs / slot |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         py = "" if r["python_us_per_slot"] is None else f"{r['python_us_per_slot']:.1f}"
         lines.append(f"| {r['family']} | {r['batch']} | {r['model']} | {r['layers_run']:.1f} | {r['tok_s']:.0f} "
-                     f"({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) | {r['per_layer_vs_own']:.2f} | "
+                     f"({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) | {r['per_layer_vs_own']:.2f} "
+                     f"({r.get('per_layer_q25', r['per_layer_vs_own']):.2f}–{r.get('per_layer_q75', r['per_layer_vs_own']):.2f}) | "
                      f"{r['host_reads_per_token']:+.2f} | {py} |")
     lines += ["", "| family | batch | wrapper tax: no-share vs own | drop vs own of its depth | zero token, µs per block "
               "layer and step |", "|---|---|---|---|---|"]
@@ -234,6 +281,7 @@ def markdown(report: dict) -> str:
         zero = 1e6 * (step["ztt + pool"] - step["ztt"]) / pool_slots
         ratio = {r["model"]: r["per_layer_vs_own"] for r in rows}
         lines.append(f"| {family} | {batch} | {ratio['no-share']:.3f} | {ratio['drop']:.3f} | {zero:.1f} |")
+    lines += goals_table(_groups(report["rows"]))
     if report.get("inductor"):
         lines += ["", "Batch 1 with a static cache, `torch.compile` (inductor) against eager:", "",
                   "| family | model | tok/s (min–max) |", "|---|---|---|"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ztt_cli.model.host_reads import HostReads
+from ztt_cli.model.modeling import LayerSlot
 
 from .fixtures import token_ids, ztt_model
 
@@ -203,3 +204,31 @@ def test_a_decoding_step_reads_the_device_at_most_once(cycles):
     mixed = torch.tensor([1, 2, cycles])[:, None].expand(3, 5)  # tokens exit after different cycles
     assert reads(model, exit_map=mixed) <= own + 1
     assert model.exit_stats.tokens > 0  # counted without a read per step
+
+
+@pytest.mark.parametrize("signal,output_zero,computed", [
+    ("zero-attention", False, {1, 2}),  # the signal reads cycles 1 and 2 of 3: not the last
+    ("saturation", False, set()),  # nothing reads the zero attention
+    ("saturation", True, {1, 2, 3}),  # returned to the caller: every cycle
+])
+@torch.no_grad()
+def test_zero_attention_is_computed_only_for_the_cycles_read(signal, output_zero, computed, monkeypatch):
+    model, _ = ztt_model("llama", DEEP)
+    model.config.exit_signal = signal
+    asked = []  # cycles whose attention call is handed a sink for p0 (no sink: p0 is not computed)
+    original = LayerSlot._zero_token
+
+    def spy(self, m):
+        entry = original(self, m)
+        if entry.sink is not None:
+            asked.append(self.cycle)
+        return entry
+
+    monkeypatch.setattr(LayerSlot, "_zero_token", spy)
+    ids = token_ids(batch=1, length=6)
+    out = model(ids, exit_threshold=1.0, output_zero_attention=output_zero)
+    assert set(asked) == computed
+    assert (out.zero_attention is not None) == output_zero
+    reference = model(ids, exit_threshold=1.0)  # the exits taken do not depend on what is computed beside them
+    assert torch.equal(out.exit_cycles, reference.exit_cycles)
+    torch.testing.assert_close(out.logits, reference.logits, atol=0, rtol=0)

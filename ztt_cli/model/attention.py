@@ -177,7 +177,8 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken,
     z, b = zero.lse_terms(query.shape[1], scaling, query.dtype)
     if empty is not None:  # rows with no visible key: only the zero token is left
         lse = lse.masked_fill(empty, float("-inf"))
-    t = lse.to(query.dtype).sub(torch.linalg.vecdot(query, z)).sub_(b)  # LSE - s0 (before log n) [B, H, T]
+    lse = lse if lse.dtype == query.dtype else lse.to(query.dtype)
+    t = lse.sub(torch.linalg.vecdot(query, z)).sub_(b)  # LSE - s0 (before log n) [B, H, T]
     if zero.log_n:
         if n_visible is not None:
             t = t.sub_(n_visible.clamp(min=1).log().to(t.dtype))

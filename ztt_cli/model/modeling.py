@@ -139,7 +139,7 @@ class _ForwardRecord:
         self.pool_on = True
         self.exit_after: int | None = None  # skip the cycles after this one (all tokens)
         self.exits: TokenExits | None = None  # per-token early exit, when active
-        self.wants_zero = True  # whether anyone reads the zero attention of this pass
+        self.zero_cycles = 0  # the zero attention of cycles 1..zero_cycles is read in this pass; later cycles skip p0
 
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
@@ -253,7 +253,7 @@ class LayerSlot(nn.Module):
         pool, c, j, log_n = model.pool, self.cycle - 1, self.position, model.config.zero_logit_log_n
         if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
             return ZeroToken(pool.key[c, j], pool.bias[c, j], log_n, self._sink)
-        sink = self._sink if model._record.wants_zero else None  # nobody reads p0: it need not be computed
+        sink = self._sink if self.cycle <= model._record.zero_cycles else None  # nobody reads p0: not computed
         version = (pool.key._version, pool.bias._version, pool.key.data_ptr(), pool.bias.data_ptr(), log_n, sink)
         if self._zero is None or self._zero[0] != version:
             self._zero = (version, ZeroToken(pool.key[c, j], pool.bias[c, j], log_n, sink))
@@ -386,7 +386,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
                 cache = DynamicCache(config=self.inner.config)
             self._record.exits = TokenExits(self.config.cycles, self.config.block, threshold,
                                             SIGNALS[self.config.exit_signal].score, exit_map, self._record.zero, cache)
-        self._record.wants_zero = output_zero_attention or self._record.exits is not None
+        self._record.zero_cycles = self._zero_read(output_zero_attention)
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -417,6 +417,14 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             exit_cycles=exit_cycles,
             exit_signals=exit_signals,
         )
+
+    def _zero_read(self, output_zero_attention: bool) -> int:
+        """The cycles whose zero attention this pass reads: all when it is returned; with exits on and
+        a signal that reads it, the cycles after which tokens may exit (1..C-1); otherwise none."""
+        if output_zero_attention:
+            return self.config.cycles
+        exits = self._record.exits
+        return self.config.cycles - 1 if exits is not None and SIGNALS[self.config.exit_signal].needs_pool else 0
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)

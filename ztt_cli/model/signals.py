@@ -77,8 +77,10 @@ class ExitPolicy:
 @signal("zero-attention", needs_pool=True)
 def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
     """The method's signal: the zero token's attention, mean over heads and the block's layers."""
-    p0 = [exits.zero[(cycle, j)] for j in range(exits.block)]  # each [B, H, T]
-    return (sum(p0) / len(p0)).mean(dim=1)
+    import torch  # not at the top: the command line lists the signals without torch
+
+    p0 = torch.stack([exits.zero[(cycle, j)] for j in range(exits.block)])  # [K, B, H, T]
+    return p0.mean(dim=(0, 2))
 
 
 @signal("saturation")
