@@ -201,6 +201,8 @@ def paired(reference: list[float], timed: list[float], work: float = 1.0) -> tup
     times the work ratio, per repetition: (median, first quartile, third quartile). Pairing each
     repetition with its neighbour in time cancels the machine's drifts that both saw."""
     ratios = [r / t * work for r, t in zip(reference, timed)]
+    if len(ratios) < 2:  # one repetition: no spread to speak of
+        return ratios[0], ratios[0], ratios[0]
     q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q2, q1, q3
 
