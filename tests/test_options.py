@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ztt_cli.options import ConvertOptions, ExportOptions, FinetuneOptions, torch_dtype
+from ztt_cli.io.checkpoint import torch_dtype
+from ztt_cli.options import ConvertOptions, ExportOptions, FinetuneOptions
 
 
 @pytest.mark.parametrize("given,short,torch_name", [("fp32", "fp32", "float32"), ("float32", "fp32", "float32"),

@@ -224,14 +224,14 @@ def test_an_older_recipe_validates_and_keeps_its_stage_keys(assets, tmp_path):
     """Recipes written with torch's dtype names still validate, and a stage's options key (what
     run.json compares on a rerun) is the same in either spelling: finished stages stay finished."""
     from ztt_cli.pipeline import _options_key
-    from ztt_cli.recipe import stage_options
+    from ztt_cli.recipe import slot
     from ztt_cli.stages import stage
 
     keys = []
     for dtype, precision in (("float32", "float32"), ("fp32", "fp32")):
         recipe = tiny_recipe(assets, tmp_path / "out", convert__dtype=dtype, finetune__precision=precision)
         loaded = load(write(tmp_path / f"r-{dtype}.yaml", recipe)).recipe
-        keys.append([_options_key(stage_options(loaded, stage(name), tmp_path, tmp_path / name))
+        keys.append([_options_key(stage(name), stage(name).options_in(slot(loaded, stage(name), tmp_path)))
                      for name in ("convert", "finetune")])
     assert keys[0] == keys[1]
     assert keys[0][0]["dtype"] == "float32" and keys[0][1]["precision"] == "fp32"

@@ -15,7 +15,7 @@ from ztt_cli.io.data import DataError, Part, parse_spec, prepare
 from ztt_cli.io.samples import Sampling, sample_batch, source_samples
 from ztt_cli.io.specs import parse_tokens
 from ztt_cli.options import ConvertOptions, FinetuneOptions
-from ztt_cli.recipe import load, stage_options
+from ztt_cli.recipe import load, slot
 from ztt_cli.stages import stage
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
@@ -131,7 +131,7 @@ def test_recipes_list_the_parts_of_a_mix_and_errors_are_one_line(ckpt, tmp_path)
     path.write_text(f"name: mix\nsource: {ckpt / 'src'}\noutput: {tmp_path / 'r'}\n"
                     "finetune: {data: [shakespeare, source-samples:30k], steps: 1}\n")
     loaded = load(path)
-    opts = stage_options(loaded.recipe, stage("finetune"), ckpt / "ztt", tmp_path / "r" / "healed")
+    opts = stage("finetune").options_in(slot(loaded.recipe, stage("finetune"), ckpt / "ztt"))
     assert opts.data == "shakespeare+source-samples:30k"
     for spec, fragment in [("source-samples:many", "how many tokens"), ("shakespeare+", "empty part")]:
         result = cli("finetune", ckpt / "ztt", "--data", spec, "--out", tmp_path / "x", "--steps", 1, "--seq-len", 16)

@@ -1,18 +1,12 @@
-"""Typed options and the stage registry: one source of truth for defaults, help texts and
-validation, and for what each stage is.
+"""Typed options: one source of truth for defaults, help texts and validation.
 
 Each command's options are a pydantic model; the command line generates its flags from it, a
-recipe section is validated by it, and provenance records its dump. Each pipeline stage is
-one ``Stage`` record next to its options model (at the end of this file)."""
+recipe section is validated by it, and provenance records its dump. What each stage does with
+them, and how the pipeline chains the stages, is the stage registry's (``ztt_cli.stages``)."""
 
 from __future__ import annotations
 
-import importlib
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -27,13 +21,13 @@ from pydantic import (
 )
 
 from .device import valid_device
+from .io.checkpoint import TORCH_DTYPE_NAMES, parse_size
 from .io.specs import DataError, parse_spec
 from .model.signals import SIGNALS
 
 InitChoice = Literal["auto", "lower", "upper", "stepwise", "average", "grow"]
 
 # one dtype vocabulary on the command line; torch's names are accepted as aliases
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _short_dtype(value):
@@ -43,24 +37,6 @@ def _short_dtype(value):
 
 Dtype = Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(_short_dtype)]
 Precision = Annotated[Literal["fp32", "bf16"], BeforeValidator(_short_dtype)]
-
-
-def torch_dtype(name: str):
-    """The torch dtype for a command-line dtype name (``fp32``, ``bf16``, ``fp16``)."""
-    import torch
-
-    return getattr(torch, TORCH_DTYPE_NAMES[_short_dtype(name)])
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB', '100000' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 2GB, 500MB)")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(float(m.group(1)) * base**power)
 
 
 def _valid_size(text: str) -> str:
@@ -345,138 +321,3 @@ class ExportOptions(BaseModel):
     shard_size: ShardSize = Field("2GB", description="largest safetensors shard")
     name: str | None = Field(None, description="the model's name in its card (default: the --out folder's name)")
     overwrite: bool = Field(False, description="replace --out if it exists")
-
-
-# ----------------------------------------------------------------------------- the stage registry
-#
-# A stage is a module ztt_cli.stages.NAME with a run function (options, progress) -> result (the
-# result has summary() -> dict, what run.json records) and summary_line(summary) (one line for
-# `ztt run`'s table), plus its record here, beside its options model: the options the pipeline
-# fills in and where its output goes. The command line, the recipe schema and the pipeline
-# iterate STAGES, so adding a stage is a new module and a new options model with its entry here.
-# Stage modules are imported when they run: this module imports neither torch nor transformers.
-
-COMPARE_SOURCE = "source"  # eval.compare: source -> the recipe's source model
-STAGE_PACKAGE = __name__.rpartition(".")[0] + ".stages"  # where stage modules live
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command generated from its options model: ``ztt NAME``."""
-
-    name: str
-    options: type[BaseModel]
-    run: str  # the function of ztt_cli.stages.NAME that does the work
-    summary: str  # one line, for `ztt --help`
-    description: str = ""  # more, for `ztt NAME --help`
-    positional: tuple[str, ...] = ("checkpoint",)
-    examples: tuple[str, ...] = ()
-
-    def module(self) -> ModuleType:
-        """``ztt_cli.stages.NAME``, imported now (it may import torch)."""
-        return importlib.import_module(f"{STAGE_PACKAGE}.{self.name}")
-
-    def function(self) -> Callable:
-        return getattr(self.module(), self.run)
-
-
-@dataclass(frozen=True)
-class Stage(Command):
-    """A command that is also a pipeline stage (a recipe section of the same name)."""
-
-    # options the pipeline sets (a recipe section may not): fill(recipe, section, checkpoint, output)
-    filled: tuple[str, ...] = ("checkpoint", "out", "overwrite")
-    fill: Callable[..., dict] = field(default=lambda recipe, section, checkpoint, output: {
-        "checkpoint": checkpoint, "out": output, "overwrite": True})
-    output: str | None = None  # its output under the recipe's OUTPUT (None: the filled ``out``)
-    passes_checkpoint: bool = True  # its output is the next stage's input
-    optional: bool = True  # a recipe may leave its section out
-
-    def output_path(self, recipe_output: Path, options: BaseModel) -> Path:
-        return recipe_output / self.output if self.output else Path(options.out)
-
-
-def _fill_convert(recipe, section, checkpoint, output) -> dict:
-    return {"source": recipe.source, "out": output, "overwrite": True}
-
-
-def _fill_finetune(recipe, section, checkpoint, output) -> dict:
-    return {"checkpoint": checkpoint, "out": output}
-
-
-def _fill_eval(recipe, section, checkpoint, output) -> dict:
-    compare = recipe.source if section.get("compare") == COMPARE_SOURCE else section.get("compare")
-    return {"checkpoint": checkpoint, "output": output, "compare": compare}
-
-
-def _fill_export(recipe, section, checkpoint, output) -> dict:
-    return {"checkpoint": checkpoint, "overwrite": True, "out": section.get("out", Path(recipe.output) / "export"),
-            "name": section.get("name", recipe.name)}
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "convert", ConvertOptions, "convert", "Turn a pretrained model into a Zero-Token Transformer checkpoint.",
-        "SOURCE is a hub id, a local Hugging Face folder, a .gguf file, or the built-in [bold]smollm2-135m[/]. "
-        "Unset layout sizes are derived from the source depth (two cycles, head = tail = a third).",
-        positional=("source",),
-        examples=("ztt convert smollm2-135m --out runs/smol-ztt",
-                  "ztt convert ./my-llama --out runs/llama-ztt --head 4 --tail 4 --block 11 --cycles 2 --init lower",
-                  "ztt convert model.gguf --out runs/m --no-pool --dtype bf16"),
-        filled=("source", "out", "overwrite"), fill=_fill_convert, output="convert", optional=False,
-    ),
-    Stage(
-        "finetune", FinetuneOptions, "finetune", "Heal a converted model by distillation from its source.",
-        "Distillation from the source, the exit-aware loss and the zero token's exit objective. Resumable "
-        "(--resume), Ctrl-C saves; runs under torchrun as well. The run lives in OUT.partial/ (checkpoint, "
-        "train_log.jsonl) until it finishes.",
-        examples=("ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000",
-                  "ztt finetune runs/smol-ztt --data notes/ --text-field body --out runs/h --steps 500 --trainable block+pool",
-                  "torchrun --nproc-per-node 2 -m ztt_cli finetune runs/smol-ztt --data shakespeare --out runs/h --steps 500",
-                  "ztt finetune runs/smol-ztt --data shakespeare --out runs/smol-healed --tokens 2000000 --resume"),
-        filled=("checkpoint", "out", "resume", "overwrite", "stop_at_step"), fill=_fill_finetune, output="finetune",
-    ),
-    Stage(
-        "calibrate", CalibrateOptions, "calibrate", "Choose the early-exit threshold that reaches a target speedup.",
-        "Sweeps exit thresholds on calibration text and writes the one that reaches the target with the least "
-        "quality loss into the checkpoint (config.json, calibration.json, calibration.png), or into a calibrated "
-        "copy at --out.",
-        examples=("ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25",
-                  "ztt calibrate runs/smol-healed --data shakespeare --target-speedup 1.25 --out runs/smol-calibrated",
-                  "ztt calibrate runs/smol-healed --data val.txt --target-speedup 1.3 --speedup-metric compute "
-                  "--max-quality-loss 0.05"),
-        output="calibrate",
-    ),
-    Stage(
-        "eval", EvalOptions, "evaluate", "Score a checkpoint with lm-evaluation-harness, early exit active.",
-        "Early exit runs at the calibrated threshold. With --compare SRC the source is scored on the same tasks and "
-        "each metric's recovery is shown (≥ 1: as good as the source); --min-recovery R makes the command exit 1 "
-        "when any falls below R. Results go to CHECKPOINT/eval.json (or --output) and a stage in ztt.json.",
-        examples=("ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl,ztt_docutils_cloze --limit 100",
-                  "ztt eval runs/smol-healed --tasks ztt_shakespeare_ppl --compare smollm2-135m --min-recovery 0.9",
-                  "ztt eval runs/smol-healed --tasks text:notes.txt,mc:quiz.jsonl --full-depth --output results.json",
-                  "ztt eval runs/smol-healed --tasks my_task --include-path my_tasks/"),
-        filled=("checkpoint", "output"), fill=_fill_eval, output="eval.json", passes_checkpoint=False,
-    ),
-    Stage(
-        "export", ExportOptions, "export", "Write a checkpoint for others to load.",
-        "Sharded safetensors, tokenizer, generation config and a model card with the layout, calibration and eval "
-        "results. remote-code adds the modeling code so that transformers loads it with trust_remote_code=True "
-        "where ztt is not installed.",
-        examples=("ztt export runs/smol-healed --out dist/smol-ztt --format remote-code",
-                  "ztt export runs/smol-healed --out dist/smol-ztt-bf16 --dtype bf16 --shard-size 500MB"),
-        filled=("checkpoint", "overwrite"), fill=_fill_export,
-    ),
-)
-
-GENERATE = Command(
-    "generate", GenerateOptions, "stream", "Stream generated text, each token coloured by the cycles it ran.",
-    "Early exit at the calibrated threshold unless --threshold or --full-depth.",
-    positional=("checkpoint", "prompt"),
-    examples=('ztt generate runs/smol-healed "Full fathom five thy father lies"',
-              "ztt generate runs/smol-healed --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8",
-              'ztt generate runs/smol-healed "Hello" --full-depth'),
-)
-
-def stage(name: str) -> Stage:
-    return next(s for s in STAGES if s.name == name)

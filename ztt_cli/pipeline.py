@@ -22,7 +22,7 @@ from .io.checkpoint import write_json
 from .io.provenance import now
 from .io.sources import resolve, weights_sha256
 from .options import stage_key_options
-from .recipe import Loaded, Recipe, load, stage_options
+from .recipe import Loaded, Recipe, load, slot
 from .stages import STAGES, Stage
 from .stages.events import Event, Progress, silent
 
@@ -61,10 +61,9 @@ def _is_hub_ref(ref: str) -> bool:
     return ref not in BUILTIN_MODELS and not looks_like_path(ref) and not Path(ref).expanduser().exists()
 
 
-def _options_key(opts) -> dict:
+def _options_key(stage: Stage, opts) -> dict:
     """Options without the paths the pipeline sets: moving OUTPUT does not invalidate stages."""
-    dump = stage_key_options(opts)
-    return {k: v for k, v in dump.items() if k not in ("checkpoint", "out", "output", "overwrite", "resume")}
+    return {k: v for k, v in stage_key_options(opts).items() if k not in stage.unkeyed}
 
 
 @dataclass
@@ -121,10 +120,11 @@ class _Run:
 
     def step(self, stage: Stage) -> StageRun:
         t0 = time.perf_counter()  # a stage's time includes finding its input (fetching the source)
-        opts = stage_options(self.recipe, stage, self.checkpoint, self.out / stage.output if stage.output else None)
+        opts = stage.options_in(slot(self.recipe, stage, self.checkpoint))
         output = stage.output_path(self.out, opts)
         stage_input = self.stage_input(stage)
-        key = _sha({"stage": stage.name, "options": _options_key(opts), "input": stage_input, "previous": self.previous_key})
+        key = _sha({"stage": stage.name, "options": _options_key(stage, opts), "input": stage_input,
+                    "previous": self.previous_key})
         done = self.record["stages"].get(stage.name)
         is_done = done is not None and done.get("key") == key and output.exists()
         if not self.selection.selected(stage.name) or (is_done and not self.selection.forced(stage.name)):
@@ -174,14 +174,12 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
 
 
 def _run_stage(stage: Stage, opts, progress: Progress) -> dict:
-    module = stage.module()
-    prepare = getattr(module, "pipeline_options", None)  # e.g. finetune: resume an interrupted run
-    if prepare is not None:
-        opts = prepare(opts)
+    if stage.resumable:  # resume an interrupted run with the same options, else start over
+        opts = stage.module().pipeline_options(opts)
     result = stage.function()(opts, progress=progress)
-    if getattr(result, "stopped_early", False):
+    if stage.resumable and result.stopped_early:
         raise ZTTError(f"{stage.name} stopped before its budget", hint="rerun the recipe to resume it")
     summary = result.summary()
-    if "resume" in type(opts).model_fields:
+    if stage.resumable:
         summary["resumed"] = opts.resume
     return summary

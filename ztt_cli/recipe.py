@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import ZTTError
 from .options import describe_error
-from .stages import STAGES, Stage
+from .stages import STAGES, Slot, Stage
 
 
 class RecipeError(ZTTError):
@@ -67,10 +66,9 @@ def _where(prefix: str, loc: tuple) -> str:
 def _section_problems(stage: Stage, section: dict, data: dict) -> list[str]:
     problems = [f"{stage.name}.{key}: set by the recipe, not in the {stage.name} section"
                 for key in section if key in stage.filled]
-    stub = SimpleNamespace(source=str(data.get("source", "")), output=Path("."), name=str(data.get("name", "")))
-    filled = stage.fill(stub, section, Path("."), Path("."))
+    here = Path(".")  # paths are placeholders: the section's own options are checked
     try:
-        stage.options(**{**{k: v for k, v in section.items() if k not in stage.filled}, **filled})
+        stage.options_in(Slot(str(data.get("source", "")), str(data.get("name", "")), here, section, here, here))
     except ValidationError as e:
         problems += [f"{_where(stage.name, err['loc'])}: {describe_error(err)}" for err in e.errors()]
     return problems
@@ -131,8 +129,8 @@ def load(path: Path) -> Loaded:
     return Loaded(recipe, text, path)
 
 
-def stage_options(recipe: Recipe, stage: Stage, checkpoint: Path | None, output: Path | None) -> BaseModel:
-    """The options of ``stage`` with the pipeline's paths filled in."""
-    section = dict(getattr(recipe, stage.name) or {})
-    filled = stage.fill(recipe, section, checkpoint, output)
-    return stage.options(**{**section, **filled})
+def slot(recipe: Recipe, stage: Stage, checkpoint: Path | None) -> Slot:
+    """Where ``stage`` runs in ``recipe``, after the stage whose output is ``checkpoint``."""
+    output = Path(recipe.output)
+    return Slot(recipe.source, recipe.name, output, dict(getattr(recipe, stage.name) or {}), checkpoint,
+                output / stage.output if stage.output else None)

@@ -42,7 +42,7 @@ def spinner(name: str, execute: Execute):
 def default(command: Command, opts, execute: Execute) -> None:
     """A stage without a view of its own: its one-line summary."""
     result = spinner(command.name, execute)
-    out.print(f"{command.name}: {command.module().summary_line(result.summary())}")
+    out.print(f"{command.name}: {command.summary_line(result.summary())}")
 
 
 def draw_layout(layout) -> Text:
@@ -261,7 +261,7 @@ def run(recipe, execute: Execute) -> None:
     for col in ("stage", "status", "wall s", "result"):
         table.add_column(col, justify="right" if col == "wall s" else "left")
     for s in result.stages:
-        table.add_row(s.name, s.status, f"{s.wall_s:.0f}", stage(s.name).module().summary_line(s.summary))
+        table.add_row(s.name, s.status, f"{s.wall_s:.0f}", stage(s.name).summary_line(s.summary))
     out.print(table)
     if result.gate_failed:
         out.print("[bold red]eval gate failed[/]: the model is not exported (see eval.json)")

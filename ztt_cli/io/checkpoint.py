@@ -5,11 +5,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError, OutputExistsError, ZTTError
+
+# the weights' dtype names: short on the command line, torch's in a convert record
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a weights dtype name (``fp32``, ``bf16``, ``fp16``, or torch's own name)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES.get(name, name))
+
+
+def parse_size(text: str) -> int:
+    """A shard size: '2GB', '500MB', '1.5GiB', '100000' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 2GB, 500MB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base**power)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -25,7 +25,7 @@ from ..errors import ZTTError
 from ..io import sources
 from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, write_json
 from ..io.data import prepare
-from ..io.provenance import append_stage, write_model_card
+from ..io.provenance import Card, CardSection, append_stage, write_model_card
 from ..model.signals import NEVER, ExitPolicy
 from ..options import CalibrateOptions
 from .events import Event, Progress, silent
@@ -95,6 +95,19 @@ def summary_line(s: dict) -> str:
     interval = f" (95% {low:.2f}–{high:.2f})" if math.isfinite(low) else ""
     return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall{interval}, "
             f"perplexity {s['perplexity']:.2f} ({100 * s['quality_loss']:+.1f}%)")
+
+
+def card_section(card: Card) -> CardSection:
+    """The chosen threshold and what it gave (not in a plain export, which has no exit)."""
+    cal = card.last("calibrate")
+    if not cal or card.plain:
+        return CardSection()
+    m, o = cal["metrics"], cal["options"]
+    return CardSection(body=(
+        "", "## Calibration", "",
+        f"Threshold {m['threshold']:.4g} for a {o['target_speedup']}× {o['speedup_metric']} target: "
+        f"{m['compute_speedup']:.2f}× compute, {m['wall_speedup']:.2f}× wall clock (batch-1 decoding), "
+        f"perplexity {m['perplexity']:.2f} ({100 * m['quality_loss']:+.1f}% against full depth) on `{o['data']}`."))
 
 
 @torch.no_grad()

@@ -10,14 +10,15 @@ from transformers import AutoConfig
 
 from ..errors import LayoutError, SourceError, ZTTError
 from ..io import sources
-from ..io.checkpoint import atomic_dir, check_output, write_json
-from ..io.provenance import PROVENANCE, stage_record, write_model_card
+from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
+from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
 from ..model.architecture import family_for, per_layer_lists, remap_layers
 from ..model.layout import GROW, INIT_STRATEGIES, Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
-from ..options import TORCH_DTYPE_NAMES, ConvertOptions, parse_size, torch_dtype
+from ..model.signals import NEVER
+from ..options import ConvertOptions
 from .events import Event, Progress, silent
 from .quality import perplexity
 
@@ -47,6 +48,57 @@ class ConvertResult:
 
 def summary_line(summary: dict) -> str:
     return f"layout {summary.get('layout')}"
+
+
+def card_section(card: Card) -> CardSection:
+    """What the model is (under the card's first line) and, but for a plain export, its facts."""
+    return CardSection(lead=(_structure(card),), body=() if card.plain else tuple(_facts(card)))
+
+
+def _structure(card: Card) -> str:
+    config, lay, convert = card.config, card.layout, card.last("convert")
+    metrics = convert.get("metrics", {})
+    dropped = ", ".join(map(str, metrics.get("dropped_layers") or []))
+    if dropped and not config.get("grown"):
+        return (f"A baseline without sharing: source layers {dropped} dropped ({metrics.get('select')}); "
+                f"the {lay.unique_layers} kept layers run once, in order.")
+    zero = (", each cycle with a learned zero token in attention (key, logit bias, zero value) that drives "
+            "per-token early exit." if config.get("pool") else " (no zero token: head-tail cycling).")
+    text = (f"The first {lay.head} and last {lay.tail} layers keep their own weights; one block of {lay.block} "
+            f"layers is applied {lay.cycles} times in between" + zero)
+    if config.get("grown"):
+        kept = f"source layers {dropped} removed by {metrics.get('select')}" if dropped else "every source layer kept"
+        gate = convert.get("options", {}).get("grow_gate", 0.0)
+        text += (f" Grown recurrences: the unique layers are those a layer drop keeps ({kept}), in order, and every "
+                 "block position has a residual gate g, h ← h + g·(f(h) − h); cycle 1 started at g = 1 (the drop) "
+                 f"and the added cycles at g = {gate:g}.")
+    if config.get("relax_rank"):
+        text += (f" Per-cycle relaxation: every (cycle, block layer) adds rank-{config['relax_rank']} deltas to the "
+                 "shared linear weights and has its own norms and biases.")
+    return text
+
+
+def _facts(card: Card) -> list[str]:
+    config, lay, metrics = card.config, card.layout, card.last("convert").get("metrics", {})
+    p, source = metrics.get("parameters", {}), card.prov.get("source", {})
+    threshold = config.get("exit_threshold", NEVER)
+    added = "".join(f", {label} {p[key]:,}" for key, label in (("gates", "gates"), ("relax", "relaxation")) if p.get(key))
+    rows = [
+        "| | source | this model |", "|---|---|---|",
+        f"| layout (head / block × cycles / tail) | {source.get('layers', '?')} layers | {lay} |",
+        f"| unique layers / unrolled depth | {source.get('layers', '?')} | {lay.unique_layers} / {lay.depth} |",
+        f"| parameters | {source.get('parameters', 0):,} | {p.get('total', 0):,} (zero-token pool {p.get('pool', 0):,}"
+        + added + ") |",
+        f"| weights | | {card.dtype}, safetensors |",
+        f"| early exit | | signal `{config.get('exit_signal')}`, threshold {threshold:.4g}"
+        + (" (never: full depth)" if threshold > 1 else "") + f"; compute-speedup bound {lay.speedup_bound:.2f}× |",
+    ]
+    init, scores = metrics.get("init"), metrics.get("init_perplexity") or {}
+    if init and not metrics.get("dropped_layers"):
+        by = ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+        chosen = f" (chosen by calibration perplexity: {by})" if scores else ""
+        rows += ["", f"Shared block initialised with `{init}`{chosen}."]
+    return rows
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from ..device import resolve_device, synchronize
 from ..errors import ZTTError
 from ..io import sources
 from ..io.checkpoint import check_writable, load_checkpoint, write_json
-from ..io.provenance import append_stage, now, versions
+from ..io.provenance import Card, CardSection, append_stage, now, versions
 from ..model.signals import ExitPolicy
 from ..options import EvalOptions
 from .events import Event, Progress, silent
@@ -331,6 +331,23 @@ def summary_line(s: dict) -> str:
     if gate := s.get("gate"):
         parts.append(f"gate ≥ {gate['min_recovery']}: {'passed' if gate['passed'] else 'FAILED'}")
     return "\n".join(parts)
+
+
+def card_section(card: Card) -> CardSection:
+    """The latest scores, with their recovery against the source and the gate."""
+    ev = card.last("eval")
+    if not ev:
+        return CardSection()
+    lines = ["", "## Evaluation (lm-evaluation-harness)", "", "| task | metric | value | recovery vs source |",
+             "|---|---|---|---|"]
+    recovery = ev.get("recovery") or {}
+    for task, metrics in ev.get("metrics", {}).items():
+        for metric, value in metrics.items():
+            r = recovery.get(task, {}).get(metric)
+            lines.append(f"| {task} | {metric} | {value:.4g} | {'' if r is None else f'{r:.3f}'} |")
+    if g := ev.get("gate"):
+        lines += ["", f"Recovery gate ≥ {g['min_recovery']}: {'passed' if g['passed'] else 'failed'}."]
+    return CardSection(body=tuple(lines))
 
 
 def _check(opts: EvalOptions, progress: Progress) -> tuple[Tasks, object]:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from ..io import sources
-from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, write_json
-from ..io.provenance import PROVENANCE, append_stage, read_provenance, write_model_card
+from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, parse_size, torch_dtype, write_json
+from ..io.provenance import PROVENANCE, Card, CardSection, append_stage, read_provenance, write_model_card
 from ..io.texts import calibration_text, token_windows
 from ..model.signals import NEVER
 from ..model.unroll import NotPlainError, to_plain
-from ..options import ExportOptions, parse_size, torch_dtype
+from ..options import ExportOptions
 from .events import Event, Progress, silent
 from .quality import perplexity
 
@@ -63,6 +63,20 @@ class ExportResult:
 
 def summary_line(summary: dict) -> str:
     return f"{summary.get('format')} → {summary.get('out')}"
+
+
+def card_section(card: Card) -> CardSection:
+    """A plain export: what unrolling made of the model."""
+    m = card.last("export").get("metrics") or {}
+    if not m or not card.plain:
+        return CardSection()
+    return CardSection(body=(
+        "", "## Exported as a plain model", "",
+        f"Every unrolled position is a layer of its own ({m['layers']} layers; shared weights written once per "
+        "position, relaxation deltas merged, positions whose gate is 0 left out); the zero token and early exit "
+        f"are left out; weights {card.dtype}, safetensors. Parameters {m['parameters_before']:,} → "
+        f"{m['parameters_after']:,}; perplexity on the calibration text {m['perplexity_before']:.2f} → "
+        f"{m['perplexity_after']:.2f} (full depth, zero token removed)."))
 
 
 PLAIN_WINDOWS, PLAIN_WINDOW = 4, 256  # calibration text the plain export is checked on

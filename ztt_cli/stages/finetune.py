@@ -32,6 +32,8 @@ from ..io.checkpoint import atomic_dir, check_writable, load_checkpoint, write_j
 from ..io.data import batch_indices, prepare
 from ..io.provenance import (
     PROVENANCE,
+    Card,
+    CardSection,
     append_stage,
     now,
     read_provenance,
@@ -80,6 +82,17 @@ def summary_line(summary: dict) -> str:
     """One line for a stage summary (:meth:`FinetuneResult.summary`)."""
     ppl = f", validation perplexity {summary['val_ppl']:.2f}" if "val_ppl" in summary else ""
     return f"{summary.get('steps')} steps, {summary.get('tokens', 0):,} tokens{ppl}"
+
+
+def card_section(card: Card) -> CardSection:
+    """Every healing run the checkpoint went through."""
+    lines = []
+    for record in card.records("finetune"):
+        m = record.get("metrics", {})
+        val = f", validation perplexity {m['val_ppl']:.2f}" if "val_ppl" in m else ""
+        lines.append(f"`ztt finetune` on `{record['options'].get('data')}`: {m.get('steps')} steps, "
+                     f"{m.get('tokens', 0):,} tokens{val}.")
+    return CardSection(body=("", "## Healing", "", *lines) if lines else ())
 
 
 def pipeline_options(opts: FinetuneOptions) -> FinetuneOptions:
