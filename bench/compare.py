@@ -46,7 +46,7 @@ from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import CalibrationError, calibrate, score_exits
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import Interrupted, can_resume, finetune
-from ztt_cli.stages.quality import perplexity
+from ztt_cli.training.quality import perplexity
 
 console = Console(highlight=False)
 RESULTS = Path(__file__).parent / "results"

@@ -40,7 +40,7 @@ from ztt_cli.stages.calibrate import (
 )
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
-from ztt_cli.stages.quality import exit_signal_correlation, perplexity
+from ztt_cli.training.quality import exit_signal_correlation, perplexity
 
 
 def threshold_for(model, windows, target, lo=0.0, hi=1.0, iters=14):

@@ -30,7 +30,7 @@ from ztt_cli.io.texts import tempest16
 from ztt_cli.options import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
-from ztt_cli.stages.quality import exit_signal_correlation, perplexity
+from ztt_cli.training.quality import exit_signal_correlation, perplexity
 
 DROPPED = range(15, 20)
 

@@ -53,7 +53,7 @@ from ztt_cli.model.architecture import family_for
 from ztt_cli.model.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
 from ztt_cli.model.signals import SIGNALS, signal
-from ztt_cli.stages.convert import keep_layers
+from ztt_cli.surgery.drop import keep_layers
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT, NEW = 16, 32

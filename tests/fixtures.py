@@ -128,7 +128,7 @@ def grown_model(family: str, layout: tuple[int, int, int, int], dropped=(), adde
     from ztt_cli.model.architecture import family_for, remap_layers
     from ztt_cli.model.layout import Layout
     from ztt_cli.model.modeling import ZTTConfig, ZTTForCausalLM
-    from ztt_cli.stages.convert import keep_layers
+    from ztt_cli.surgery.drop import keep_layers
 
     src = source_model(family, seed)
     kept = copy.deepcopy(src)

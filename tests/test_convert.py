@@ -185,7 +185,7 @@ def test_keeping_layers_leaves_a_plain_model_of_its_family(family):
 
     from ztt_cli.model.architecture import family_for
     from ztt_cli.model.modeling import ZTTConfig
-    from ztt_cli.stages.convert import keep_layers
+    from ztt_cli.surgery.drop import keep_layers
 
     kept = source_model(family)
     fam = family_for(kept)

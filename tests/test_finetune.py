@@ -27,8 +27,8 @@ from ztt_cli.stages.finetune import (
     pipeline_options,
     summary_line,
 )
-from ztt_cli.stages.losses import HealingObjective
-from ztt_cli.stages.quality import exit_signal_correlation
+from ztt_cli.training.losses import HealingObjective
+from ztt_cli.training.quality import exit_signal_correlation
 
 from .fixtures import corpus, save_source
 

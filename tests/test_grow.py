@@ -181,7 +181,7 @@ def test_gates_are_counted_and_train_in_their_own_group():
 def test_exit_terms_wait_for_the_added_cycles_to_open():
     """At init (added gates 0) the exit terms contribute nothing, so a step is the step without
     them: cycle 1, the drop, is not pushed around. Once the gates open, they count."""
-    from ztt_cli.stages.losses import HealingObjective
+    from ztt_cli.training.losses import HealingObjective
 
     ids = token_ids(length=12)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ztt_cli.options import FinetuneOptions
-from ztt_cli.stages.losses import TERMS, ExitAware, ExitObjective, HealingObjective
+from ztt_cli.training.losses import TERMS, ExitAware, ExitObjective, HealingObjective
 
 from .fixtures import token_ids, ztt_model
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ztt_cli.model.modeling import ZTTForCausalLM
-from ztt_cli.stages.quality import perplexity
+from ztt_cli.training.quality import perplexity
 
 from .fixtures import FAMILIES, N_LAYERS, token_ids, unrolled_reference, ztt_model
 

@@ -66,3 +66,13 @@ def test_the_model_card_is_each_stage_s_section_in_stage_order(monkeypatch):
     card = model_card("m", prov, config)
     assert card.index("LEAD calibrate") < card.index("LEAD eval") < card.index("```python")
     assert card.index("## Healing") < card.index("BODY calibrate") < card.index("BODY eval") < card.index("## Provenance")
+
+
+def test_the_stages_folder_holds_only_stages():
+    """Every module of ``ztt_cli/stages`` is a registered command's; helpers live in rooms below."""
+    from pathlib import Path
+
+    import ztt_cli.stages as package
+
+    modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__"}
+    assert modules == {c.module().__name__.rpartition(".")[2] for c in (*STAGES, GENERATE)}

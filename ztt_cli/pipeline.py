@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ZTTError
+from .events import Event, Progress, silent
 from .io.checkpoint import write_json
 from .io.provenance import now
 from .io.sources import resolve, weights_sha256
 from .options import stage_key_options
 from .recipe import Loaded, Recipe, load, slot
 from .stages import STAGES, Stage
-from .stages.events import Event, Progress, silent
 
 RECORD = "run.json"
 

@@ -19,8 +19,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ..events import Event
 from ..stages import Command, stage
-from ..stages.events import Event
 
 out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)

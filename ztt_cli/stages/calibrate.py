@@ -22,15 +22,15 @@ import torch
 
 from ..device import describe, resolve_device, synchronize
 from ..errors import ZTTError
+from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, write_json
 from ..io.data import prepare
 from ..io.provenance import Card, CardSection, append_stage, write_model_card
 from ..model.signals import NEVER, ExitPolicy
 from ..options import CalibrateOptions
-from .events import Event, Progress, silent
-from .losses import next_token_loss
-from .quality import signals_and_targets, spearman
+from ..training.losses import next_token_loss
+from ..training.quality import signals_and_targets, spearman
 
 
 class CalibrationError(ZTTError):

@@ -9,18 +9,19 @@ import torch
 from transformers import AutoConfig
 
 from ..errors import LayoutError, SourceError, ZTTError
+from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
 from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
-from ..model.architecture import family_for, per_layer_lists, remap_layers
+from ..model.architecture import family_for, remap_layers
 from ..model.layout import GROW, INIT_STRATEGIES, Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..options import ConvertOptions
-from .events import Event, Progress, silent
-from .quality import perplexity
+from ..surgery.drop import block_influence, dropped_layers, keep_layers
+from ..training.quality import perplexity
 
 
 @dataclass
@@ -99,62 +100,6 @@ def _facts(card: Card) -> list[str]:
         chosen = f" (chosen by calibration perplexity: {by})" if scores else ""
         rows += ["", f"Shared block initialised with `{init}`{chosen}."]
     return rows
-
-
-@torch.no_grad()
-def block_influence(model, family, windows: torch.Tensor) -> list[float]:
-    """Per source layer: 1 - mean cosine between its input and output hidden states over the
-    calibration tokens (ShortGPT's block influence: low = the layer changes little)."""
-    layers = list(family.layer_list(model))
-    sums = [0.0] * len(layers)
-    count = 0
-
-    def hook(i):
-        def record(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
-            sums[i] += torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().item()
-        return record
-
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for ids in windows.split(4):
-            model(input_ids=ids.to(model.device), use_cache=False)
-            count += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return [1 - s / count for s in sums]
-
-
-def dropped_layers(n_layers: int, n_drop: int, select: str, tail: int | None, influence: list[float] | None) -> list[int]:
-    if not 1 <= n_drop <= n_layers - 2:
-        raise LayoutError(f"--drop {n_drop} must leave at least 2 of the source's {n_layers} layers",
-                          hint=f"choose --drop between 1 and {n_layers - 2}")
-    if select == "contiguous":
-        tail = n_layers // 3 if tail is None else tail
-        start = n_layers - tail - n_drop
-        if start < 0:
-            raise LayoutError(f"--drop {n_drop} contiguous layers below a tail of {tail} do not fit in {n_layers} layers",
-                              hint="choose a smaller --drop or --tail")
-        return list(range(start, start + n_drop))
-    return sorted(sorted(range(n_layers), key=lambda i: influence[i])[:n_drop])
-
-
-def keep_layers(model, family, dropped: list[int]) -> int:
-    """Keep only the layers not in ``dropped``, in order (config and per-layer lists follow, and each
-    layer's index attributes are renumbered): a plain model of its family with fewer layers. The
-    number kept."""
-    layers = family.layer_list(model)
-    keep = [i for i in range(len(layers)) if i not in dropped]
-    family.set_layer_list(model, torch.nn.ModuleList([layers[i] for i in keep]))
-    names = ["num_hidden_layers", *per_layer_lists(model.config)]
-    kept = remap_layers(model.config, keep)
-    for name in names:
-        setattr(model.config, name, getattr(kept, name))
-    for i, layer in enumerate(family.layer_list(model)):
-        family.point_at(layer, i, i, model.config)
-    return len(keep)
 
 
 def _one_cycle(n_layers: int) -> Layout:

@@ -21,12 +21,12 @@ import torch
 
 from ..device import resolve_device, synchronize
 from ..errors import ZTTError
+from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import check_writable, load_checkpoint, write_json
 from ..io.provenance import Card, CardSection, append_stage, now, versions
 from ..model.signals import ExitPolicy
 from ..options import EvalOptions
-from .events import Event, Progress, silent
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 SPEC_TASKS = {"text": "ztt_text_ppl", "mc": "ztt_mc"}  # --tasks text:PATH / mc:PATH

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, parse_size, torch_dtype, write_json
 from ..io.provenance import PROVENANCE, Card, CardSection, append_stage, read_provenance, write_model_card
@@ -28,8 +29,7 @@ from ..io.texts import calibration_text, token_windows
 from ..model.signals import NEVER
 from ..model.unroll import NotPlainError, to_plain
 from ..options import ExportOptions
-from .events import Event, Progress, silent
-from .quality import perplexity
+from ..training.quality import perplexity
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "model"
 ENTRY_MODULE = "modeling_ztt.py"  # unique: transformers caches remote code by module name

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -23,34 +22,28 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .. import __version__
-from ..errors import OutputExistsError, ZTTError
+from ..errors import ZTTError
+from ..events import Event, Progress, silent
 from ..io import sources
-from ..io.checkpoint import atomic_dir, check_writable, load_checkpoint, write_json
+from ..io.checkpoint import atomic_dir, load_checkpoint, write_json
 from ..io.data import batch_indices, prepare
 from ..io.provenance import (
     PROVENANCE,
     Card,
     CardSection,
     append_stage,
-    now,
     read_provenance,
     write_model_card,
 )
 from ..io.samples import Sampling, source_samples
 from ..options import FinetuneOptions
-from .events import Event, Progress, silent
-from .losses import HealingObjective, next_token_loss
+from ..training.distributed import setup_distributed
+from ..training.losses import HealingObjective, next_token_loss
+from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
 
 if TYPE_CHECKING:
     from ..model.modeling import ZTTForCausalLM
-
-RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}
-# trainer.json's format: 2 names each optimizer group and its parameters (the optimizer state in
-# trainer.safetensors is keyed by parameter index); without "format", the first release's
-TRAINER_FORMAT = 2
 
 
 class TrainingStopped(ZTTError):
@@ -99,49 +92,6 @@ def pipeline_options(opts: FinetuneOptions) -> FinetuneOptions:
     """A pipeline's options: resume an interrupted run with the same options, else start over."""
     resume = can_resume(opts)
     return opts.model_copy(update={"resume": resume, "overwrite": not resume})
-
-
-# --- processes ---------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any rank: the collective stop decision."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return value
-        value = value.detach().clone().to(self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.world
-
-
-def _setup_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(rank, world, device)
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -227,115 +177,6 @@ def _schedule(total: int, warmup_share: float):
     return factor
 
 
-# --- resumable state ---------------------------------------------------------------------------
-def _save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: int, options: dict,
-                grouping: list[dict]) -> None:
-    with atomic_dir(folder / "checkpoint", overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        write_json(tmp / "trainer.json", {
-            "format": TRAINER_FORMAT, "step": step, "tokens": tokens, "param_groups": opt["param_groups"],
-            "groups": grouping, "scheduler": scheduler.state_dict(), "options": options, "time": now(),
-            "ztt": __version__,
-        })
-
-
-def _grouping_difference(meta: dict, grouping: list[dict]) -> str | None:
-    """How a saved optimizer's parameter groups differ from this run's, or None if they match.
-    Without a format (the first release), only the group sizes can be compared."""
-    if "format" not in meta:
-        saved, mine = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in grouping]
-        return None if saved == mine else f"groups of {saved} parameters saved, {mine} now"
-    saved_names, my_names = [g["name"] for g in meta["groups"]], [g["name"] for g in grouping]
-    if saved_names != my_names:
-        return f"groups {', '.join(saved_names)} saved, {', '.join(my_names)} now"
-    for saved, mine in zip(meta["groups"], grouping):
-        if len(saved["params"]) != len(mine["params"]):
-            return f"{len(saved['params'])} parameters in '{saved['name']}' saved, {len(mine['params'])} now"
-        for i, (a, b) in enumerate(zip(saved["params"], mine["params"])):
-            if a != b:
-                return f"parameter {i} of '{saved['name']}' is {a} there, {b} now"
-    return None
-
-
-def _load_state(folder: Path, model, optimizer, scheduler, grouping: list[dict]) -> tuple[int, int]:
-    ckpt = folder / "checkpoint"
-    meta = json.loads((ckpt / "trainer.json").read_text())
-    if (difference := _grouping_difference(meta, grouping)) is not None:
-        wrote = f" ({meta['ztt']})" if "ztt" in meta else ""
-        raise ZTTError(f"the saved optimizer state in '{ckpt}' does not match this run's parameters ({difference})",
-                       hint=f"start over with --overwrite, or resume with the ztt version that wrote it{wrote}")
-    load_model(model, str(ckpt / "model.safetensors"))
-    tensors = load_file(str(ckpt / "trainer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["step"], meta["tokens"]
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def _differing_option(saved: dict, mine: dict) -> str | None:
-    """The first option (other than the resume-invariant ones) that differs from a saved run's."""
-    for key in sorted(set(saved) | set(mine)):
-        if key not in RESUME_INVARIANT and saved.get(key) != mine.get(key):
-            return key
-    return None
-
-
-def can_resume(opts: FinetuneOptions) -> bool:
-    """Whether an interrupted run for ``opts.out`` exists and was started with these options."""
-    meta = partial_dir(opts.out) / "checkpoint" / "trainer.json"
-    if not meta.is_file():
-        return False
-    return _differing_option(json.loads(meta.read_text())["options"], opts.model_dump(mode="json")) is None
-
-
-def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
-    meta_path = run_dir / "checkpoint" / "trainer.json"
-    if not meta_path.is_file():
-        raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format", 1) > TRAINER_FORMAT:
-        raise ZTTError(f"the checkpoint in '{run_dir}' was written by a newer ztt ({meta.get('ztt', 'unknown')})",
-                       hint="resume with that version, or start over with --overwrite")
-    saved, mine = meta["options"], opts.model_dump(mode="json")
-    if (key := _differing_option(saved, mine)) is not None:
-        raise ZTTError(
-            f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
-            hint="resume with the same options",
-        )
-
-
-def _check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
-    """Validate --out / --resume / --overwrite before any work."""
-    if opts.out.exists() and not opts.overwrite:
-        raise OutputExistsError(f"'{opts.out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
-    if opts.resume:
-        return _check_resume(opts, run_dir)
-    if run_dir.exists() and not opts.overwrite:
-        raise OutputExistsError(
-            f"an unfinished run for '{opts.out}' is in '{run_dir}'",
-            hint="continue it with --resume, or pass --overwrite to start over",
-        )
-    check_writable(opts.out)
-    return None
-
-
 # --- the run -----------------------------------------------------------------------------------
 class HealingRun:
     """One healing run: :meth:`setup`, then :meth:`step` and :meth:`validate_and_save` until
@@ -371,7 +212,7 @@ class HealingRun:
         """Refuse (every rank together) or load, build the optimizer, resume, and start."""
         if self.opts.steps is None and self.opts.tokens is None:
             raise ZTTError("no training budget", hint="give --steps N or --tokens N")
-        self.ddp = _setup_distributed()
+        self.ddp = setup_distributed()
         self._refuse_together()
         self._load()
         self._build_training()
@@ -387,7 +228,7 @@ class HealingRun:
         refusal = None
         if self.ddp.main:
             try:
-                _check_run_folders(self.opts, self.run_dir)
+                check_run_folders(self.opts, self.run_dir)
             except ZTTError as e:
                 refusal = e
         if self.ddp.any(refusal is not None):  # every rank stops when rank 0 refuses
@@ -459,7 +300,7 @@ class HealingRun:
     def _open_run_dir(self) -> None:
         """Resume from the checkpoint (dropping log lines written after it), or start afresh."""
         if self.opts.resume:
-            self.steps, self.tokens = _load_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.grouping)
+            self.steps, self.tokens = load_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.grouping)
         elif self.ddp.main:
             if self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
@@ -542,7 +383,7 @@ class HealingRun:
         stop = self.ddp.any(self.interrupted or requested) and step < self.total  # every rank takes part
         if step % opts.save_every == 0 or stop:
             if self.ddp.main:
-                _save_state(self.run_dir, self.model, self.optimizer, self.scheduler, step, self.tokens,
+                save_state(self.run_dir, self.model, self.optimizer, self.scheduler, step, self.tokens,
                             opts.model_dump(mode="json"), self.grouping)
             self._log({"event": "checkpoint", "step": step}, Event("checkpoint", step=step))
         if stop:

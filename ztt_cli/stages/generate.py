@@ -8,11 +8,11 @@ from typing import Iterator
 import torch
 
 from ..errors import ZTTError
+from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import load_checkpoint
 from ..model.signals import ExitPolicy
 from ..options import GenerateOptions
-from .events import Event, Progress, silent
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""A healing run's resumable state in ``OUT.partial/``: the model, the optimizer and scheduler
+state, the RNG and the options it was started with, saved atomically; and the checks that
+decide whether a run may resume (the same options, the same parameter groups) or must start
+over. ``trainer.json`` names each optimizer group and its parameters, in order: what the
+optimizer state's indices in ``trainer.safetensors`` refer to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .. import __version__
+from ..errors import OutputExistsError, ZTTError
+from ..io.checkpoint import atomic_dir, check_writable, write_json
+from ..io.provenance import now
+from ..options import FinetuneOptions
+
+RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}
+# trainer.json's format: 2 names each optimizer group and its parameters (the optimizer state in
+# trainer.safetensors is keyed by parameter index); without "format", the first release's
+TRAINER_FORMAT = 2
+
+
+
+def save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: int, options: dict,
+                grouping: list[dict]) -> None:
+    with atomic_dir(folder / "checkpoint", overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        write_json(tmp / "trainer.json", {
+            "format": TRAINER_FORMAT, "step": step, "tokens": tokens, "param_groups": opt["param_groups"],
+            "groups": grouping, "scheduler": scheduler.state_dict(), "options": options, "time": now(),
+            "ztt": __version__,
+        })
+
+
+def _grouping_difference(meta: dict, grouping: list[dict]) -> str | None:
+    """How a saved optimizer's parameter groups differ from this run's, or None if they match.
+    Without a format (the first release), only the group sizes can be compared."""
+    if "format" not in meta:
+        saved, mine = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in grouping]
+        return None if saved == mine else f"groups of {saved} parameters saved, {mine} now"
+    saved_names, my_names = [g["name"] for g in meta["groups"]], [g["name"] for g in grouping]
+    if saved_names != my_names:
+        return f"groups {', '.join(saved_names)} saved, {', '.join(my_names)} now"
+    for saved, mine in zip(meta["groups"], grouping):
+        if len(saved["params"]) != len(mine["params"]):
+            return f"{len(saved['params'])} parameters in '{saved['name']}' saved, {len(mine['params'])} now"
+        for i, (a, b) in enumerate(zip(saved["params"], mine["params"])):
+            if a != b:
+                return f"parameter {i} of '{saved['name']}' is {a} there, {b} now"
+    return None
+
+
+def load_state(folder: Path, model, optimizer, scheduler, grouping: list[dict]) -> tuple[int, int]:
+    ckpt = folder / "checkpoint"
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    if (difference := _grouping_difference(meta, grouping)) is not None:
+        wrote = f" ({meta['ztt']})" if "ztt" in meta else ""
+        raise ZTTError(f"the saved optimizer state in '{ckpt}' does not match this run's parameters ({difference})",
+                       hint=f"start over with --overwrite, or resume with the ztt version that wrote it{wrote}")
+    load_model(model, str(ckpt / "model.safetensors"))
+    tensors = load_file(str(ckpt / "trainer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta["step"], meta["tokens"]
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _differing_option(saved: dict, mine: dict) -> str | None:
+    """The first option (other than the resume-invariant ones) that differs from a saved run's."""
+    for key in sorted(set(saved) | set(mine)):
+        if key not in RESUME_INVARIANT and saved.get(key) != mine.get(key):
+            return key
+    return None
+
+
+def can_resume(opts: FinetuneOptions) -> bool:
+    """Whether an interrupted run for ``opts.out`` exists and was started with these options."""
+    meta = partial_dir(opts.out) / "checkpoint" / "trainer.json"
+    if not meta.is_file():
+        return False
+    return _differing_option(json.loads(meta.read_text())["options"], opts.model_dump(mode="json")) is None
+
+
+def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
+    meta_path = run_dir / "checkpoint" / "trainer.json"
+    if not meta_path.is_file():
+        raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format", 1) > TRAINER_FORMAT:
+        raise ZTTError(f"the checkpoint in '{run_dir}' was written by a newer ztt ({meta.get('ztt', 'unknown')})",
+                       hint="resume with that version, or start over with --overwrite")
+    saved, mine = meta["options"], opts.model_dump(mode="json")
+    if (key := _differing_option(saved, mine)) is not None:
+        raise ZTTError(
+            f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
+            hint="resume with the same options",
+        )
+
+
+def check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
+    """Validate --out / --resume / --overwrite before any work."""
+    if opts.out.exists() and not opts.overwrite:
+        raise OutputExistsError(f"'{opts.out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
+    if opts.resume:
+        return _check_resume(opts, run_dir)
+    if run_dir.exists() and not opts.overwrite:
+        raise OutputExistsError(
+            f"an unfinished run for '{opts.out}' is in '{run_dir}'",
+            hint="continue it with --resume, or pass --overwrite to start over",
+        )
+    check_writable(opts.out)
+    return None
