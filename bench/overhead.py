@@ -338,8 +338,8 @@ def main() -> None:
     if args.smollm2:
         from ztt_cli.io import sources
 
-        rows += measure_family("smollm2-135m", sources.load_model(sources.resolve("smollm2-135m").folder, torch.float32),
-                               device, args.reps, args.exit_fraction)
+        smollm2 = sources.load_model(sources.find_source("smollm2-135m").folder, torch.float32)
+        rows += measure_family("smollm2-135m", smollm2, device, args.reps, args.exit_fraction)
     meta = {"device": describe(device), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     report = {"meta": meta, "reps": args.reps, "exit_fraction": args.exit_fraction, "rows": rows}

@@ -100,7 +100,7 @@ def _from_hub(ref: str) -> Path:
     return Path(path)
 
 
-def resolve(ref: str) -> SourceModel:
+def find_source(ref: str) -> SourceModel:
     """Find (fetching or dequantising if needed) the local folder for a model reference."""
     if ref in BUILTIN_MODELS:
         gguf = fetch(BUILTIN_MODELS[ref])
