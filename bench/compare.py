@@ -110,7 +110,8 @@ def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
 def sources_layers(cfg: dict) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(sources.resolve(cfg["source"]).folder).num_hidden_layers
+    folder = sources.find_source(cfg["source"]).folder
+    return AutoConfig.from_pretrained(folder).num_hidden_layers
 
 
 def heal_variant(v: dict, ckpt: Path, cfg: dict, work: Path) -> tuple[Path, dict]:
@@ -309,7 +310,7 @@ def main() -> None:
     def checkpointed() -> None:  # results so far, after every finished step
         write_outputs(build_report(cfg, state, time.time() - start), args.results)
 
-    tok = sources.load_tokenizer(sources.resolve(cfg["source"]).folder)
+    tok = sources.load_tokenizer(sources.find_source(cfg["source"]).folder)
     windows = {"tempest16": tempest16(tok), "docutils16": docutils16(tok)}
     max_batch = max(cfg["decode"]["batches"])
     prompts = windows["tempest16"][:max_batch, : cfg["decode"]["prompt_tokens"]]

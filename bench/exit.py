@@ -124,7 +124,7 @@ def main() -> None:
     label = "calibrate 1.25x wall" + (", ≤ 5% loss" if refusal is None else ", no quality limit")
 
     model = AutoModelForCausalLM.from_pretrained(healed).eval()
-    source = AutoModelForCausalLM.from_pretrained(sources.resolve("smollm2-135m").folder).eval()
+    source = AutoModelForCausalLM.from_pretrained(sources.find_source("smollm2-135m").folder).eval()
     tok = sources.load_tokenizer(healed)
     windows = prepare("shakespeare", tok, 256, 0.0).train[:8]
     thresholds = {f"{t}x compute": threshold_for(model, windows, t) for t in (1.1, 1.25, 1.4)}

@@ -38,6 +38,7 @@ import ztt_cli  # noqa: E402,F401  registers the ztt model type
 from ztt_cli.model.architecture import NOT_ATTENTION_ONLY, per_layer_lists  # noqa: E402
 from ztt_cli.model.errors import ZTTError  # noqa: E402
 from ztt_cli.model.modeling import ZTTConfig, ZTTForCausalLM  # noqa: E402
+from ztt_cli.testing import tiny_model  # noqa: E402
 
 PARAMETER_CAP = 4_000_000
 LAYERS = 4
@@ -62,7 +63,7 @@ def model_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def tiny_config(model_type: str):
+def shrunk_config(model_type: str):
     """The family's default config, shrunk: hidden sizes, heads, layers, experts, vocabulary; per-layer
     lists cut to the new depth (a list of layer indices filtered to it)."""
     config = AutoConfig.for_model(model_type)
@@ -90,16 +91,15 @@ def tiny_config(model_type: str):
 
 
 def build(model_type: str):
-    config = tiny_config(model_type)
+    config = shrunk_config(model_type)
     if getattr(config, "is_encoder_decoder", False):
         return None, "left out", "an encoder-decoder model"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_model(config, seed=0)
     probe = torch.ones(1, 4, dtype=torch.long)
     try:  # the family's default attention; eager where SDPA cannot do what it asks (softcapping …)
         model(probe)
-    except ValueError:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    except ValueError:  # (its weights drawn on from the same random stream, not reseeded)
+        model = tiny_model(config, seed=None, attn_implementation="eager")
         model(probe)  # a tiny model that cannot run a forward pass was not built
     n = sum(p.numel() for p in model.parameters())
     if n > PARAMETER_CAP:

@@ -45,7 +45,7 @@ def dropped_source(work: Path) -> Path:
     folder = work / "drop-src"
     if (folder / "config.json").is_file():
         return folder
-    src = sources.resolve("smollm2-135m").folder
+    src = sources.find_source("smollm2-135m").folder
     model = sources.load_model(src, torch.float32)
     keep = [layer for i, layer in enumerate(model.model.layers) if i not in DROPPED]
     model.model.layers = torch.nn.ModuleList(keep)
@@ -103,7 +103,7 @@ def main() -> None:
     start = time.time()
     results: dict = {"config": {k: str(v) for k, v in vars(args).items()}}
 
-    src_folder = sources.resolve("smollm2-135m").folder
+    src_folder = sources.find_source("smollm2-135m").folder
     ztt = converted(args.work, "ztt", "smollm2-135m", head=10, block=5, cycles=2, tail=10)
     drop = converted(args.work, "drop", str(dropped_source(args.work)), head=0, block=25, cycles=1, tail=0, pool=False)
     dense = converted(args.work, "dense", "smollm2-135m", head=0, block=30, cycles=1, tail=0, pool=False)

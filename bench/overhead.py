@@ -38,14 +38,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    Qwen2Config,
-)
 
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.device import describe, resolve_device, synchronize
@@ -54,6 +46,7 @@ from ztt_cli.model.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
 from ztt_cli.model.signals import SIGNALS, signal
 from ztt_cli.surgery.drop import keep_layers
+from ztt_cli.testing import family_config, tiny_model
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT, NEW = 16, 32
@@ -66,16 +59,9 @@ def shapes(depth: int) -> tuple[dict, list[int]]:
     return dict(head=4, block=block, cycles=2, tail=4), list(range(4 + block, 4 + 2 * block))
 
 
-def tiny_config(family: str, layers: int = 32):
-    common = dict(vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=256, **common)
-    if family == "opt":
-        return OPTConfig(hidden_size=64, num_hidden_layers=layers, ffn_dim=128, num_attention_heads=4,
-                         max_position_embeddings=256, word_embed_proj_dim=64, **common)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, **common)
+def tiny_source(family: str, layers: int = 32):
+    """The family's tiny random model: hidden size 64, vocabulary 512, seed 0."""
+    return tiny_model(family_config(family, layers, width=64, vocab_size=512, special_ids=(0, 1, 2)))
 
 
 _SCORES = torch.Generator()
@@ -332,21 +318,17 @@ def main() -> None:
     device = resolve_device(args.device)
     rows = []
     for family in args.families.split(","):
-        torch.manual_seed(0)
-        rows += measure_family(family, AutoModelForCausalLM.from_config(tiny_config(family)), device, args.reps,
-                               args.exit_fraction)
+        rows += measure_family(family, tiny_source(family), device, args.reps, args.exit_fraction)
     if args.smollm2:
         from ztt_cli.io import sources
 
-        rows += measure_family("smollm2-135m", sources.load_model(sources.resolve("smollm2-135m").folder, torch.float32),
-                               device, args.reps, args.exit_fraction)
+        smollm2 = sources.load_model(sources.find_source("smollm2-135m").folder, torch.float32)
+        rows += measure_family("smollm2-135m", smollm2, device, args.reps, args.exit_fraction)
     meta = {"device": describe(device), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     report = {"meta": meta, "reps": args.reps, "exit_fraction": args.exit_fraction, "rows": rows}
     if args.inductor:
-        torch.manual_seed(0)
-        report["inductor"] = measure_inductor(args.inductor, AutoModelForCausalLM.from_config(
-            tiny_config(args.inductor)), device, args.reps)
+        report["inductor"] = measure_inductor(args.inductor, tiny_source(args.inductor), device, args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

@@ -7,17 +7,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-FAMILIES = ("llama", "gpt2", "opt", "qwen2", "mistral")
+from ztt_cli.testing import FAMILIES, family_config, tiny_model  # noqa: F401  (FAMILIES: what the tests run on)
+
 N_LAYERS = 6
 
 _WORDS = (
@@ -51,46 +44,25 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def config(family: str, n_layers: int = N_LAYERS, vocab_size: int | None = None):
-    vocab = vocab_size or len(tokenizer())
-    common = dict(vocab_size=vocab, pad_token_id=1, bos_token_id=2, eos_token_id=3)
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common,
-        )
-    if family == "mistral":  # sliding window smaller than the test sequences
-        return MistralConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-            num_key_value_heads=1, max_position_embeddings=256, sliding_window=8, head_dim=8, **common,
-        )
-    if family == "qwen2":  # mixed full / sliding layers: per-index attributes must follow the unrolled index
-        return Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
-            max_window_layers=2, tie_word_embeddings=False, **common,
-        )
-    if family == "gpt2":  # with GPT-2's per-layer 1/(i+1) attention scaling switched on
-        return GPT2Config(
-            n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True, **common,
-        )
-    if family == "opt":
-        return OPTConfig(
-            hidden_size=32, num_hidden_layers=n_layers, ffn_dim=64, num_attention_heads=4,
-            max_position_embeddings=256, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0, **common,
-        )
-    raise ValueError(family)
+# what each family's test model adds to its tiny config
+QUIRKS = {
+    "llama": dict(tie_word_embeddings=True),
+    # a sliding window smaller than the test sequences
+    "mistral": dict(num_key_value_heads=1, sliding_window=8, head_dim=8),
+    # mixed full / sliding layers: per-index attributes must follow the unrolled index
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=2, tie_word_embeddings=False),
+    # with GPT-2's per-layer 1/(i+1) attention scaling switched on
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True),
+    "opt": dict(dropout=0.0, attention_dropout=0.0),
+}
 
 
 def source_model(family: str, seed: int = 0, n_layers: int = N_LAYERS):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(family, n_layers))
-    with torch.no_grad():  # spread the weights so layers differ clearly and logits are not near-uniform
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    return model.eval()
+    """A tiny source model (hidden size 32) for this module's tokenizer, its weights spread so that
+    layers differ clearly and logits are not near-uniform."""
+    config = family_config(family, n_layers, width=32, vocab_size=len(tokenizer()), special_ids=(1, 2, 3),
+                           **QUIRKS[family])
+    return tiny_model(config, seed, spread=0.15)
 
 
 def save_source(family: str, folder: Path, seed: int = 0) -> Path:

@@ -214,7 +214,7 @@ def test_rerun_with_a_hub_source_offline_skips_without_the_hub(assets, tmp_path,
         raise OfflineError("cannot reach the model hub")
 
     monkeypatch.setattr(pipeline, "_is_hub_ref", lambda ref: True)  # as if the source were a hub id
-    monkeypatch.setattr(pipeline, "resolve", offline)
+    monkeypatch.setattr(pipeline, "find_source", offline)
     assert set(statuses(run_pipeline(recipe)).values()) == {"skipped"}
     with pytest.raises(OfflineError):  # forcing the conversion needs the hub again
         run_pipeline(recipe, only="convert")

@@ -21,7 +21,7 @@ from .errors import ZTTError
 from .events import Event, Progress, silent
 from .io.checkpoint import write_json
 from .io.provenance import now
-from .io.sources import resolve, weights_sha256
+from .io.sources import find_source, weights_sha256
 from .options import stage_key_options
 from .recipe import Loaded, Recipe, load, slot
 from .stages import STAGES, Stage
@@ -111,7 +111,7 @@ class _Run:
             source = self.recipe.source
             if _is_hub_ref(source) and recorded.get("source") == source and not self.selection.forced(stage.name):
                 return recorded  # a converted hub model: no need to reach the hub again
-            resolved = resolve(source)
+            resolved = find_source(source)
             return {"source": resolved.ref, "sha256": resolved.sha256}
         if self.checkpoint is None or not self.checkpoint.is_dir():
             raise ZTTError(f"stage {stage.name} needs the output of the stage before it, which is not there",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 from ..errors import CheckpointError, OfflineError, SourceError
@@ -63,7 +63,7 @@ def _dequantise_gguf(path: Path, sha: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:  # the dequantiser draws its own progress bar on stderr: keep stderr for our messages
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(StringIO()):
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises many kinds of errors for files that are not models
@@ -100,7 +100,7 @@ def _from_hub(ref: str) -> Path:
     return Path(path)
 
 
-def resolve(ref: str) -> SourceModel:
+def find_source(ref: str) -> SourceModel:
     """Find (fetching or dequantising if needed) the local folder for a model reference."""
     if ref in BUILTIN_MODELS:
         gguf = fetch(BUILTIN_MODELS[ref])

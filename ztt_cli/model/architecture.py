@@ -13,9 +13,8 @@ rather than written down per family:
   ``num_hidden_layers``, remapped when layers are dropped or unrolled.
 
 Everything else -- embeddings, masks, rotary embeddings, final norm, lm_head, the KV cache -- is
-the family's own transformers code. ``OVERRIDES`` holds what differs from the convention for a
-family (nothing, for the families tested so far); a model where a convention fails is refused in
-one line that names what was not found.
+the family's own transformers code. A model where a convention fails is refused in one line that
+names what was not found.
 
 Once layers are shared, one layer runs at several unrolled positions, and a position has two
 indices: its **KV slot** (the unrolled position: where its keys and values live in the cache,
@@ -31,7 +30,6 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -118,24 +116,17 @@ def _plain_attributes(layer: nn.Module) -> dict[tuple[str, str], object]:
             if not name.startswith("_") and name != "training" and isinstance(value, PLAIN)}
 
 
-Hook = Callable[[nn.Module, object, int, int], None]
-
-
 class Pointer:
     """Sets a layer's index-dependent attributes when called. A plain object holding its modules,
     not a closure: a deep copy of the model gets pointers at its own modules (a copied function
     would keep pointing at the original's)."""
 
-    def __init__(self, targets: list[tuple[nn.Module, str, object]], hooks: tuple[Hook, ...], attn: nn.Module,
-                 config, slot: int, attribute: int):
-        self.targets, self.hooks, self.attn, self.config = targets, hooks, attn, config
-        self.slot, self.attribute = slot, attribute
+    def __init__(self, targets: list[tuple[nn.Module, str, object]]):
+        self.targets = targets
 
     def __call__(self) -> None:
         for module, name, value in self.targets:
             setattr(module, name, value)
-        for hook in self.hooks:
-            hook(self.attn, self.config, self.slot, self.attribute)
 
 
 @dataclass(frozen=True)
@@ -143,7 +134,6 @@ class Family:
     model_type: str
     layers: str  # dotted path from the *ForCausalLM to its decoder-layer ModuleList
     attention: str  # dotted path from a decoder layer to its attention module
-    per_index: tuple[Hook, ...] = ()  # OVERRIDES: what the derived attributes miss
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -157,7 +147,7 @@ class Family:
         position ``slot`` (its KV-cache slot) that reproduces layer ``attribute``."""
         values = _position_attributes(type(layer), config, slot, attribute)
         targets = [(layer.get_submodule(path), name, value) for (path, name), value in values.items()]
-        return Pointer(targets, self.per_index, layer.get_submodule(self.attention), config, slot, attribute)
+        return Pointer(targets)
 
     def point_at(self, layer: nn.Module, slot: int, attribute: int, config) -> None:
         self.pointer(layer, slot, attribute, config)()
@@ -199,9 +189,6 @@ def _compare_builds(cls: type, config) -> set[tuple[str, str]]:
     return varying | {key for key in first if key[1] in ALWAYS_SET}
 
 
-OVERRIDES: dict[str, dict] = {}  # model_type -> Family fields that differ from the convention
-
-
 def derive_family(model: nn.Module) -> Family:
     """The family of a loaded (or meta) ``*ForCausalLM``, or one clear refusal."""
     config = model.config
@@ -231,7 +218,7 @@ def derive_family(model: nn.Module) -> Family:
                                       "does not implement")
     if not any(key[1] == KV_INDEX for key in _plain_attributes(decoder_layers[0])):
         raise _refuse(model_type, f"its attention module does not keep its index as '{KV_INDEX}'")
-    return Family(model_type, layers, attention, **OVERRIDES.get(model_type, {}))
+    return Family(model_type, layers, attention)
 
 
 def family_for(model_or_config) -> Family:

@@ -161,7 +161,7 @@ class _Source:
 
 def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
     progress(Event.status(f"resolving {opts.source}"))
-    src = sources.resolve(opts.source)
+    src = sources.find_source(opts.source)
     config = AutoConfig.from_pretrained(src.folder)
     family = family_for(config)
     layout = _layout(opts, config.num_hidden_layers)

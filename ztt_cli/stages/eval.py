@@ -365,7 +365,8 @@ def _check(opts: EvalOptions, progress: Progress) -> tuple[Tasks, object]:
         if unknown:
             raise EvalError(f"--gate-metrics {', '.join(unknown)}: no requested task reports it",
                             hint=f"these tasks report: {', '.join(sorted(known))}")
-    source_ref = sources.resolve(opts.compare) if opts.compare else None  # fails fast: missing path, offline hub
+    # found now to fail fast: a missing path, an offline hub
+    source_ref = sources.find_source(opts.compare) if opts.compare else None
     return tasks, source_ref
 
 

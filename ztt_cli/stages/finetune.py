@@ -103,7 +103,7 @@ def _source_model(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
     if ref is None:
         raise ZTTError("no teacher: the checkpoint's ztt.json names no source", hint="pass --teacher MODEL or --no-teacher")
     progress(Event.status(f"loading the teacher {ref}"))
-    src = sources.resolve(ref)
+    src = sources.find_source(ref)
     teacher = sources.load_model(src.folder, "auto")
     if teacher.config.vocab_size != model.config.text_config.vocab_size:
         raise ZTTError(
