@@ -50,7 +50,7 @@ from transformers import (
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.device import describe, resolve_device, synchronize
 from ztt_cli.model.architecture import family_for
-from ztt_cli.model.host_reads import HostReads
+from ztt_cli.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
 from ztt_cli.model.signals import SIGNALS, signal
 from ztt_cli.stages.convert import keep_layers

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ztt_cli.model.host_reads import HostReads
+from ztt_cli.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot
 
 from .fixtures import token_ids, ztt_model
