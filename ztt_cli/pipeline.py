@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from .errors import ZTTError
@@ -22,7 +23,7 @@ from .io.checkpoint import write_json
 from .io.provenance import now
 from .io.sources import resolve, weights_sha256
 from .options import stage_key_options
-from .recipe import Loaded, Recipe, load, stage_options
+from .recipe import Loaded, Recipe, load, recipe_key, stage_options
 from .stages import STAGES, Stage
 from .stages.events import Event, Progress, silent
 
@@ -178,7 +179,11 @@ def _run_stage(stage: Stage, opts, progress: Progress) -> dict:
     prepare = getattr(module, "pipeline_options", None)  # e.g. finetune: resume an interrupted run
     if prepare is not None:
         opts = prepare(opts)
-    result = stage.function()(opts, progress=progress)
+    try:
+        result = stage.function()(opts, progress=progress)
+    except ZTTError as e:  # the options it names are this stage's recipe section's keys
+        e.spelling = e.spelling or partial(recipe_key, stage.name)
+        raise
     if getattr(result, "stopped_early", False):
         raise ZTTError(f"{stage.name} stopped before its budget", hint="rerun the recipe to resume it")
     summary = result.summary()

@@ -44,8 +44,12 @@ def signal(name: str, needs_pool: bool = False):
     return register
 
 
-class ExitPolicyError(ZTTError):
-    """The exit signal cannot run on this checkpoint."""
+class ExitPolicyError(ZTTError, ValueError):
+    """The exit signal cannot run on this checkpoint (a ``ValueError`` too: a forward pass asked for it)."""
+
+
+# what lets a policy run without the pool, by the option (field) that asks for it
+WITHOUT_POOL = {"signal": "{signal} saturation", "full_depth": "{full_depth}"}
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,15 @@ class ExitPolicy:
         chosen = NEVER if full_depth else threshold if threshold is not None else config.exit_threshold
         return cls(signal or config.exit_signal, chosen)
 
-    def check(self, has_pool: bool, hint: str = "use --signal saturation or --full-depth") -> None:
-        """Refuse a signal that needs the zero-token pool on a checkpoint without one."""
-        if SIGNALS[self.signal].needs_pool and not has_pool and self.active:
-            raise ExitPolicyError(f"this checkpoint has no zero-token pool, which the {self.signal} exit signal needs",
-                                  hint=hint)
+    def check(self, has_pool: bool, remedies: tuple[str, ...] = ("signal", "full_depth"),
+              exits: bool | None = None) -> None:
+        """Refuse a signal that needs the zero-token pool on a model that runs without one, when the
+        signal is computed (``exits``; default: when tokens may exit). The hint offers ``remedies``,
+        the options that would let it run (keys of ``WITHOUT_POOL``)."""
+        if SIGNALS[self.signal].needs_pool and not has_pool and (self.active if exits is None else exits):
+            raise ExitPolicyError(
+                f"the {self.signal} exit signal needs a zero-token pool: this model runs with no zero-token pool",
+                hint="use " + " or ".join(WITHOUT_POOL[r] for r in remedies), fields=remedies)
 
 
 @signal("zero-attention", needs_pool=True)

@@ -212,7 +212,7 @@ def _load(opts: CalibrateOptions, folder: Path):
             f"target {opts.target_speedup:.2f}× is above this layout's bound of {lay.speedup_bound:.2f}× "
             f"({lay}: exiting after cycle 1 everywhere)", hint="choose a lower --target-speedup")
     policy = ExitPolicy(opts.signal or model.config.exit_signal, threshold=0.0)  # calibration exits by design
-    policy.check(model.pool is not None, hint="use --signal saturation")
+    policy.check(model.pool is not None, remedies=("signal",))
     model.config.exit_signal = policy.signal
     return model, device
 

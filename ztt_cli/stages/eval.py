@@ -383,7 +383,7 @@ def evaluate(opts: EvalOptions, progress: Progress = silent) -> EvalReport:
     model = load_checkpoint(opts.checkpoint).eval().to(device)  # one clear error for a missing or foreign folder
     tasks, source_ref = _check(opts, progress)
     policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
-    policy.check(model.pool is not None, hint="use --full-depth")
+    policy.check(model.pool is not None, remedies=("full_depth",))
     model.config.exit_threshold = policy.threshold
     lm_class = _metered_lm_class()
     lm = lm_class(pretrained=model, tokenizer=sources.load_tokenizer(opts.checkpoint),

@@ -87,8 +87,9 @@ def unroll(model, tokenizer, progress: Progress) -> tuple[torch.nn.Module, dict]
     tol = 1e-3 if model.dtype == torch.float32 else 3e-2  # merged deltas round differently in half precision
     if not torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())):
         raise NotPlainError(f"the unrolled model does not reproduce this checkpoint with its pool off (logits differ by "
-                            f"up to {float((got - ref).abs().max()):.3g})",
-                            hint="a layer attribute derived from its index differs; export with --format hf or remote-code")
+                            f"up to {float((got - ref).abs().max()):.3g})", fields=("format",),
+                            hint="a layer attribute derived from its index differs; "
+                                 "export with {format} hf or remote-code")
     progress(Event.status("measuring perplexity with and without the zero token"))
     before, after = perplexity(model, windows), perplexity(plain, windows)
     n_before, n_after = model.parameter_counts()["total"], sum(p.numel() for p in plain.parameters())

@@ -37,7 +37,7 @@ def stream(opts: GenerateOptions, progress: Progress = silent) -> Iterator[Piece
     model = load_checkpoint(opts.checkpoint).eval()
     tokenizer = sources.load_tokenizer(opts.checkpoint)
     policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
-    policy.check(model.pool is not None, hint="use --full-depth")
+    policy.check(model.pool is not None, remedies=("full_depth",))
     threshold = policy.threshold
     ids = tokenizer(prompt_text(opts), return_tensors="pt").input_ids
     if ids.shape[1] == 0:
