@@ -56,7 +56,7 @@ def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family
     assert [s.attribute for s in slots] == [0, 1, 2, 1, 2, 3]
     assert [s.index for s in slots] == list(range(6))
     seen = []
-    attention = grown._family.attention
+    attention = grown.family.attention
     for layer in grown.layers:
         attn = layer.get_submodule(attention)
         attn.register_forward_pre_hook(lambda m, a: seen.append(

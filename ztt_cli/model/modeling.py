@@ -291,6 +291,9 @@ class ZTTPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+PARAMETER_ROLES = ("block", "unshared", "pool", "gates", "relax", "other")  # see parameter_groups()
+
+
 class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZTTConfig, source: PreTrainedModel | None = None):
         """Build from ``config`` alone (random weights, filled by ``from_pretrained``), or around a
@@ -313,7 +316,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             setattr(source.config, name, list(getattr(text_config, name)))
         source.config._attn_implementation = ATTENTION_NAMES[impl]
         self.inner = source
-        self._family = family
+        self.family = family  # the source family's conventions (architecture.py): its layer list, attention
         self.layers = nn.ModuleList(unique)
         n_heads = text_config.num_attention_heads
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
@@ -431,14 +434,25 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         inputs.setdefault("output_zero_attention", False)
         return inputs
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter once, by role, each group in ``parameters()`` order: ``block`` (the shared
+        block's layers), ``unshared`` (the head's and tail's layers), ``pool``, ``gates``, ``relax``
+        (the per-cycle deltas) and ``other`` (embeddings, final norm, lm_head)."""
+        lay = self.config.layout
+        block = self.layers[lay.head : lay.head + lay.block]
+        roles = {id(p): role for role, module in (("unshared", self.layers), ("block", block), ("pool", self.pool),
+                                                  ("gates", self.gates), ("relax", self.relax))
+                 if module is not None for p in module.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {r: [] for r in PARAMETER_ROLES}
+        for p in self.parameters():
+            groups[roles.get(id(p), "other")].append(p)
+        return groups
+
     def parameter_counts(self) -> dict[str, int]:
-        layers = sum(p.numel() for p in self.layers.parameters())
-        pool = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
-        gates = self.gates.weight.numel() if self.gates is not None else 0
-        relax = sum(p.numel() for p in self.relax.parameters()) if self.relax is not None else 0
-        total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "layers": layers, "pool": pool, "gates": gates, "relax": relax,
-                "other": total - layers - pool - gates - relax}
+        """Parameters by role (:meth:`parameter_groups`), the unique layers together as ``layers``."""
+        n = {role: sum(p.numel() for p in params) for role, params in self.parameter_groups().items()}
+        counts = {"total": sum(n.values()), "layers": n["block"] + n["unshared"]}
+        return {**counts, **{role: n[role] for role in ("pool", "gates", "relax", "other")}}
 
 
 def register() -> None:

@@ -57,7 +57,7 @@ def to_plain(model) -> PreTrainedModel:
     slots = plain_positions(model)
     config = remap_layers(model.config.text_config, [slot.index for slot in slots])
     plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    prefix = model._family.layers + "."
+    prefix = model.family.layers + "."
     state = {k: v for k, v in model.inner.state_dict().items() if not k.startswith(prefix)}
     for i, slot in enumerate(slots):
         state.update({f"{prefix}{i}.{k}": v for k, v in position_state(model, slot).items()})
