@@ -90,3 +90,13 @@ def test_the_model_code_names_no_command_line_flags():
     found = [f"{path.name}:{line}: {text[:80]}" for path in sorted((PACKAGE / "model").glob("*.py"))
              for line, text in _string_literals(path) if flags.search(text)]
     assert not found, "command-line flags in the model code:\n" + "\n".join(found)
+
+
+def test_only_a_saved_checkpoint_changes_the_exit_policy_in_a_config():
+    """The exit policy is passed to the model (``exit_policy=``, ``model.exiting(policy)``); no code
+    writes it into a loaded model's config."""
+    written = re.compile(r"config\.(exit_threshold|exit_signal)\s*=[^=]")
+    found = [f"{path.relative_to(PACKAGE.parent)}:{i}" for root in (PACKAGE, PACKAGE.parent / "bench")
+             for path in sorted(root.rglob("*.py")) for i, line in enumerate(path.read_text().splitlines(), 1)
+             if written.search(line)]
+    assert not found, found

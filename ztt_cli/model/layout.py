@@ -99,7 +99,7 @@ class Layout:
         )
 
     @classmethod
-    def resolve(
+    def for_source(
         cls,
         n_layers: int,
         head: int | None = None,

@@ -4,11 +4,15 @@ An exit signal is one registered function of the forward pass's state (``TokenEx
 zero attention recorded per cycle and layer, each cycle's input and output hidden states)
 that scores every token after a cycle; higher means exit sooner. The registry says what a
 signal needs (``needs_pool``), and the options' signal choices come from it. This module
-imports no torch, so the command line can list the signals without it."""
+imports no torch, so the command line can list the signals without it.
+
+The exit policy (signal and threshold) a model runs with is passed to it (``forward(...,
+exit_policy=...)``, or for a span of calls ``with model.exiting(policy):``); its ``config.json``
+holds the default, which only a saved checkpoint changes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import ZTTError
@@ -65,11 +69,16 @@ class ExitPolicy:
         return self.threshold <= 1
 
     @classmethod
-    def resolve(cls, config, threshold: float | None = None, full_depth: bool = False,
-                signal: str | None = None) -> ExitPolicy:
-        """The checkpoint's policy (config.json), with what the user asked for on top."""
+    def for_checkpoint(cls, config, threshold: float | None = None, full_depth: bool = False,
+                       signal: str | None = None) -> ExitPolicy:
+        """The policy to run a checkpoint with: its saved default (``config``: ``exit_signal``,
+        ``exit_threshold``) with what the user asked for on top."""
         chosen = NEVER if full_depth else threshold if threshold is not None else config.exit_threshold
         return cls(signal or config.exit_signal, chosen)
+
+    def with_threshold(self, threshold: float | None) -> ExitPolicy:
+        """This policy at ``threshold`` (None: as it is)."""
+        return self if threshold is None or threshold == self.threshold else replace(self, threshold=threshold)
 
     def check(self, has_pool: bool, remedies: tuple[str, ...] = ("signal", "full_depth"),
               exits: bool | None = None) -> None:
@@ -80,6 +89,9 @@ class ExitPolicy:
             raise ExitPolicyError(
                 f"the {self.signal} exit signal needs a zero-token pool: this model runs with no zero-token pool",
                 hint="use " + " or ".join(WITHOUT_POOL[r] for r in remedies), fields=remedies)
+
+
+FULL_DEPTH = ExitPolicy()  # never exits: its signal is never computed
 
 
 @signal("zero-attention", needs_pool=True)
