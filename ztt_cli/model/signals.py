@@ -3,8 +3,9 @@
 An exit signal is one registered function of the forward pass's state (``TokenExits``: the
 zero attention recorded per cycle and layer, each cycle's input and output hidden states)
 that scores every token after a cycle; higher means exit sooner. The registry says what a
-signal needs (``needs_pool``), and the options' signal choices come from it. This module
-imports no torch, so the command line can list the signals without it.
+signal needs (``needs_pool``) and whether the exit objective can train it (``differentiable``),
+and the options' signal choices come from it. This module imports no torch, so the command line
+can list the signals without it.
 
 The exit policy (signal and threshold) a model runs with is passed to it (``forward(...,
 exit_policy=...)``, or for a span of calls ``with model.exiting(policy):``); its ``config.json``
@@ -32,17 +33,18 @@ class ExitSignal:
     name: str
     score: Callable[[TokenExits, int], Tensor]
     needs_pool: bool = False  # computed from the zero-token pool
+    differentiable: bool = False  # gradients flow through its score: the exit objective can train it
 
 
 SIGNALS: dict[str, ExitSignal] = {}
 
 
-def signal(name: str, needs_pool: bool = False):
+def signal(name: str, needs_pool: bool = False, differentiable: bool = False):
     """Register an exit signal, a function of the forward pass's state (``TokenExits``): its
     recorded zero attention, each cycle's input and output hidden states."""
 
     def register(fn):
-        SIGNALS[name] = ExitSignal(name, fn, needs_pool)
+        SIGNALS[name] = ExitSignal(name, fn, needs_pool, differentiable)
         return fn
 
     return register
@@ -94,7 +96,7 @@ class ExitPolicy:
 FULL_DEPTH = ExitPolicy()  # never exits: its signal is never computed
 
 
-@signal("zero-attention", needs_pool=True)
+@signal("zero-attention", needs_pool=True, differentiable=True)
 def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
     """The method's signal: the zero token's attention, mean over heads and the block's layers."""
     import torch  # not at the top: the command line lists the signals without torch
@@ -103,7 +105,7 @@ def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
     return p0.mean(dim=(0, 2))
 
 
-@signal("saturation")
+@signal("saturation", differentiable=True)
 def saturation(exits: TokenExits, cycle: int) -> Tensor:
     """Cosine of a cycle's output and input hidden states: near 1 when the cycle changed little."""
     before, after = exits.cycle_input[cycle].float(), exits.cycle_output[cycle].float()

@@ -432,6 +432,8 @@ class HealingRun:
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.objective = HealingObjective.from_options(self.model, opts, distill=self.teacher is not None)
+        for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
+            self.progress(Event.note(note))
         if ddp.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None
