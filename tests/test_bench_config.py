@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def test_compare_config(path):
     cfg = yaml.safe_load(path.read_text())
     assert {"profile", "work", "source", "layout", "heal", "variants", "decode"} <= set(cfg)
-    Layout.resolve(30, **cfg["layout"])  # SmolLM2-135M's depth
+    Layout.for_source(30, **cfg["layout"])  # SmolLM2-135M's depth
     names = [v["name"] for v in cfg["variants"]]
     assert len(names) == len(set(names))
     for v in cfg["variants"]:
@@ -26,7 +26,7 @@ def test_compare_config(path):
             assert v["select"] in ("block-influence", "contiguous") and 1 <= v.get("drop", 1) <= 28
         convert = ConvertOptions(source="s", out=".", **v.get("convert", {}))
         # a grown layout may run deeper than the source; every other one replaces it layer for layer
-        Layout.resolve(30, **v.get("layout", cfg["layout"]), grown=convert.init == "grow")
+        Layout.for_source(30, **v.get("layout", cfg["layout"]), grown=convert.init == "grow")
         FinetuneOptions(checkpoint=".", out=".", **{**cfg["heal"], **v.get("heal", {})})
     if "early_exit" in cfg:
         assert cfg["early_exit"]["variant"] in names

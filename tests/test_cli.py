@@ -93,6 +93,14 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, cache_dir
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
 
+def test_a_layout_error_names_the_flags_in_its_hint(tmp_path):
+    """The model code names the layout's sizes as fields; the command line spells them as flags."""
+    args = _layout("--block", "3", "--cycles", "3")(tmp_path)  # 9 layers of block in a 6-layer source
+    result = runner.invoke(app, ["convert", *args, "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "(hint: choose a smaller --block or fewer --cycles)" in result.stderr, result.stderr
+
+
 def test_existing_output_is_kept(tmp_path):
     src = save_source("llama", tmp_path / "src")
     out = tmp_path / "out"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ztt_cli.model.host_reads import HostReads
+from ztt_cli.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot
 
 from .fixtures import token_ids, ztt_model
@@ -142,15 +142,40 @@ def test_exit_policy_resolution_and_pool_check():
     from ztt_cli.model.signals import NEVER, ExitPolicy, ExitPolicyError
 
     config = SimpleNamespace(exit_threshold=0.3, exit_signal="zero-attention")
-    assert ExitPolicy.resolve(config) == ExitPolicy("zero-attention", 0.3)
-    assert ExitPolicy.resolve(config, threshold=0.7) == ExitPolicy("zero-attention", 0.7)
-    assert ExitPolicy.resolve(config, threshold=0.7, full_depth=True).threshold == NEVER
-    assert ExitPolicy.resolve(config, signal="saturation").signal == "saturation"
-    assert not ExitPolicy.resolve(config, full_depth=True).active
+    assert ExitPolicy.for_checkpoint(config) == ExitPolicy("zero-attention", 0.3)
+    assert ExitPolicy.for_checkpoint(config, threshold=0.7) == ExitPolicy("zero-attention", 0.7)
+    assert ExitPolicy.for_checkpoint(config, threshold=0.7, full_depth=True).threshold == NEVER
+    assert ExitPolicy.for_checkpoint(config, signal="saturation").signal == "saturation"
+    assert not ExitPolicy.for_checkpoint(config, full_depth=True).active
     with pytest.raises(ExitPolicyError, match="no zero-token pool"):
-        ExitPolicy.resolve(config).check(has_pool=False)
-    ExitPolicy.resolve(config, full_depth=True).check(has_pool=False)  # never exits: nothing to refuse
+        ExitPolicy.for_checkpoint(config).check(has_pool=False)
+    ExitPolicy.for_checkpoint(config, full_depth=True).check(has_pool=False)  # never exits: nothing to refuse
     ExitPolicy("saturation", 0.5).check(has_pool=False)
+
+
+@torch.no_grad()
+def test_an_exit_policy_is_passed_to_the_model_not_written_into_its_config():
+    """``forward(exit_policy=...)`` (``generate()`` passes it on) and ``with model.exiting(policy):``
+    run the model as ``exit_threshold`` does; the config, the checkpoint's saved default, stays."""
+    from ztt_cli.model.signals import ExitPolicy
+
+    model, _ = ztt_model("llama", DEEP)
+    saved = model.config.to_dict()
+    ids, prompt = token_ids(batch=2, length=12), token_ids(batch=1, length=6, seed=3)
+    policy = ExitPolicy("zero-attention", float(cycle1_signal(model, token_ids(batch=1, length=24, seed=3)).median()))
+    reference = model(ids, exit_threshold=policy.threshold)
+    assert reference.exit_cycles.min() < 3  # some tokens exit early
+    given = model(ids, exit_policy=policy)
+    with model.exiting(policy):
+        assert model.exit_policy == policy
+        scoped = model(ids)
+        generated = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    for out in (given, scoped):
+        assert torch.equal(out.exit_cycles, reference.exit_cycles) and torch.equal(out.logits, reference.logits)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=1, exit_policy=policy),
+                       generated)
+    assert model.exit_policy == ExitPolicy.for_checkpoint(model.config) and model.config.to_dict() == saved
+    assert model(ids).exit_cycles is None  # the checkpoint's own policy again: full depth
 
 
 def test_a_new_signal_is_one_registered_function():

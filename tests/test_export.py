@@ -63,6 +63,16 @@ REMOTE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_remote_code_ships_the_model_code_only():
+    """Every file of ``model/`` travels (they import only each other), nothing else: not the test and
+    benchmark helpers."""
+    from ztt_cli.stages.export import ENTRY_MODULE, code_files
+
+    shipped = set(code_files().values())
+    assert ENTRY_MODULE in shipped and {"layout.py", "signals.py", "exits.py", "errors.py"} <= shipped
+    assert "host_reads.py" not in shipped and "__init__.py" not in shipped
+
+
 def test_remote_code_export_loads_without_ztt(ckpt, bare_venv, tmp_path):
     out = tmp_path / "dist"
     result = run("export", ckpt, "--out", out, "--format", "remote-code", "--shard-size", "40KB")

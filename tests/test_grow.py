@@ -56,7 +56,7 @@ def test_attributes_follow_the_reproduced_layer_and_kv_slots_the_position(family
     assert [s.attribute for s in slots] == [0, 1, 2, 1, 2, 3]
     assert [s.index for s in slots] == list(range(6))
     seen = []
-    attention = grown._family.attention
+    attention = grown.family.attention
     for layer in grown.layers:
         attn = layer.get_submodule(attention)
         attn.register_forward_pre_hook(lambda m, a: seen.append(
@@ -201,13 +201,13 @@ def test_exit_terms_wait_for_the_added_cycles_to_open():
 
 
 def test_grown_layouts_resolve_a_depth_of_their_own():
-    assert Layout.resolve(30, 10, 10, 2, 10, grown=True).depth == 40
-    assert Layout.resolve(30, 4, 11, 2, 4, grown=True) == Layout(4, 11, 2, 4)
-    assert Layout.resolve(30, grown=True) == Layout.resolve(30)  # sizes left out: as any layout
+    assert Layout.for_source(30, 10, 10, 2, 10, grown=True).depth == 40
+    assert Layout.for_source(30, 4, 11, 2, 4, grown=True) == Layout(4, 11, 2, 4)
+    assert Layout.for_source(30, grown=True) == Layout.for_source(30)  # sizes left out: as any layout
     from ztt_cli.errors import LayoutError
 
     with pytest.raises(LayoutError, match="more than the source's 30 layers"):
-        Layout.resolve(30, 10, 11, 2, 10, grown=True)
+        Layout.for_source(30, 10, 11, 2, 10, grown=True)
 
 
 def test_grow_with_drop_is_refused_in_one_line(tmp_path):

@@ -20,7 +20,7 @@ from ztt_cli.model.layout import Layout
     ],
 )
 def test_resolve(n, given, expected):
-    lay = Layout.resolve(n, **given)
+    lay = Layout.for_source(n, **given)
     assert (lay.head, lay.block, lay.cycles, lay.tail) == expected
     assert lay.depth == n
 
@@ -40,7 +40,7 @@ def test_resolve(n, given, expected):
 )
 def test_resolve_errors(given, words):
     with pytest.raises(LayoutError, match=words):
-        Layout.resolve(30, **given)
+        Layout.for_source(30, **given)
 
 
 def test_slots_and_bound():
@@ -69,3 +69,17 @@ def test_parse_is_the_inverse_of_str():
     for layout in (Layout(4, 11, 2, 4), Layout(0, 15, 2, 0), Layout(10, 5, 2, 10)):
         assert Layout.parse(str(layout)) == layout
     assert Layout.parse("4/11x2/4").depth == 30
+
+
+def test_a_layout_error_names_its_fields_for_the_reporter_to_spell():
+    """The model code knows no command line: its hints name the sizes as fields, which the command
+    line spells as flags and a recipe run as keys; left alone they read as the bare names."""
+    with pytest.raises(LayoutError) as caught:
+        Layout.for_source(30, block=20, cycles=2)
+    e = caught.value
+    assert e.fields == ("block", "cycles") and e.hint == "choose a smaller block or fewer cycles"
+    assert e.spelled(lambda f: "--" + f)[1] == "choose a smaller --block or fewer --cycles"
+    with pytest.raises(LayoutError) as caught:
+        Layout.for_source(30, head=-1)
+    assert caught.value.message == "head must not be negative (got -1)"
+    assert caught.value.spelled(lambda f: f"convert.{f}")[0] == "convert.head must not be negative (got -1)"

@@ -121,3 +121,72 @@ def test_every_term_names_an_option_that_holds_its_weight():
     for term in TERMS:
         field = FinetuneOptions.model_fields[term.weight_option]
         assert isinstance(field.default, float) and field.default >= 0, term.weight_option
+
+
+def test_the_exit_objective_on_the_default_signal_is_the_zero_attention_loss_bit_for_bit(model):
+    """The default signal, zero-attention: the mean p0 over the block's layers against the exit target,
+    computed as it always was (the full pass given nothing more), to the bit."""
+    from ztt_cli.training.losses import exit_objective, exit_target, task_loss
+
+    ids = token_ids(batch=3, length=24)
+    assert model.exit_policy.signal == "zero-attention"
+    objective = HealingObjective.from_options(model, options(kd_weight=0, exit_aware_weight=0, exit_objective_weight=0.7))
+    loss, metrics = objective(ids)
+    full = model(input_ids=ids)
+    terms = [exit_objective(full.zero_attention[:, c - 1].mean(1),
+                            exit_target(model(input_ids=ids, exit_after=c).logits, full.logits), "rank")
+             for c in (1, 2)]
+    expected = task_loss(full.logits, ids, None, 0.0, 1.0)[0] + 0.7 * torch.stack(terms).mean()
+    assert torch.equal(loss, expected) and torch.equal(metrics["exit_objective"], torch.stack(terms).mean().detach())
+    assert objective.notes() == []
+
+
+def test_the_exit_objective_trains_a_differentiable_signal_the_model_exits_by(model):
+    """With the saturation signal the objective ranks tokens by saturation (from a full-depth replay),
+    and its gradient reaches the shared block through it."""
+    from ztt_cli.model.signals import ExitPolicy
+    from ztt_cli.training.losses import exit_objective, exit_target
+
+    ids = token_ids(batch=2, length=16)
+    objective = HealingObjective.from_options(model, options(kd_weight=0, exit_aware_weight=0, exit_objective_weight=1))
+    with model.exiting(ExitPolicy("saturation")):
+        assert objective.notes() == []
+        _, metrics = objective(ids)
+        full = model(input_ids=ids, exit_map=torch.full(ids.shape, 3), use_cache=False)
+        expected = torch.stack([exit_objective(full.exit_signals[:, c - 1],
+                                               exit_target(model(input_ids=ids, exit_after=c).logits, full.logits))
+                                for c in (1, 2)]).mean()
+        torch.testing.assert_close(metrics["exit_objective"], expected.detach(), rtol=1e-5, atol=1e-6)
+        model.zero_grad(set_to_none=True)
+        objective.terms[0].value(_batch(model, ids, full)).backward()
+    block = model.layers[1]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters() if p.dim() > 1)
+    model.zero_grad(set_to_none=True)
+
+
+def _batch(model, ids, full):
+    from ztt_cli.training.losses import Batch, TaskLoss
+
+    return Batch(model, ids, None, TaskLoss(), full)
+
+
+def test_the_exit_objective_says_when_it_trains_p0_only(model):
+    """A signal that is not differentiable cannot be trained: the objective trains the zero attention
+    (p0) instead, as for the default signal, and says so in one line."""
+    from ztt_cli.model import signals
+
+    @signals.signal("not-differentiable")
+    def fixed(exits, cycle):
+        return exits.cycle_output[cycle].new_full(exits.cycle_output[cycle].shape[:2], 0.5)
+
+    ids = token_ids(batch=2, length=16)
+    objective = HealingObjective.from_options(model, options(kd_weight=0, exit_aware_weight=0, exit_objective_weight=1))
+    default, _ = objective(ids)
+    try:
+        with model.exiting(signals.ExitPolicy("not-differentiable")):
+            assert objective.notes() == ["the exit objective trains the zero attention (p0) only: the model's exit "
+                                         "signal, not-differentiable, is not differentiable"]
+            trained_p0, _ = objective(ids)
+    finally:
+        del signals.SIGNALS["not-differentiable"]
+    assert torch.equal(trained_p0, default)

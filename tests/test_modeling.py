@@ -206,13 +206,13 @@ def test_exit_after_cycle_runs_head_first_cycles_and_tail(family):
     ids = token_ids(length=10)
     reference = unrolled_reference(ztt)
     # the exit after cycle 1 is the unrolled model without the slots of cycles 2 and 3
-    path = ztt._family.layers
+    path = ztt.family.layers
     layers = reference.get_submodule(path)
     keep = torch.nn.ModuleList([layers[i] for i in (0, 1)])
-    ztt._family.set_layer_list(reference, keep)
+    ztt.family.set_layer_list(reference, keep)
     reference.config.num_hidden_layers = 2
     for i, layer in enumerate(keep):
-        getattr(layer, ztt._family.attention).layer_idx = i
+        getattr(layer, ztt.family.attention).layer_idx = i
     torch.testing.assert_close(ztt(ids, exit_after=1).logits, reference(ids).logits, atol=1e-6, rtol=0)
     assert not torch.allclose(ztt(ids, exit_after=2).logits, ztt(ids).logits)
     torch.testing.assert_close(ztt(ids, exit_after=3).logits, ztt(ids).logits)

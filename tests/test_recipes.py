@@ -91,6 +91,16 @@ def test_validate_reports_every_problem_with_its_yaml_path(tmp_path):
     assert "ztt validate" in run.output
 
 
+def test_a_stage_error_in_a_run_names_the_recipe_keys(assets, tmp_path):
+    """An error about an option, raised by a stage of ``ztt run``, names it as the recipe's key."""
+    recipe = write(tmp_path / "r.yaml", tiny_recipe(assets, tmp_path / "out",
+                                                     convert={"block": 3, "cycles": 3, "init": "lower"}))
+    result = cli("run", recipe)
+    assert result.exit_code == 2, result.output
+    assert "choose a smaller convert.block or fewer convert.cycles" in result.stderr, result.stderr
+    assert "--block" not in result.stderr
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("name: x\nsource: [a\n", "malformed YAML"),
     ("- just\n- a list\n", "a recipe is a mapping"),

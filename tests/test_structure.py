@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,30 @@ def test_command_list_has_one_line_per_command():
     for command in (*STAGES, GENERATE):
         row = [ln for ln in lines if f" {command.name} " in ln]
         assert row and command.summary in row[0], (command.name, row)
+
+
+def _string_literals(path: Path):
+    """(line, source text) of every string literal in ``path``, docstrings and f-strings included."""
+    source = path.read_text()
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            yield node.lineno, ast.get_source_segment(source, node) or ""
+
+
+def test_the_model_code_names_no_command_line_flags():
+    """The model files ship inside remote-code exports, where there is no command line: their errors
+    name the options as fields (``{block}``), which the command line spells as flags."""
+    flags = re.compile(r"--[a-z{]")
+    found = [f"{path.name}:{line}: {text[:80]}" for path in sorted((PACKAGE / "model").glob("*.py"))
+             for line, text in _string_literals(path) if flags.search(text)]
+    assert not found, "command-line flags in the model code:\n" + "\n".join(found)
+
+
+def test_only_a_saved_checkpoint_changes_the_exit_policy_in_a_config():
+    """The exit policy is passed to the model (``exit_policy=``, ``model.exiting(policy)``); no code
+    writes it into a loaded model's config."""
+    written = re.compile(r"config\.(exit_threshold|exit_signal)\s*=[^=]")
+    found = [f"{path.relative_to(PACKAGE.parent)}:{i}" for root in (PACKAGE, PACKAGE.parent / "bench")
+             for path in sorted(root.rglob("*.py")) for i, line in enumerate(path.read_text().splitlines(), 1)
+             if written.search(line)]
+    assert not found, found

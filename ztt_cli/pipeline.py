@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from .errors import ZTTError
@@ -23,7 +24,7 @@ from .io.checkpoint import write_json
 from .io.provenance import now
 from .io.sources import find_source, weights_sha256
 from .options import stage_key_options
-from .recipe import Loaded, Recipe, load, slot
+from .recipe import Loaded, Recipe, load, recipe_key, slot
 from .stages import STAGES, Stage
 
 RECORD = "run.json"
@@ -176,7 +177,11 @@ def run(recipe_path: Path, start_from: str | None = None, only: str | None = Non
 def _run_stage(stage: Stage, opts, progress: Progress) -> dict:
     if stage.resumable:  # resume an interrupted run with the same options, else start over
         opts = stage.module().pipeline_options(opts)
-    result = stage.function()(opts, progress=progress)
+    try:
+        result = stage.function()(opts, progress=progress)
+    except ZTTError as e:  # the options it names are this stage's recipe section's keys
+        e.spelling = e.spelling or partial(recipe_key, stage.name)
+        raise
     if stage.resumable and result.stopped_early:
         raise ZTTError(f"{stage.name} stopped before its budget", hint="rerun the recipe to resume it")
     summary = result.summary()

@@ -63,6 +63,11 @@ def _where(prefix: str, loc: tuple) -> str:
     return ".".join([prefix, *map(str, loc)] if prefix else map(str, loc)) or "(top level)"
 
 
+def recipe_key(section: str, field: str) -> str:
+    """An option's key in a recipe, as problems and errors name it: ``convert.block``."""
+    return _where(section, (field,))
+
+
 def _section_problems(stage: Stage, section: dict, data: dict) -> list[str]:
     problems = [f"{stage.name}.{key}: set by the recipe, not in the {stage.name} section"
                 for key in section if key in stage.filled]

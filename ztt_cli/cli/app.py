@@ -17,7 +17,7 @@ import typer
 from pydantic import BaseModel
 
 from .. import __version__
-from ..errors import ZTTError
+from ..errors import ZTTError, flag
 from ..options import describe_error
 from ..stages import GENERATE, STAGES, Command
 from . import views
@@ -46,8 +46,11 @@ def _quiet_libraries() -> None:
 
 
 def _fail(e: ZTTError) -> typing.NoReturn:
-    hint = f" (hint: {e.hint})" if e.hint else ""
-    views.err.print(f"[bold red]error:[/] {e.message}{hint}", markup=True)
+    """One line: the message and the hint, the options they name spelled as flags (or as the error
+    says, e.g. a recipe's keys)."""
+    message, hint = e.spelled(e.spelling or flag)
+    hint = f" (hint: {hint})" if hint else ""
+    views.err.print(f"[bold red]error:[/] {message}{hint}", markup=True)
     raise typer.Exit(e.exit_code)
 
 
@@ -79,17 +82,17 @@ def _cli_type(annotation):
 def _parameter(name: str, f, positional: bool) -> inspect.Parameter:
     typ, choices = _cli_type(f.annotation)
     help_text = (f.description or "") + (f" (one of: {', '.join(choices)})" if choices else "")
-    flag = "--" + name.replace("_", "-")
+    option = flag(name)
     if positional:
         default = typer.Argument(... if f.is_required() else f.default, help=help_text, show_default=False)
     elif f.is_required():
-        default = typer.Option(..., flag, help=help_text, show_default=False)
+        default = typer.Option(..., option, help=help_text, show_default=False)
     elif typ is bool and f.default:
-        default = typer.Option(True, f"{flag}/--no-{name.replace('_', '-')}", help=help_text)
+        default = typer.Option(True, f"{option}/--no-{name.replace('_', '-')}", help=help_text)
     elif typ is bool:
-        default = typer.Option(False, flag, help=help_text, show_default=False)
+        default = typer.Option(False, option, help=help_text, show_default=False)
     else:
-        default = typer.Option(f.default, flag, help=help_text)
+        default = typer.Option(f.default, option, help=help_text)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ)
 
 
@@ -100,7 +103,7 @@ def _parse(command: Command, kwargs: dict) -> BaseModel:
         return command.options(**kwargs)
     except ValidationError as e:
         first = e.errors()[0]
-        where = "--" + "-".join(map(str, first["loc"])).replace("_", "-") + ": " if first["loc"] else ""
+        where = flag("_".join(map(str, first["loc"]))) + ": " if first["loc"] else ""
         _fail(ZTTError(f"{where}{describe_error(first)}", hint=f"see ztt {command.name} --help"))
 
 

@@ -122,6 +122,8 @@ def finetune(command: Command, opts, execute: Execute) -> None:
         elif e.kind == "validation":
             shown["val"] = f" · val {e.metrics['val_loss']:.3f}"
             bar.update(shown["task"], info=shown["info"] + shown["val"])
+        elif e.kind == "note" and rank0:
+            err.print(e.message)
 
     with bar:
         result = execute(on_event)

@@ -99,7 +99,7 @@ class Layout:
         )
 
     @classmethod
-    def resolve(
+    def for_source(
         cls,
         n_layers: int,
         head: int | None = None,
@@ -108,7 +108,8 @@ class Layout:
         tail: int | None = None,
         grown: bool = False,
     ) -> "Layout":
-        """Fill in what the user left out, then check the layout against the source depth.
+        """The layout for a source of ``n_layers`` layers: what was left out filled in, the whole
+        checked against the source depth (errors name the sizes as fields, see ``errors.py``).
 
         Default: cycles 2, head = tail = a third of the layers, the middle shared in two. A grown
         layout with head, block and tail all given has a depth of its own: it needs at most the
@@ -139,20 +140,21 @@ class Layout:
             if head < 0 or tail < 0:
                 raise LayoutError(
                     f"block {block} × cycles {cycles} needs more than the source's {n_layers} layers",
-                    hint="choose a smaller --block or fewer --cycles",
+                    hint="choose a smaller {block} or fewer {cycles}", fields=("block", "cycles"),
                 )
         middle = n_layers - head - tail
         if middle <= 0:
             raise LayoutError(
                 f"head {head} + tail {tail} leaves no middle layers to share (source has {n_layers} layers)",
-                hint=f"choose --head + --tail below {n_layers}",
+                hint=f"choose {{head}} + {{tail}} below {n_layers}", fields=("head", "tail"),
             )
         if block is None:
             block = middle // cycles
         if block < 1 or block * cycles != middle:
             raise LayoutError(
                 f"the middle span of {middle} layers is not divisible into block {block} × cycles {cycles}",
-                hint=f"choose --block and --cycles whose product is {middle}, or change --head/--tail",
+                hint=f"choose {{block}} and {{cycles}} whose product is {middle}, or change {{head}}/{{tail}}",
+                fields=("block", "cycles", "head", "tail"),
             )
         return cls(head, block, cycles, tail)
 
@@ -160,6 +162,7 @@ class Layout:
 def _check_sizes(**sizes: int | None) -> None:
     for name, value in sizes.items():
         if value is not None and value < 0:
-            raise LayoutError(f"--{name} must not be negative (got {value})", hint="give a size >= 0")
+            raise LayoutError(f"{{{name}}} must not be negative (got {value})", hint="give a size >= 0", fields=(name,))
         if value == 0 and name in ("block", "cycles"):
-            raise LayoutError(f"--{name} must be at least 1", hint="a shared block needs one layer and one cycle")
+            raise LayoutError(f"{{{name}}} must be at least 1", hint="a shared block needs one layer and one cycle",
+                              fields=(name,))

@@ -43,7 +43,7 @@ from .attention import register as register_attention
 from .exits import TokenExits
 from .layout import Layout
 from .relax import PositionDeltas, Relaxation
-from .signals import NEVER, SIGNALS
+from .signals import NEVER, SIGNALS, ExitPolicy
 
 
 class ZTTConfig(PreTrainedConfig):
@@ -291,6 +291,9 @@ class ZTTPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+PARAMETER_ROLES = ("block", "unshared", "pool", "gates", "relax", "other")  # see parameter_groups()
+
+
 class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZTTConfig, source: PreTrainedModel | None = None):
         """Build from ``config`` alone (random weights, filled by ``from_pretrained``), or around a
@@ -313,7 +316,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             setattr(source.config, name, list(getattr(text_config, name)))
         source.config._attn_implementation = ATTENTION_NAMES[impl]
         self.inner = source
-        self._family = family
+        self.family = family  # the source family's conventions (architecture.py): its layer list, attention
         self.layers = nn.ModuleList(unique)
         n_heads = text_config.num_attention_heads
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
@@ -329,6 +332,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         block = list(self.layers[layout.head : layout.head + layout.block])
         self.relax = Relaxation(block, layout.cycles, config.relax_rank) if config.relax_rank > 0 else None
         self._record = _ForwardRecord()
+        self._exit_policy: ExitPolicy | None = None  # set by exiting(); None: the checkpoint's
         self.exit_stats = ExitStats(layout.cycles)
         slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots(config.grown)]
         family.set_layer_list(self.inner, nn.ModuleList(slots))
@@ -357,15 +361,31 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         finally:
             self._record.pool_on = before
 
+    @property
+    def exit_policy(self) -> ExitPolicy:
+        """The exit policy in force: the one :meth:`exiting` set, else the checkpoint's (config.json)."""
+        return self._exit_policy or ExitPolicy.for_checkpoint(self.config)
+
+    @contextlib.contextmanager
+    def exiting(self, policy: ExitPolicy):
+        """Run with ``policy`` (signal and threshold) instead of the checkpoint's, for every call in
+        the block (``generate()``, wrappers that call the model): the config is left as it is."""
+        before, self._exit_policy = self._exit_policy, policy
+        try:
+            yield self
+        finally:
+            self._exit_policy = before
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, exit_after: int | None = None,
-                exit_map: torch.Tensor | None = None, exit_threshold: float | None = None,
-                output_zero_attention: bool = True, **kwargs) -> ZTTCausalLMOutput:
+                exit_map: torch.Tensor | None = None, exit_policy: ExitPolicy | None = None,
+                exit_threshold: float | None = None, output_zero_attention: bool = True, **kwargs) -> ZTTCausalLMOutput:
         """``exit_after=c`` runs cycles 1..c only, then the tail (the exit after cycle c, for every token;
         without a KV cache).
 
-        Per-token early exit is on when the threshold (``exit_threshold``, default the config's) is
-        at most 1: after cycle c < C a token whose exit signal is at or above it skips the remaining
+        Per-token early exit follows the exit policy: ``exit_policy`` if given, else the one in force
+        (:attr:`exit_policy`); ``exit_threshold`` replaces its threshold. It is on when the threshold
+        is at most 1: after cycle c < C a token whose exit signal is at or above it skips the remaining
         cycles. ``exit_map`` [batch, tokens] replays given decisions instead (the cycle each token
         exits after; C = full depth). ``exit_cycles`` in the output says what happened.
 
@@ -377,16 +397,15 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             raise ValueError("exit_after is for uncached passes (training and scoring)")
         self._record.zero = {}
         self._record.exit_after = exit_after
-        threshold = self.config.exit_threshold if exit_threshold is None else exit_threshold
+        policy = (exit_policy or self.exit_policy).with_threshold(exit_threshold)
         self._record.exits = None
-        if exit_after is None and self.config.cycles > 1 and (exit_map is not None or threshold <= 1):
-            if SIGNALS[self.config.exit_signal].needs_pool and (self.pool is None or not self._record.pool_on):
-                raise ValueError(f"the {self.config.exit_signal} exit signal needs a zero-token pool; use 'saturation'")
+        if exit_after is None and self.config.cycles > 1 and (exit_map is not None or policy.active):
+            policy.check(self.pool is not None and self._record.pool_on, exits=True)
             if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
                 cache = DynamicCache(config=self.inner.config)
-            self._record.exits = TokenExits(self.config.cycles, self.config.block, threshold,
-                                            SIGNALS[self.config.exit_signal].score, exit_map, self._record.zero, cache)
-        self._record.zero_cycles = self._zero_read(output_zero_attention)
+            self._record.exits = TokenExits(self.config.cycles, self.config.block, policy.threshold,
+                                            SIGNALS[policy.signal].score, exit_map, self._record.zero, cache)
+        self._record.zero_cycles = self._zero_read(output_zero_attention, policy)
         out = self.inner(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -418,27 +437,38 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             exit_signals=exit_signals,
         )
 
-    def _zero_read(self, output_zero_attention: bool) -> int:
+    def _zero_read(self, output_zero_attention: bool, policy: ExitPolicy) -> int:
         """The cycles whose zero attention this pass reads: all when it is returned; with exits on and
         a signal that reads it, the cycles after which tokens may exit (1..C-1); otherwise none."""
         if output_zero_attention:
             return self.config.cycles
         exits = self._record.exits
-        return self.config.cycles - 1 if exits is not None and SIGNALS[self.config.exit_signal].needs_pool else 0
+        return self.config.cycles - 1 if exits is not None and SIGNALS[policy.signal].needs_pool else 0
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         inputs.setdefault("output_zero_attention", False)
         return inputs
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter once, by role, each group in ``parameters()`` order: ``block`` (the shared
+        block's layers), ``unshared`` (the head's and tail's layers), ``pool``, ``gates``, ``relax``
+        (the per-cycle deltas) and ``other`` (embeddings, final norm, lm_head)."""
+        lay = self.config.layout
+        block = self.layers[lay.head : lay.head + lay.block]
+        roles = {id(p): role for role, module in (("unshared", self.layers), ("block", block), ("pool", self.pool),
+                                                  ("gates", self.gates), ("relax", self.relax))
+                 if module is not None for p in module.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {r: [] for r in PARAMETER_ROLES}
+        for p in self.parameters():
+            groups[roles.get(id(p), "other")].append(p)
+        return groups
+
     def parameter_counts(self) -> dict[str, int]:
-        layers = sum(p.numel() for p in self.layers.parameters())
-        pool = sum(p.numel() for p in self.pool.parameters()) if self.pool is not None else 0
-        gates = self.gates.weight.numel() if self.gates is not None else 0
-        relax = sum(p.numel() for p in self.relax.parameters()) if self.relax is not None else 0
-        total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "layers": layers, "pool": pool, "gates": gates, "relax": relax,
-                "other": total - layers - pool - gates - relax}
+        """Parameters by role (:meth:`parameter_groups`), the unique layers together as ``layers``."""
+        n = {role: sum(p.numel() for p in params) for role, params in self.parameter_groups().items()}
+        counts = {"total": sum(n.values()), "layers": n["block"] + n["unshared"]}
+        return {**counts, **{role: n[role] for role in ("pool", "gates", "relax", "other")}}
 
 
 def register() -> None:

@@ -3,12 +3,17 @@
 An exit signal is one registered function of the forward pass's state (``TokenExits``: the
 zero attention recorded per cycle and layer, each cycle's input and output hidden states)
 that scores every token after a cycle; higher means exit sooner. The registry says what a
-signal needs (``needs_pool``), and the options' signal choices come from it. This module
-imports no torch, so the command line can list the signals without it."""
+signal needs (``needs_pool``) and whether the exit objective can train it (``differentiable``),
+and the options' signal choices come from it. This module imports no torch, so the command line
+can list the signals without it.
+
+The exit policy (signal and threshold) a model runs with is passed to it (``forward(...,
+exit_policy=...)``, or for a span of calls ``with model.exiting(policy):``); its ``config.json``
+holds the default, which only a saved checkpoint changes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import ZTTError
@@ -28,24 +33,29 @@ class ExitSignal:
     name: str
     score: Callable[[TokenExits, int], Tensor]
     needs_pool: bool = False  # computed from the zero-token pool
+    differentiable: bool = False  # gradients flow through its score: the exit objective can train it
 
 
 SIGNALS: dict[str, ExitSignal] = {}
 
 
-def signal(name: str, needs_pool: bool = False):
+def signal(name: str, needs_pool: bool = False, differentiable: bool = False):
     """Register an exit signal, a function of the forward pass's state (``TokenExits``): its
     recorded zero attention, each cycle's input and output hidden states."""
 
     def register(fn):
-        SIGNALS[name] = ExitSignal(name, fn, needs_pool)
+        SIGNALS[name] = ExitSignal(name, fn, needs_pool, differentiable)
         return fn
 
     return register
 
 
-class ExitPolicyError(ZTTError):
-    """The exit signal cannot run on this checkpoint."""
+class ExitPolicyError(ZTTError, ValueError):
+    """The exit signal cannot run on this checkpoint (a ``ValueError`` too: a forward pass asked for it)."""
+
+
+# what lets a policy run without the pool, by the option (field) that asks for it
+WITHOUT_POOL = {"signal": "{signal} saturation", "full_depth": "{full_depth}"}
 
 
 @dataclass(frozen=True)
@@ -61,20 +71,32 @@ class ExitPolicy:
         return self.threshold <= 1
 
     @classmethod
-    def resolve(cls, config, threshold: float | None = None, full_depth: bool = False,
-                signal: str | None = None) -> ExitPolicy:
-        """The checkpoint's policy (config.json), with what the user asked for on top."""
+    def for_checkpoint(cls, config, threshold: float | None = None, full_depth: bool = False,
+                       signal: str | None = None) -> ExitPolicy:
+        """The policy to run a checkpoint with: its saved default (``config``: ``exit_signal``,
+        ``exit_threshold``) with what the user asked for on top."""
         chosen = NEVER if full_depth else threshold if threshold is not None else config.exit_threshold
         return cls(signal or config.exit_signal, chosen)
 
-    def check(self, has_pool: bool, hint: str = "use --signal saturation or --full-depth") -> None:
-        """Refuse a signal that needs the zero-token pool on a checkpoint without one."""
-        if SIGNALS[self.signal].needs_pool and not has_pool and self.active:
-            raise ExitPolicyError(f"this checkpoint has no zero-token pool, which the {self.signal} exit signal needs",
-                                  hint=hint)
+    def with_threshold(self, threshold: float | None) -> ExitPolicy:
+        """This policy at ``threshold`` (None: as it is)."""
+        return self if threshold is None or threshold == self.threshold else replace(self, threshold=threshold)
+
+    def check(self, has_pool: bool, remedies: tuple[str, ...] = ("signal", "full_depth"),
+              exits: bool | None = None) -> None:
+        """Refuse a signal that needs the zero-token pool on a model that runs without one, when the
+        signal is computed (``exits``; default: when tokens may exit). The hint offers ``remedies``,
+        the options that would let it run (keys of ``WITHOUT_POOL``)."""
+        if SIGNALS[self.signal].needs_pool and not has_pool and (self.active if exits is None else exits):
+            raise ExitPolicyError(
+                f"the {self.signal} exit signal needs a zero-token pool: this model runs with no zero-token pool",
+                hint="use " + " or ".join(WITHOUT_POOL[r] for r in remedies), fields=remedies)
 
 
-@signal("zero-attention", needs_pool=True)
+FULL_DEPTH = ExitPolicy()  # never exits: its signal is never computed
+
+
+@signal("zero-attention", needs_pool=True, differentiable=True)
 def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
     """The method's signal: the zero token's attention, mean over heads and the block's layers."""
     import torch  # not at the top: the command line lists the signals without torch
@@ -83,7 +105,7 @@ def zero_attention(exits: TokenExits, cycle: int) -> Tensor:
     return p0.mean(dim=(0, 2))
 
 
-@signal("saturation")
+@signal("saturation", differentiable=True)
 def saturation(exits: TokenExits, cycle: int) -> Tensor:
     """Cosine of a cycle's output and input hidden states: near 1 when the cycle changed little."""
     before, after = exits.cycle_input[cycle].float(), exits.cycle_output[cycle].float()

@@ -1,6 +1,6 @@
 """A ztt model as a plain model of its source family: every unrolled position a layer of its own.
 
-A one-cycle model without pool, gates or deltas (what ``--drop`` makes) already is its family's
+A one-cycle model without pool, gates or deltas (what a layer drop makes) already is its family's
 model with fewer layers. A cycled model is unrolled: the shared weights are written once per
 position, the zero token and the exit are left out, per-cycle relaxation deltas are merged into
 the weights, and positions whose residual gate is exactly 0 are dropped. A gate strictly between
@@ -33,7 +33,7 @@ def plain_positions(model) -> list[Slot]:
             raise NotPlainError(
                 f"the residual gate of cycle {slot.cycle}, block layer {slot.position} is {g:.4g}: a layer "
                 "scaled between skipped (0) and run (1) is no plain layer",
-                hint="export it with --format hf or remote-code",
+                hint="export it with {format} hf or remote-code", fields=("format",),
             )
         if g == 1.0:
             kept.append(slot)
@@ -57,13 +57,14 @@ def to_plain(model) -> PreTrainedModel:
     slots = plain_positions(model)
     config = remap_layers(model.config.text_config, [slot.index for slot in slots])
     plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    prefix = model._family.layers + "."
+    prefix = model.family.layers + "."
     state = {k: v for k, v in model.inner.state_dict().items() if not k.startswith(prefix)}
     for i, slot in enumerate(slots):
         state.update({f"{prefix}{i}.{k}": v for k, v in position_state(model, slot).items()})
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:  # a family whose layers hold more than their state dict says
         raise NotPlainError(f"the unrolled weights do not fit the family's own model (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})", hint="export it with --format hf or remote-code")
+                            f"unexpected {unexpected[:3]})", hint="export it with {format} hf or remote-code",
+                            fields=("format",))
     plain.generation_config = model.generation_config
     return plain.eval()

@@ -115,7 +115,7 @@ def score_exits(model, windows: torch.Tensor, threshold: float | None = None, re
                 batch_size: int = 4) -> ExitScore:
     """Perplexity, layers run and (given ``reference``, the greedy tokens of another model or of
     full depth, shaped like ``windows``) greedy agreement, with per-token exits at ``threshold``
-    (default: the checkpoint's)."""
+    (default: the exit policy's in force, see ``model.exiting``)."""
     lay = model.config.layout
     loss, agree, layers = 0.0, 0, 0.0
     for i, ids in enumerate(windows.to(model.device).split(batch_size)):
@@ -213,7 +213,8 @@ def _confirm_wall(model, prompts, row: Candidate, opts) -> None:
 
 
 def _load(opts: CalibrateOptions, folder: Path):
-    """The model on its device with the exit policy to calibrate, checked against the target."""
+    """The model on its device and the exit policy to calibrate (its signal; at full depth until a
+    threshold is given), checked against the target."""
     device = resolve_device(opts.device)
     model = load_checkpoint(folder).eval().to(device)
     lay = model.config.layout
@@ -224,10 +225,9 @@ def _load(opts: CalibrateOptions, folder: Path):
         raise CalibrationError(
             f"target {opts.target_speedup:.2f}× is above this layout's bound of {lay.speedup_bound:.2f}× "
             f"({lay}: exiting after cycle 1 everywhere)", hint="choose a lower --target-speedup")
-    policy = ExitPolicy(opts.signal or model.config.exit_signal, threshold=0.0)  # calibration exits by design
-    policy.check(model.pool is not None, hint="use --signal saturation")
-    model.config.exit_signal = policy.signal
-    return model, device
+    policy = ExitPolicy(opts.signal or model.config.exit_signal)
+    policy.check(model.pool is not None, remedies=("signal",), exits=True)  # calibration exits by design
+    return model, device, policy
 
 
 def _measure(model, device, opts: CalibrateOptions, folder: Path,
@@ -253,7 +253,7 @@ def _measure(model, device, opts: CalibrateOptions, folder: Path,
     progress(Event.status("timing batch-1 greedy decoding"))
     prompts = _prompts(windows, opts, device)
     _screen_wall(model, prompts, rows, opts)
-    return CalibrationReport(opts.target_speedup, opts.speedup_metric, model.config.exit_signal, describe(device),
+    return CalibrationReport(opts.target_speedup, opts.speedup_metric, model.exit_policy.signal, describe(device),
                              opts.max_quality_loss, base, model.config.layout.speedup_bound, correlation, rows), prompts
 
 
@@ -301,11 +301,12 @@ def _write(folder: Path, name: str, report: CalibrationReport, opts: CalibrateOp
 
 
 def _calibrate_in(folder: Path, name: str, opts: CalibrateOptions, progress: Progress) -> CalibrationReport:
-    model, device = _load(opts, folder)
-    report, prompts = _measure(model, device, opts, folder, progress)
-    report.chosen = _choose(report, opts)
-    progress(Event.status("timing the chosen threshold against full depth"))
-    _confirm_wall(model, prompts, report.chosen, opts)
+    model, device, policy = _load(opts, folder)
+    with model.exiting(policy):  # each measurement gives its threshold
+        report, prompts = _measure(model, device, opts, folder, progress)
+        report.chosen = _choose(report, opts)
+        progress(Event.status("timing the chosen threshold against full depth"))
+        _confirm_wall(model, prompts, report.chosen, opts)
     _write(folder, name, report, opts)
     report.written_to = folder
     return report

@@ -131,7 +131,7 @@ def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
     if opts.drop is None:
-        layout = Layout.resolve(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
+        layout = Layout.for_source(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
         if opts.relax_rank and layout.cycles == 1:
             raise LayoutError("--relax-rank relaxes a shared block, and this layout has one cycle: nothing is shared",
                               hint="give --cycles 2 or more, or leave out --relax-rank")

@@ -400,16 +400,16 @@ def evaluate(opts: EvalOptions, progress: Progress = silent) -> EvalReport:
     device = resolve_device(opts.device)
     model = load_checkpoint(opts.checkpoint).eval().to(device)  # one clear error for a missing or foreign folder
     tasks, source_ref = _check(opts, progress)
-    policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
-    policy.check(model.pool is not None, hint="use --full-depth")
-    model.config.exit_threshold = policy.threshold
+    policy = ExitPolicy.for_checkpoint(model.config, opts.threshold, opts.full_depth)
+    policy.check(model.pool is not None, remedies=("full_depth",))
     lm_class = _metered_lm_class()
     lm = lm_class(pretrained=model, tokenizer=sources.load_tokenizer(opts.checkpoint),
                   batch_size=opts.batch_size, max_length=opts.max_length)
     lay = model.config.layout
+    with model.exiting(policy):  # lm-eval calls the model itself
+        scores = _score_tasks(lm, tasks, opts, "ztt", progress, layout=lay)
     report = EvalReport(str(opts.checkpoint), now(), lm_eval.__version__, versions(), str(model.device),
-                        policy.threshold, policy.signal, str(lay), opts.model_dump(mode="json"),
-                        _score_tasks(lm, tasks, opts, "ztt", progress, layout=lay))
+                        policy.threshold, policy.signal, str(lay), opts.model_dump(mode="json"), scores)
     del model, lm
     if source_ref is not None:
         _compare(report, lm_class, tasks, opts, source_ref, device, progress)

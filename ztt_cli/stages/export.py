@@ -26,7 +26,7 @@ from ..io import sources
 from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, parse_size, torch_dtype, write_json
 from ..io.provenance import PROVENANCE, Card, CardSection, append_stage, read_provenance, write_model_card
 from ..io.texts import calibration_text, token_windows
-from ..model.signals import NEVER
+from ..model.signals import FULL_DEPTH
 from ..model.unroll import NotPlainError, to_plain
 from ..options import ExportOptions
 from ..training.quality import perplexity
@@ -86,6 +86,19 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
 
 
+def _check_reproduces(model, plain, ids: torch.Tensor) -> None:
+    """Refuse (nothing written) a plain model whose logits differ from ``model``'s with its pool off."""
+    with model.pool_disabled():
+        ref = model(input_ids=ids.to(model.device)).logits.float()
+    got = plain(input_ids=ids.to(plain.device)).logits.float()
+    tol = 1e-3 if model.dtype == torch.float32 else 3e-2  # merged deltas round differently in half precision
+    if not torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())):
+        raise NotPlainError(f"the unrolled model does not reproduce this checkpoint with its pool off (logits "
+                            f"differ by up to {float((got - ref).abs().max()):.3g})", fields=("format",),
+                            hint="a layer attribute derived from its index differs; "
+                                 "export with {format} hf or remote-code")
+
+
 @torch.no_grad()
 def unroll(model, tokenizer, progress: Progress) -> tuple[torch.nn.Module, dict]:
     """The plain model and what it costs against ``model`` at full depth; refused (nothing written)
@@ -94,17 +107,11 @@ def unroll(model, tokenizer, progress: Progress) -> tuple[torch.nn.Module, dict]
     plain = to_plain(model)
     window = min(PLAIN_WINDOW, getattr(plain.config, "max_position_embeddings", None) or PLAIN_WINDOW)
     windows = token_windows(tokenizer, calibration_text(), PLAIN_WINDOWS, window)
-    model.config.exit_threshold = NEVER  # this copy only: the plain model has no exit
-    with model.pool_disabled():
-        ref = model(input_ids=windows[:1].to(model.device)).logits.float()
-    got = plain(input_ids=windows[:1].to(plain.device)).logits.float()
-    tol = 1e-3 if model.dtype == torch.float32 else 3e-2  # merged deltas round differently in half precision
-    if not torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())):
-        raise NotPlainError(f"the unrolled model does not reproduce this checkpoint with its pool off (logits differ by "
-                            f"up to {float((got - ref).abs().max()):.3g})",
-                            hint="a layer attribute derived from its index differs; export with --format hf or remote-code")
-    progress(Event.status("measuring perplexity with and without the zero token"))
-    before, after = perplexity(model, windows), perplexity(plain, windows)
+    with model.exiting(FULL_DEPTH):  # the plain model has no exit
+        _check_reproduces(model, plain, windows[:1])
+        progress(Event.status("measuring perplexity with and without the zero token"))
+        before = perplexity(model, windows)
+    after = perplexity(plain, windows)
     n_before, n_after = model.parameter_counts()["total"], sum(p.numel() for p in plain.parameters())
     cost = {"layers": plain.config.num_hidden_layers, "parameters_before": n_before, "parameters_after": n_after,
             "perplexity_before": before, "perplexity_after": after}

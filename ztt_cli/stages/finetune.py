@@ -119,32 +119,27 @@ def _distils(opts: FinetuneOptions) -> bool:
     return not (opts.no_teacher or opts.kd_weight == 0)
 
 
+# the roles (``ZTTForCausalLM.parameter_groups``) whose weights each --trainable choice trains
+TRAINED_WEIGHTS = {"all": ("block", "unshared", "other"), "block": ("block",), "block+pool": ("block",)}
+
+
 def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
-    """The trained parameters by optimizer group (weights, pool, gates, relax); everything else is
-    frozen. A grown model's residual gates and a relaxed model's deltas train with the block
-    (``all``, ``block``, ``block+pool``)."""
-    lay = model.config.layout
-    block = {id(p) for layer in model.layers[lay.head : lay.head + lay.block] for p in layer.parameters()}
-    pool = list(model.pool.parameters()) if model.pool is not None else []
-    gates = list(model.gates.parameters()) if model.gates is not None else []
-    relax = list(model.relax.parameters()) if model.relax is not None else []
-    own = {id(p) for p in pool + gates + relax}
-    weights = []
-    for p in model.parameters():
-        if id(p) in own:
-            continue
-        train = what == "all" or (what in ("block", "block+pool") and id(p) in block)
-        p.requires_grad_(train)
-        if train:
-            weights.append(p)
+    """The trained parameters by optimizer group (weights, pool, gates, relax), each in the model's
+    parameter order; everything else is frozen. A grown model's residual gates and a relaxed model's
+    deltas train with the block (``all``, ``block``, ``block+pool``)."""
+    groups = model.parameter_groups()
+    if what in ("pool", "block+pool") and not groups["pool"]:
+        raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none",
+                       hint="choose --trainable all or block")
+    role = {id(p): name for name, params in groups.items() for p in params}
     train_pool, train_gates = what in ("all", "block+pool", "pool"), what in ("all", "block", "block+pool")
-    for params, train in ((pool, train_pool), (gates + relax, train_gates)):
-        for p in params:
-            p.requires_grad_(train)
-    if what in ("pool", "block+pool") and not pool:
-        raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none", hint="choose --trainable all or block")
-    return {"weights": weights, "pool": pool if train_pool else [], "gates": gates if train_gates else [],
-            "relax": relax if train_gates else []}
+    trained = {"weights": [p for p in model.parameters() if role[id(p)] in TRAINED_WEIGHTS.get(what, ())],
+               "pool": groups["pool"] if train_pool else [], "gates": groups["gates"] if train_gates else [],
+               "relax": groups["relax"] if train_gates else []}
+    ids = {id(p) for params in trained.values() for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return trained
 
 
 def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[list[dict], list[dict]]:
@@ -291,6 +286,8 @@ class HealingRun:
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.objective = HealingObjective.from_options(self.model, opts, distill=self.teacher is not None)
+        for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
+            self.progress(Event.note(note))
         if ddp.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None

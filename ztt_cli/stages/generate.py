@@ -36,14 +36,13 @@ def stream(opts: GenerateOptions, progress: Progress = silent) -> Iterator[Piece
     progress(Event.status(f"loading {opts.checkpoint}"))
     model = load_checkpoint(opts.checkpoint).eval()
     tokenizer = sources.load_tokenizer(opts.checkpoint)
-    policy = ExitPolicy.resolve(model.config, opts.threshold, opts.full_depth)
-    policy.check(model.pool is not None, hint="use --full-depth")
-    threshold = policy.threshold
+    policy = ExitPolicy.for_checkpoint(model.config, opts.threshold, opts.full_depth)
+    policy.check(model.pool is not None, remedies=("full_depth",))
     ids = tokenizer(prompt_text(opts), return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise ZTTError("the prompt is empty after tokenisation", hint="give some text")
     generator = torch.Generator().manual_seed(opts.seed)
-    out = model(ids, use_cache=True, exit_threshold=threshold)
+    out = model(ids, use_cache=True, exit_policy=policy)
     generated: list[int] = []
     shown = ""
     for _ in range(opts.max_new_tokens):
@@ -61,4 +60,4 @@ def stream(opts: GenerateOptions, progress: Progress = silent) -> Iterator[Piece
         shown = text
         if token == tokenizer.eos_token_id:
             break
-        out = model(nxt[None], cache=out.cache, use_cache=True, exit_threshold=threshold)
+        out = model(nxt[None], cache=out.cache, use_cache=True, exit_policy=policy)

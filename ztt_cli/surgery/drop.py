@@ -36,16 +36,19 @@ def block_influence(model, family, windows: torch.Tensor) -> list[float]:
     return [1 - s / count for s in sums]
 
 
-def dropped_layers(n_layers: int, n_drop: int, select: str, tail: int | None, influence: list[float] | None) -> list[int]:
+def dropped_layers(n_layers: int, n_drop: int, select: str, tail: int | None,
+                   influence: list[float] | None) -> list[int]:
+    """The ``n_drop`` layers a drop removes: those of least block influence, or (``contiguous``) the
+    run just below a tail of ``tail`` layers (default a third)."""
     if not 1 <= n_drop <= n_layers - 2:
-        raise LayoutError(f"--drop {n_drop} must leave at least 2 of the source's {n_layers} layers",
-                          hint=f"choose --drop between 1 and {n_layers - 2}")
+        raise LayoutError(f"{{drop}} {n_drop} must leave at least 2 of the source's {n_layers} layers",
+                          hint=f"choose {{drop}} between 1 and {n_layers - 2}", fields=("drop",))
     if select == "contiguous":
         tail = n_layers // 3 if tail is None else tail
         start = n_layers - tail - n_drop
         if start < 0:
-            raise LayoutError(f"--drop {n_drop} contiguous layers below a tail of {tail} do not fit in {n_layers} layers",
-                              hint="choose a smaller --drop or --tail")
+            raise LayoutError(f"{{drop}} {n_drop} contiguous layers below a tail of {tail} do not fit in {n_layers} "
+                              "layers", hint="choose a smaller {drop} or {tail}", fields=("drop", "tail"))
         return list(range(start, start + n_drop))
     return sorted(sorted(range(n_layers), key=lambda i: influence[i])[:n_drop])
 

@@ -24,6 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.signals import SIGNALS
+
+ZERO_ATTENTION = "zero-attention"  # the method's exit signal: the zero token's attention p0
+
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``, in float32.
@@ -168,6 +172,14 @@ class Term:
         """Whether the term means anything for this model (e.g. it has more than one cycle)."""
         return True
 
+    def full_inputs(self, model, ids: torch.Tensor) -> dict:
+        """What the term needs the full-depth pass to be given (e.g. an exit map that records signals)."""
+        return {}
+
+    def note(self, model) -> str | None:
+        """A line worth showing before healing about what the term does on this model (None: nothing)."""
+        return None
+
     def value(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -196,8 +208,14 @@ class ExitAware(Term):
 
 @register
 class ExitObjective(Term):
-    """After each cycle c < C, the mean zero attention over the block's layers against
-    exp(-KL(exit after c || full)), averaged over the exits (see :func:`exit_objective`)."""
+    """After each cycle c < C, the exit signal the model exits by (its exit policy's) against
+    exp(-KL(exit after c || full)), averaged over the exits (see :func:`exit_objective`).
+
+    For the method's signal, ``zero-attention``, that is the mean zero attention p0 over the
+    block's layers. Another signal is trained as it is when it is differentiable (``differentiable``
+    in the signal registry; its scores come from a full-depth replay of the full pass); one that is
+    not cannot be trained, and the objective then trains p0 only, a signal the model does not exit
+    by: :meth:`note` says so, and the healing run shows that line."""
 
     weight_option = "exit_objective_weight"
     metric = "exit_objective"
@@ -210,13 +228,39 @@ class ExitObjective(Term):
     def from_options(cls, opts) -> Term:
         return cls(opts.exit_objective_weight, opts.exit_objective)
 
+    @staticmethod
+    def trained_signal(model) -> str:
+        """The signal trained: the model's own where it is differentiable, else zero-attention (p0)."""
+        name = model.exit_policy.signal
+        return name if SIGNALS[name].differentiable else ZERO_ATTENTION
+
+    def note(self, model) -> str | None:
+        name = model.exit_policy.signal
+        if self.trained_signal(model) == name:
+            return None
+        return (f"the exit objective trains the zero attention (p0) only: the model's exit signal, {name}, is not "
+                "differentiable")
+
+    def full_inputs(self, model, ids: torch.Tensor) -> dict:
+        """A signal other than zero-attention is read from a full-depth replay (every token exits after cycle C)."""
+        if self.trained_signal(model) == ZERO_ATTENTION or model.config.cycles < 2:
+            return {}
+        return {"exit_map": torch.full(ids.shape, model.config.cycles, device=ids.device), "use_cache": False}
+
     def applies(self, batch: Batch) -> bool:
-        return len(batch.exit_weights()) > 0 and batch.full.zero_attention is not None
+        full = batch.full
+        read = full.zero_attention if self.trained_signal(batch.model) == ZERO_ATTENTION else full.exit_signals
+        return len(batch.exit_weights()) > 0 and read is not None
 
     def value(self, batch: Batch) -> torch.Tensor:
+        zero = self.trained_signal(batch.model) == ZERO_ATTENTION
+
         def at(c: int) -> torch.Tensor:
             target = exit_target(batch.exited(c).logits, batch.full.logits)
-            signal = batch.full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
+            if zero:
+                signal = batch.full.zero_attention[:, c - 1].mean(1)  # mean over block layers: [B, T]
+            else:
+                signal = batch.full.exit_signals[:, c - 1]
             return exit_objective(signal, target, self.form)
 
         return batch.over_exits(at)
@@ -239,8 +283,13 @@ class HealingObjective(nn.Module):
         terms = [term.from_options(opts) for term in TERMS if getattr(opts, term.weight_option) > 0]
         return cls(model, task, terms)
 
+    def notes(self) -> list[str]:
+        """What the terms say about themselves on this model (see :meth:`Term.note`)."""
+        return [note for term in self.terms if (note := term.note(self.model)) is not None]
+
     def forward(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        full = self.model(input_ids=ids)
+        inputs = {k: v for term in self.terms for k, v in term.full_inputs(self.model, ids).items()}
+        full = self.model(input_ids=ids, **inputs)
         loss, ce, kd = self.task(full.logits, ids, teacher_logits)
         metrics = {"ce": ce} if kd is None else {"ce": ce, "kd": kd}
         batch = Batch(self.model, ids, teacher_logits, self.task, full)

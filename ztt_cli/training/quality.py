@@ -32,7 +32,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def signals_and_targets(model, windows: torch.Tensor, batch_size: int = 4):
-    """Per cycle c < C, for every token: the model's exit signal (config ``exit_signal``, from a
+    """Per cycle c < C, for every token: the model's exit signal (its exit policy's, from a
     full-depth replay) and exp(-KL(exit after c || full depth)), the cost of exiting there.
 
     Returns ({c: signals}, {c: targets}, full-depth logits per batch)."""

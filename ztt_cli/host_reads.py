@@ -3,7 +3,7 @@
 On an accelerator each such read waits for every queued kernel (a synchronisation); on the CPU
 it costs nothing, but it is the same place in the code, so counting on the CPU says what a GPU
 will pay. Used by the tests (decoding with early exit reads at most once per step) and by
-``bench/overhead.py``."""
+``bench/overhead.py``; not model code, so a remote-code export does not ship it."""
 
 from __future__ import annotations
 
