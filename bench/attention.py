@@ -83,7 +83,8 @@ def backends(device: str) -> list[dict]:
         backend = getattr(SDPBackend, name, None)
         if backend is None:
             continue
-        for label, q_len, kv_len, grad in (("prefill, training", 512, 512, True), ("prefill, inference", 512, 512, False),
+        for label, q_len, kv_len, grad in (("prefill, training", 512, 512, True),
+                                           ("prefill, inference", 512, 512, False),
                                            ("decode, inference", 1, 512, False)):
             q, k, v, z, b = (t.detach().to(device, dtype).requires_grad_(grad) for t in inputs(1, kv_len, False))
             q = q[:, :, -q_len:].detach().requires_grad_(grad)
@@ -116,10 +117,12 @@ def main() -> None:
     print(f"{'batch':>5} {'seq':>5} {'pass':>16} {'plain ms':>9} {'ztt ms':>9} {'ratio':>6}")
     for batch in (1, 8):
         for seq in (128, 512, 2048):
-            for label, pair in (("forward", (plain_forward, ztt_forward)), ("forward+backward", (plain_backward, ztt_backward))):
+            for label, pair in (("forward", (plain_forward, ztt_forward)),
+                                ("forward+backward", (plain_backward, ztt_backward))):
                 t = measure(pair, batch, seq, args.reps)
                 plain, ztt = t[pair[0].__name__], t[pair[1].__name__]
-                rows.append({"batch": batch, "seq": seq, "pass": label, "plain_s": plain, "ztt_s": ztt, "ratio": ztt / plain})
+                rows.append({"batch": batch, "seq": seq, "pass": label, "plain_s": plain, "ztt_s": ztt,
+                             "ratio": ztt / plain})
                 print(f"{batch:>5} {seq:>5} {label:>16} {plain * 1e3:9.2f} {ztt * 1e3:9.2f} {ztt / plain:6.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -217,7 +217,8 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
         return
     healed = Path(state.get("variants", ee["variant"], "checkpoint"))
     runs = [("full depth", NEVER)]
-    targets = [(t, "wall") for t in ee.get("calibrate_wall", [])] + [(t, "compute") for t in ee.get("calibrate_compute", [])]
+    targets = ([(t, "wall") for t in ee.get("calibrate_wall", [])]
+               + [(t, "compute") for t in ee.get("calibrate_compute", [])])
     for target, metric in targets:
         label = f"calibrated {target}× {metric}"
         found = state.get("early_exit", label, "threshold")
@@ -285,7 +286,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", type=Path, nargs="?", help="comparison YAML (not needed with --render)")
     ap.add_argument("--readme", type=Path, metavar="MARKDOWN",
-                    help="replace the <!-- compare:PROFILE --> block of this file (docs/results.md) with the table and plot")
+                    help="replace the <!-- compare:PROFILE --> block of this file (docs/results.md) "
+                         "with the table and plot")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for compare-PROFILE.{json,md,png}")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rebuild the table, plot and --readme block from this results file (no model, no GPU)")
@@ -348,7 +350,8 @@ def markdown(r: dict) -> str:
     tokens = next((v["heal"]["tokens"] for v in r["variants"].values() if "heal" in v), 0)
     lines = [
         f"Profile **{r['profile']}** on {r['meta']['device']}, {r['meta']['machine']}, torch {r['meta']['torch']}, "
-        f"{r['meta']['date']}. Source `{cfg['source']}`; healing: `{h['data']}`, {h['steps']} steps × {h['batch_size']} × "
+        f"{r['meta']['date']}. Source `{cfg['source']}`; healing: `{h['data']}`, "
+        f"{h['steps']} steps × {h['batch_size']} × "
         f"{h['seq_len']} tokens = {tokens:,} tokens per variant, lr {h['lr']}, seed {h['seed']}, teacher = the source. "
         f"Docutils-16: {r['corpora']['docutils']}.",
         "",
@@ -372,7 +375,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"Partial run: not yet measured: {', '.join(missing)}."]
     if r.get("early_exit"):
         lines += ["", f"Early exit on **{cfg['early_exit']['variant']}** (per-token, zero-attention signal):", "",
-                  "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement | decode tok/s b1 / b8 |",
+                  "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement "
+                  "| decode tok/s b1 / b8 |",
                   "|---|---|---|---|---|---|---|---|"]
         rows = sorted(r["early_exit"].items(), key=lambda kv: (kv[0] != "full depth", kv[0].startswith("fixed")))
         for label, e in rows:
@@ -406,7 +410,8 @@ def plot(r: dict, path: Path) -> None:
 
     # layers run per token against the source's depth: dropping layers and exiting early on one axis
     depth = {n: Layout.parse(v["layout"]).depth for n, v in variants.items()}
-    source_depth = r.get("source_layers") or max(depth[n] for n, v in variants.items() if v["unique_layers"] == depth[n])
+    source_depth = r.get("source_layers") or max(depth[n] for n, v in variants.items()
+                                                  if v["unique_layers"] == depth[n])
     points: dict[tuple, list[str]] = {}
     for n, v in variants.items():
         if n == "source":

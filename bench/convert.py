@@ -64,7 +64,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"checkpoint {size / 1e9:.2f} GB → ztt {out_size / 1e9:.2f} GB")
-    print(f"wall {wall:.1f} s (target < 20 s), peak RSS {peak / 1e9:.2f} GB = {peak / size:.2f}× checkpoint (target < 2.5×)")
+    print(f"wall {wall:.1f} s (target < 20 s), peak RSS {peak / 1e9:.2f} GB = "
+          f"{peak / size:.2f}× checkpoint (target < 2.5×)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

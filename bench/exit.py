@@ -4,7 +4,8 @@ calibration's wall-clock figure holds on text it was not calibrated on.
 Healed briefly by `ztt finetune` (with the exit objective), then calibrated as users do:
 `ztt calibrate --target-speedup 1.25 --max-quality-loss 0.05` on Shakespeare (its own figure
 and 95% interval). Where the sweep cannot reach that, the refusal is recorded and the same
-target is calibrated without the quality limit, the refusal's hint's next step. Then, on batch-1 16-token prompts from The Tempest (held out of the
+target is calibrated without the quality limit, the refusal's hint's next step. Then, on batch-1
+16-token prompts from The Tempest (held out of the
 calibration text): `generate()` timed at full depth and at each threshold in paired,
 interleaved repetitions (median and 95% interval), alongside thresholds giving about 1.1×,
 1.25× and 1.4× compute and the source model; Tempest-16 with per-token exits; the signal's
@@ -76,7 +77,8 @@ def exit_rows(model, tempest, thresholds: dict[str, float], times: dict[float, l
 def heal(work: Path, steps: int) -> Path:
     ztt, healed = work / "ztt", work / "healed"
     if not (ztt / "config.json").is_file():
-        convert(ConvertOptions(source="smollm2-135m", out=ztt, head=4, block=11, cycles=2, tail=4, init="lower", overwrite=True))
+        convert(ConvertOptions(source="smollm2-135m", out=ztt, head=4, block=11, cycles=2, tail=4, init="lower",
+                               overwrite=True))
     if not (healed / "config.json").is_file():
         shutil.rmtree(healed.with_name("healed.partial"), ignore_errors=True)
         finetune(FinetuneOptions(checkpoint=ztt, data="shakespeare", out=healed, steps=steps, seq_len=256,
@@ -142,7 +144,8 @@ def main() -> None:
                 "calibration_over_held_out": chosen["wall_speedup"] / held_out["wall_vs_full"]}
     print("transfer", transfer, flush=True)
     rho = exit_signal_correlation(model, tempest[:4])[1]
-    result = {"rows": rows, "transfer": transfer, "refused_at_5_percent": refusal, "spearman_tempest": rho, "source_tempest16": perplexity(source, tempest),
+    result = {"rows": rows, "transfer": transfer, "refused_at_5_percent": refusal, "spearman_tempest": rho,
+              "source_tempest16": perplexity(source, tempest),
               "calibrate_1.25_wall": chosen,
               "meta": {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d"), "heal_steps": args.heal_steps, "reps": args.reps,

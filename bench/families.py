@@ -126,7 +126,8 @@ def checks(source) -> None:
     depth = source.config.num_hidden_layers
     plain = _ztt(source, dict(head=0, block=depth, cycles=1, tail=0), pool=False)
     ref = source(ids).logits
-    assert torch.allclose(plain(ids).logits, ref, atol=1e-5, rtol=1e-4), "parity: no-share logits differ from the source"
+    assert torch.allclose(plain(ids).logits, ref, atol=1e-5, rtol=1e-4), (
+        "parity: no-share logits differ from the source")
     cycled = _ztt(source, dict(head=1, block=(depth - 2) // 2, cycles=2, tail=1), pool=True)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with_cache = cycled.generate(ids[:1], use_cache=True, **kwargs)
@@ -186,7 +187,8 @@ def render(results: dict) -> str:
         f"| left out: encoder-decoder, or not an attention-only decoder | {counts['left out']} | see below |",
         "", "<details><summary>Why, per family</summary>", "", "| family | outcome | why |", "|---|---|---|",
     ]
-    lines += [f"| `{t}` | {r['outcome']} | {r['why'].replace('|', '/')} |" for t, r in sorted(results["families"].items())
+    lines += [f"| `{t}` | {r['outcome']} | {r['why'].replace('|', '/')} |"
+              for t, r in sorted(results["families"].items())
               if r["outcome"] != "pass"]
     lines += ["", "</details>", "", BLOCK[1]]
     return "\n".join(lines)

@@ -108,7 +108,8 @@ def main() -> None:
     drop = converted(args.work, "drop", str(dropped_source(args.work)), head=0, block=25, cycles=1, tail=0, pool=False)
     dense = converted(args.work, "dense", "smollm2-135m", head=0, block=30, cycles=1, tail=0, pool=False)
 
-    rows = {"source": {"before": tempest(src_folder)}, "ztt": {"before": tempest(ztt)}, "drop 15-19": {"before": tempest(drop)}}
+    rows = {"source": {"before": tempest(src_folder)}, "ztt": {"before": tempest(ztt)},
+            "drop 15-19": {"before": tempest(drop)}}
     print({k: round(v["before"], 2) for k, v in rows.items()}, flush=True)
     for name, ckpt, kw in [
         ("ztt, no exit objective", ztt, {"exit_objective_weight": 0.0}),

@@ -251,7 +251,8 @@ def measure_inductor(label: str, source, device, reps: int) -> list[dict]:
 
 def markdown(report: dict) -> str:
     m = report["meta"]
-    lines = [f"`python bench/overhead.py` on {m['device']} ({m['machine']}, {m['threads']} threads), torch {m['torch']}, "
+    lines = [f"`python bench/overhead.py` on {m['device']} ({m['machine']}, {m['threads']} threads), "
+             f"torch {m['torch']}, "
              f"{m['date']}; {report['reps']} interleaved repetitions: tok/s median (min–max); against the own "
              f"model, the median of the repetitions' paired ratios (quartiles); exits on at fraction "
              f"{report['exit_fraction']} after cycle 1.", "",
@@ -261,10 +262,11 @@ def markdown(report: dict) -> str:
         py = "" if r["python_us_per_slot"] is None else f"{r['python_us_per_slot']:.1f}"
         lines.append(f"| {r['family']} | {r['batch']} | {r['model']} | {r['layers_run']:.1f} | {r['tok_s']:.0f} "
                      f"({r['tok_s_min']:.0f}–{r['tok_s_max']:.0f}) | {r['per_layer_vs_own']:.2f} "
-                     f"({r.get('per_layer_q25', r['per_layer_vs_own']):.2f}–{r.get('per_layer_q75', r['per_layer_vs_own']):.2f}) | "
+                     f"({r.get('per_layer_q25', r['per_layer_vs_own']):.2f}–"
+                     f"{r.get('per_layer_q75', r['per_layer_vs_own']):.2f}) | "
                      f"{r['host_reads_per_token']:+.2f} | {py} |")
-    lines += ["", "| family | batch | wrapper tax: no-share vs own | drop vs own of its depth | zero token, µs per block "
-              "layer and step |", "|---|---|---|---|---|"]
+    lines += ["", "| family | batch | wrapper tax: no-share vs own | drop vs own of its depth | zero token, µs per "
+              "block layer and step |", "|---|---|---|---|---|"]
     for (family, batch), rows in _groups(report["rows"]).items():
         step = {r["model"]: batch / r["tok_s"] for r in rows}  # seconds per decoding step
         pool_slots = next(r["layers_run"] for r in rows if r["model"] == "ztt") - 8  # all but head and tail

@@ -36,7 +36,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=160, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=160, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus().splitlines(), trainer)
     return PreTrainedTokenizerFast(
@@ -78,7 +79,8 @@ def token_ids(batch: int = 2, length: int = 20, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, len(tokenizer()), (batch, length), generator=g)
 
 
-def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True, attn: str = "sdpa", seed: int = 0, **cfg):
+def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True, attn: str = "sdpa", seed: int = 0,
+              **cfg):
     """A ZTT built around a tiny source model. layout = (head, block, cycles, tail)."""
     import copy
 
@@ -86,7 +88,8 @@ def ztt_model(family: str, layout: tuple[int, int, int, int], pool: bool = True,
 
     src = source_model(family, seed)
     head, block, cycles, tail = layout
-    config = ZTTConfig(text_config=src.config.to_dict(), head=head, block=block, cycles=cycles, tail=tail, pool=pool, **cfg)
+    config = ZTTConfig(text_config=src.config.to_dict(), head=head, block=block, cycles=cycles, tail=tail, pool=pool,
+                       **cfg)
     config._attn_implementation = attn
     return ZTTForCausalLM(config, source=copy.deepcopy(src)).eval(), src
 

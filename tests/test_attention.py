@@ -24,7 +24,8 @@ def make_inputs(n_heads, n_kv, q_len, kv_len, mask_kind, seed=0):
         mask = causal.expand(B, 1, q_len, kv_len).clone()
         mask[0, :, :, :2] = False
     elif mask_kind == "float":
-        mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.float64).masked_fill(~causal, torch.finfo(torch.float64).min)
+        mask = torch.zeros(B, 1, q_len, kv_len, dtype=torch.float64).masked_fill(
+            ~causal, torch.finfo(torch.float64).min)
     return q, k, v, z, b, mask
 
 

@@ -66,13 +66,15 @@ def test_results_table_partial_runs_and_readme_block(tmp_path):
     readme.write_text("# title\n\nbefore\n<!-- compare:cpu -->\nold table\n<!-- /compare:cpu -->\nafter\n")
     table = compare.write_outputs(report, tmp_path / "results", readme)
     lines = table.splitlines()
-    assert any(ln.startswith("| ZTT | 10/5×2/10 | 25 | 100.0 M | 135.12 → 45.04 |") and "70 (7.3 min)" in ln for ln in lines)
+    assert any(ln.startswith("| ZTT | 10/5×2/10 | 25 | 100.0 M | 135.12 → 45.04 |") and "70 (7.3 min)" in ln
+               for ln in lines)
     assert any(ln.startswith("| source | 0/30×1/0 | 30 |") and ln.endswith("| – |") for ln in lines)
     missing = [v["name"] for v in cfg["variants"] if v["name"] not in report["variants"]]
     assert f"Partial run: not yet measured: {', '.join(missing)}." in lines
     assert "| calibrated 1.25× wall | not reached: target 1.25× is above this layout's bound |" in table
     text = readme.read_text()
-    assert text.startswith("# title\n\nbefore\n<!-- compare:cpu -->\n") and text.endswith("<!-- /compare:cpu -->\nafter\n")
+    assert (text.startswith("# title\n\nbefore\n<!-- compare:cpu -->\n")
+            and text.endswith("<!-- /compare:cpu -->\nafter\n"))
     assert "old table" not in text and table in text and "![cpu results](results/compare-cpu.png)" in text
     assert (tmp_path / "results" / "compare-cpu.png").stat().st_size > 1000
     # rebuilt from its own JSON (results measured elsewhere): the same table, the README unchanged
@@ -134,5 +136,6 @@ def test_overhead_tables_and_docs_block(tmp_path):
     page.write_text("before\n<!-- overhead -->\nold\n<!-- /overhead -->\nafter\n")
     module.update_readme(page, table)
     text = page.read_text()
-    assert text.startswith("before\n<!-- overhead -->\n`python bench/overhead.py`") and text.endswith("<!-- /overhead -->\nafter\n")
+    assert (text.startswith("before\n<!-- overhead -->\n`python bench/overhead.py`")
+            and text.endswith("<!-- /overhead -->\nafter\n"))
     assert "old" not in text

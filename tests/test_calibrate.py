@@ -12,7 +12,8 @@ from ztt_cli.stages.convert import convert
 from .fixtures import cli as run
 from .fixtures import corpus, save_source
 
-FAST = ["--windows", "6", "--seq-len", "64", "--reps", "1", "--decode-tokens", "4", "--prompts", "1", "--candidates", "10"]
+FAST = ["--windows", "6", "--seq-len", "64", "--reps", "1", "--decode-tokens", "4", "--prompts", "1",
+        "--candidates", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def ckpt(base, tmp_path):
 
 
 def test_calibration_reaches_the_compute_target(ckpt, base):
-    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric", "compute", *FAST)
+    result = run("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1",
+                 "--speedup-metric", "compute", *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads((ckpt / "calibration.json").read_text())
     chosen = report["chosen"]
@@ -198,7 +200,8 @@ def test_exit_stats_after_loading(ckpt):
 def test_out_writes_a_calibrated_copy_and_leaves_the_input(ckpt, base, tmp_path):
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     out = tmp_path / "calibrated"
-    args = ("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1", "--speedup-metric", "compute", *FAST)
+    args = ("calibrate", ckpt, "--data", base / "calib.txt", "--target-speedup", "1.1",
+            "--speedup-metric", "compute", *FAST)
     result = run(*args, "--out", out)
     assert result.exit_code == 0, result.output
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # untouched

@@ -33,7 +33,8 @@ def test_unknown_options_give_one_line(command):
 
 def test_convert_prints_summary(tmp_path):
     src = save_source("llama", tmp_path / "src")
-    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "out"), "--init", "lower"], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "out"), "--init", "lower"],
+                           env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert "2/1×2/2" in text and "derived from the source depth" in text
@@ -124,5 +125,6 @@ def test_unwritable_output_folder(tmp_path):
 
 def test_missing_parent_folders_are_created(tmp_path):
     src = save_source("llama", tmp_path / "src")
-    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "runs" / "deep" / "out"), "--init", "lower"])
+    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "runs" / "deep" / "out"),
+                                 "--init", "lower"])
     assert result.exit_code == 0 and (tmp_path / "runs" / "deep" / "out" / "ztt.json").is_file()

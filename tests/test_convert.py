@@ -20,7 +20,9 @@ from .fixtures import FAMILIES, save_source, source_model, token_ids
 def test_convert_no_share_reproduces_source(family, tmp_path):
     src_dir = save_source(family, tmp_path / "src")
     out = tmp_path / "out"
-    result = convert(ConvertOptions(source=str(src_dir), out=out, head=1, tail=1, block=4, cycles=1, init="lower", pool=False))
+    result = convert(
+        ConvertOptions(source=str(src_dir), out=out, head=1, tail=1, block=4, cycles=1, init="lower", pool=False)
+    )
     for name in ("config.json", "model.safetensors", "tokenizer.json", "ztt.json", "README.md"):
         assert (out / name).is_file(), name
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -79,7 +81,9 @@ def test_init_strategies_take_documented_weights(strategy, tmp_path):
 def test_auto_init_keeps_the_best_strategy(tmp_path, calib_file):
     src_dir = save_source("gpt2", tmp_path / "src")
     result = convert(
-        ConvertOptions(source=str(src_dir), out=tmp_path / "out", head=1, tail=1, block=2, cycles=2, calib_data=calib_file)
+        ConvertOptions(
+            source=str(src_dir), out=tmp_path / "out", head=1, tail=1, block=2, cycles=2, calib_data=calib_file
+        )
     )
     assert set(result.init_scores) == {"lower", "upper", "stepwise", "average"}
     assert result.init == min(result.init_scores, key=result.init_scores.get)

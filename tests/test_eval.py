@@ -117,7 +117,8 @@ def test_compare_gate_exit_codes(base, tmp_path):
 
     ztt = tmp_path / "ztt"
     shutil.copytree(base / "ztt", ztt)
-    fail = run("eval", ztt, "--tasks", text, "--compare", base / "src", "--min-recovery", "1000", "--output", tmp_path / "r.json")
+    fail = run("eval", ztt, "--tasks", text, "--compare", base / "src", "--min-recovery", "1000",
+               "--output", tmp_path / "r.json")
     assert fail.exit_code == 1, fail.output
     assert "failed" in fail.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -154,7 +155,8 @@ def _one_line_error(result, *fragments):
 
 def test_bad_input_gives_one_line_and_exit_2(ckpt, base, tmp_path):
     _one_line_error(run("eval", ckpt, "--tasks", "no_such_task_xyz"), "unknown task", "--include-path")
-    _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--include-path", tmp_path / "missing"), "no such task folder")
+    _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--include-path", tmp_path / "missing"),
+                    "no such task folder")
     bad = tmp_path / "bad_tasks"
     bad.mkdir()
     (bad / "broken.yaml").write_text("task: broken\nmetric_list: [\n")
@@ -167,7 +169,8 @@ def test_bad_input_gives_one_line_and_exit_2(ckpt, base, tmp_path):
     _one_line_error(run("eval", ckpt, "--tasks", f"text:{base / 'text.txt'}", "--compare", tmp_path / "nosrc"))
     _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--device", "gpu0"), "not a device")
     if not torch.cuda.is_available():
-        _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--device", "cuda"), "torch sees no CUDA GPU", "--device cpu")
+        _one_line_error(run("eval", ckpt, "--tasks", "ztt_mc", "--device", "cuda"), "torch sees no CUDA GPU",
+                        "--device cpu")
     assert not (ckpt / "eval.json").exists()
     assert [s["stage"] for s in json.loads((ckpt / "ztt.json").read_text())["stages"]] == ["convert"]
 

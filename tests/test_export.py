@@ -78,7 +78,8 @@ def test_remote_code_export_loads_without_ztt(ckpt, bare_venv, tmp_path):
     result = run("export", ckpt, "--out", out, "--format", "remote-code", "--shard-size", "40KB")
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors.index.json").is_file()  # sharded, with its index
-    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_ztt.ZTTForCausalLM"
+    assert (json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+            == "modeling_ztt.ZTTForCausalLM")
     ids = token_ids(2, 16)
     torch.save(ids, tmp_path / "ids.pt")
     (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)

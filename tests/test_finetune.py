@@ -86,7 +86,8 @@ def assert_same_weights(a, b, atol=1e-6):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_loss_falls_on_repetitive_text(workdir, tmp_path, family):
     out = tmp_path / "out"
-    finetune(opts(workdir, out, family, data=str(workdir / "repeat.txt"), steps=40, lr=2e-3, val_fraction=0, no_teacher=True))
+    finetune(opts(workdir, out, family, data=str(workdir / "repeat.txt"), steps=40, lr=2e-3, val_fraction=0,
+                  no_teacher=True))
     losses = [r["ce"] for r in log_of(out) if r["event"] == "step"]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     prov = json.loads((out / "ztt.json").read_text())
@@ -303,7 +304,8 @@ def _exit_ce(folder, workdir):
     blocks = prepare(str(workdir / "train.txt"), load_tokenizer(folder), 32, 0.05, 0).val
     with torch.no_grad():
         logits = model(input_ids=blocks, exit_after=1).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             blocks[:, 1:].reshape(-1)).item()
 
 
 def test_exit_aware_term_lowers_the_loss_at_early_exits(workdir, tmp_path):
@@ -365,7 +367,8 @@ def _bad(workdir, tmp_path):
         "missing data path": ([ckpt, "--data", str(tmp_path / "nope.txt"), *base], "no such data"),
         "empty data": ([ckpt, "--data", str(tmp_path / "empty.txt"), *base], "contains no text"),
         "no text field": ([ckpt, "--data", str(tmp_path / "rows.jsonl"), *base], "no field 'text'"),
-        "seq-len above context": ([ckpt, "--data", data, "--steps", "2", "--seq-len", "512"], "above the model's context"),
+        "seq-len above context": ([ckpt, "--data", data, "--steps", "2", "--seq-len", "512"],
+                                  "above the model's context"),
         "not a ztt checkpoint": ([str(workdir / "src-gpt2"), "--data", data, *base], "not a ZTT checkpoint"),
         "unwritable output": ([ckpt, "--data", data, *base, "--out", str(tmp_path / "a-file" / "out")], "cannot write"),
         "nothing to resume": ([ckpt, "--data", data, *base, "--resume"], "nothing to resume"),

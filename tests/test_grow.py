@@ -225,7 +225,8 @@ def test_source_model_fixture_is_untouched():
 def test_the_command_line_says_what_a_grown_conversion_kept(tmp_path, calib_file):
     src = save_source("llama", tmp_path / "src")
     result = cli("convert", src, "--out", tmp_path / "g", "--init", "grow", "--head", "2", "--block", "2",
-                 "--cycles", "2", "--tail", "2", "--relax-rank", "2", "--calib-data", calib_file, "--calib-tokens", "32")
+                 "--cycles", "2", "--tail", "2", "--relax-rank", "2", "--calib-data", calib_file,
+                 "--calib-tokens", "32")
     assert result.exit_code == 0, result.output
     assert "every source layer kept" in result.output and "starts as that drop" in result.output
     assert "residual gates" in result.output and "relaxation deltas" in result.output

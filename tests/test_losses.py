@@ -82,7 +82,8 @@ def test_the_composed_objective_is_the_formula(model, form, exit_aware):
 
 def test_without_a_teacher_the_task_loss_is_cross_entropy(model):
     ids = token_ids(batch=2, length=16)
-    objective = HealingObjective.from_options(model, options(exit_aware_weight=0, exit_objective_weight=0), distill=False)
+    objective = HealingObjective.from_options(model, options(exit_aware_weight=0, exit_objective_weight=0),
+                                              distill=False)
     loss, metrics = objective(ids)
     assert list(metrics) == ["ce", "loss"]
     logits = model(input_ids=ids).logits
@@ -130,7 +131,8 @@ def test_the_exit_objective_on_the_default_signal_is_the_zero_attention_loss_bit
 
     ids = token_ids(batch=3, length=24)
     assert model.exit_policy.signal == "zero-attention"
-    objective = HealingObjective.from_options(model, options(kd_weight=0, exit_aware_weight=0, exit_objective_weight=0.7))
+    objective = HealingObjective.from_options(model,
+                                              options(kd_weight=0, exit_aware_weight=0, exit_objective_weight=0.7))
     loss, metrics = objective(ids)
     full = model(input_ids=ids)
     terms = [exit_objective(full.zero_attention[:, c - 1].mean(1),

@@ -168,13 +168,15 @@ def test_run_killed_after_finetune_skips_finished_stages(assets, tmp_path):
     # new finetune options: finetune and everything after it run again, convert does not
     write(recipe, tiny_recipe(assets, output, finetune__lr=5e-4))
     changed = run_pipeline(recipe)
-    assert statuses(changed) == {"convert": "skipped", "finetune": "ran", "calibrate": "ran", "eval": "ran", "export": "ran"}
+    assert statuses(changed) == {"convert": "skipped", "finetune": "ran", "calibrate": "ran", "eval": "ran",
+                                 "export": "ran"}
 
     # --only and --from
     only = run_pipeline(recipe, only="eval")
     assert statuses(only) == {"convert": "skipped", "finetune": "skipped", "calibrate": "skipped", "eval": "ran"}
     from_ = run_pipeline(recipe, start_from="calibrate")
-    assert statuses(from_) == {"convert": "skipped", "finetune": "skipped", "calibrate": "ran", "eval": "ran", "export": "ran"}
+    assert statuses(from_) == {"convert": "skipped", "finetune": "skipped", "calibrate": "ran", "eval": "ran",
+                               "export": "ran"}
 
 
 def test_run_killed_during_finetune_resumes_it(assets, tmp_path):

@@ -25,8 +25,10 @@ from .fixtures import cli, corpus, save_source, source_model, tokenizer
 
 def test_data_specs_parse_into_parts(tmp_path):
     assert parse_spec("shakespeare") == [Part("shakespeare")]
-    assert parse_spec("shakespeare+source-samples:30k") == [Part("shakespeare"), Part("source-samples:30k", 1.0, 30_000)]
-    assert parse_spec("a.txt*3 + source-samples:2M*0.5") == [Part("a.txt", 3.0), Part("source-samples:2M", 0.5, 2_000_000)]
+    assert parse_spec("shakespeare+source-samples:30k") == [Part("shakespeare"),
+                                                            Part("source-samples:30k", 1.0, 30_000)]
+    assert parse_spec("a.txt*3 + source-samples:2M*0.5") == [Part("a.txt", 3.0),
+                                                             Part("source-samples:2M", 0.5, 2_000_000)]
     odd = tmp_path / "notes+more*2.txt"  # an existing path always wins over the mixing syntax
     odd.write_text("text")
     assert parse_spec(str(odd)) == [Part(str(odd))]

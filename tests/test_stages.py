@@ -65,7 +65,8 @@ def test_the_model_card_is_each_stage_s_section_in_stage_order(monkeypatch):
                                                                                           ("BODY " + name,)))
     card = model_card("m", prov, config)
     assert card.index("LEAD calibrate") < card.index("LEAD eval") < card.index("```python")
-    assert card.index("## Healing") < card.index("BODY calibrate") < card.index("BODY eval") < card.index("## Provenance")
+    assert (card.index("## Healing") < card.index("BODY calibrate") < card.index("BODY eval")
+            < card.index("## Provenance"))
 
 
 def test_the_stages_folder_holds_only_stages():

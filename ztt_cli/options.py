@@ -23,9 +23,10 @@ from pydantic import (
 from .device import valid_device
 from .io.checkpoint import TORCH_DTYPE_NAMES, parse_size
 from .io.specs import DataError, parse_spec
+from .model.layout import GROW, INIT_STRATEGIES
 from .model.signals import SIGNALS
 
-InitChoice = Literal["auto", "lower", "upper", "stepwise", "average", "grow"]
+InitChoice = Literal[("auto", *INIT_STRATEGIES, GROW)]  # type: ignore[valid-type]
 
 # one dtype vocabulary on the command line; torch's names are accepted as aliases
 
@@ -197,8 +198,10 @@ class FinetuneOptions(BaseModel):
 class CalibrateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path = Field(description="ZTT checkpoint folder; its config.json gets the chosen threshold (unless --out)")
-    data: str = Field(description="calibration text: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
+    checkpoint: Path = Field(
+        description="ZTT checkpoint folder; its config.json gets the chosen threshold (unless --out)")
+    data: str = Field(
+        description="calibration text: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
     target_speedup: float = Field(description="speedup to reach (> 1), measured as --speedup-metric")
     speedup_metric: Literal["wall", "compute"] = Field(
         "wall", description="wall: batch-1 greedy decoding time; compute: layers run"
@@ -259,14 +262,16 @@ class EvalOptions(BaseModel):
     max_length: int | None = Field(None, ge=16, description="context window in tokens (default: the model's)")
     include_path: Path | None = Field(None, description="folder of your own lm-eval task YAMLs")
     output: Path | None = Field(None, description="results JSON (default: CHECKPOINT/eval.json)")
-    threshold: float | None = Field(None, ge=0, description="exit threshold (default: the calibrated one in config.json)")
+    threshold: float | None = Field(
+        None, ge=0, description="exit threshold (default: the calibrated one in config.json)")
     full_depth: bool = Field(False, description="never exit early")
     compare: str | None = Field(None, description="also score this source model (any model `ztt convert` accepts)")
     min_recovery: float | None = Field(
         None, gt=0, description="exit 1 if any metric's recovery against --compare falls below this (e.g. 0.9)"
     )
     gate_metrics: str | None = Field(
-        None, description="comma-separated metrics the --min-recovery gate checks, e.g. acc,bits_per_byte (default: all)"
+        None,
+        description="comma-separated metrics the --min-recovery gate checks, e.g. acc,bits_per_byte (default: all)",
     )
     bootstrap_iters: int = Field(1000, ge=0, description="bootstrap resamples for lm-eval's standard errors")
     seed: int = Field(0, description="seed for few-shot sampling")

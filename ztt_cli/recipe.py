@@ -109,7 +109,8 @@ def _read(path: Path) -> tuple[str, dict]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError(path, [f"{where}malformed YAML ({getattr(e, 'problem', None) or type(e).__name__})"]) from None
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise RecipeError(path, [f"{where}malformed YAML ({problem})"]) from None
     if not isinstance(data, dict):
         raise RecipeError(path, ["a recipe is a mapping of keys (name, source, output, stages)"])
     return text, data

@@ -143,7 +143,8 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML file", show_de
             views.err.print(f"[bold red]error:[/] {recipe}: {problem}", markup=True)
         raise typer.Exit(2)
     r = loaded.recipe
-    views.out.print(f"{recipe}: valid · [bold]{r.name}[/] from {r.source} · stages {' → '.join(r.stages())} · output {r.output}")
+    views.out.print(f"{recipe}: valid · [bold]{r.name}[/] from {r.source} · stages {' → '.join(r.stages())} "
+                    f"· output {r.output}")
 
 
 @app.command(

@@ -54,7 +54,8 @@ def draw_layout(layout) -> Text:
         row.append("▣" * layout.block, style=colours[c % len(colours)])
     row.append(" ")
     row.append("■" * layout.tail, style="green")
-    row.append(f"   head {layout.head} · block {layout.block} × {layout.cycles} cycles · tail {layout.tail}", style="dim")
+    row.append(f"   head {layout.head} · block {layout.block} × {layout.cycles} cycles · tail {layout.tail}",
+               style="dim")
     return row
 
 
@@ -115,7 +116,8 @@ def finetune(command: Command, opts, execute: Execute) -> None:
             shown["task"] = bar.add_task("healing", total=e.total, completed=e.step, info="")
             m = e.metrics
             if rank0:
-                err.print(f"{m['train_blocks']} training and {m['val_blocks']} validation sequences, {m['world']} process(es)")
+                err.print(f"{m['train_blocks']} training and {m['val_blocks']} validation sequences, "
+                          f"{m['world']} process(es)")
         elif e.kind == "step":
             shown["info"] = f"loss {e.metrics['loss']:.3f} · {e.metrics['tokens_per_s']:,.0f} tok/s"
             bar.update(shown["task"], completed=e.step, info=shown["info"] + shown["val"])
@@ -134,7 +136,8 @@ def finetune(command: Command, opts, execute: Execute) -> None:
         return
     m = result.metrics
     val = f", validation loss {m['val_loss']:.3f} (perplexity {m['val_ppl']:.2f})" if "val_loss" in m else ""
-    out.print(f"healed [bold]{result.out}[/]: {result.steps} steps, {result.tokens:,} tokens in {result.wall_s:.0f} s{val}")
+    out.print(f"healed [bold]{result.out}[/]: {result.steps} steps, {result.tokens:,} tokens in "
+              f"{result.wall_s:.0f} s{val}")
 
 
 def calibrate(command: Command, opts, execute: Execute) -> None:

@@ -37,7 +37,8 @@ def parse_size(text: str) -> int:
 def check_output(out: Path, overwrite: bool) -> None:
     """Fail before any work if ``out`` cannot be written."""
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"'{out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
+        raise OutputExistsError(f"'{out}' already exists",
+                                hint="pass --overwrite to replace it, or choose another --out")
     check_writable(out)
 
 
@@ -94,7 +95,8 @@ def load_checkpoint(path: Path, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(path) / "config.json").is_file():
-        raise CheckpointError(f"'{path}' is not a checkpoint folder (no config.json)", hint="give a `ztt convert` output")
+        raise CheckpointError(f"'{path}' is not a checkpoint folder (no config.json)",
+                              hint="give a `ztt convert` output")
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "ztt":
         raise CheckpointError(
@@ -103,4 +105,5 @@ def load_checkpoint(path: Path, dtype=None):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as e:
-        raise CheckpointError(f"cannot load '{path}' ({type(e).__name__})", hint="the checkpoint may be corrupt") from None
+        raise CheckpointError(f"cannot load '{path}' ({type(e).__name__})",
+                              hint="the checkpoint may be corrupt") from None

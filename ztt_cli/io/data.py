@@ -186,7 +186,8 @@ def _prepare_samples(part: Part, samples: Sampler | None, seq_len: int, val_frac
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n > 1 else 0
     val, train = sorted(order[:n_val]), sorted(order[n_val:])
-    return PackedData(blocks[train], blocks[val], [f"{part.spec}#{i}" for i in train], [f"{part.spec}#{i}" for i in val])
+    return PackedData(blocks[train], blocks[val], [f"{part.spec}#{i}" for i in train],
+                      [f"{part.spec}#{i}" for i in val])
 
 
 def _mix(parts: list[Part], packed: list[PackedData]) -> PackedData:

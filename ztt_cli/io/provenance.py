@@ -166,5 +166,6 @@ def write_model_card(folder: Path, name: str, fmt: str = "hf", dtype: str = "fp3
     folder = Path(folder)
     config = config or json.loads((folder / "config.json").read_text())
     recipe = folder / "recipe.yaml"
-    text = model_card(name, read_provenance(folder), config, fmt, dtype, recipe.read_text() if recipe.is_file() else None)
+    recipe_text = recipe.read_text() if recipe.is_file() else None
+    text = model_card(name, read_provenance(folder), config, fmt, dtype, recipe_text)
     (folder / "README.md").write_text(text)

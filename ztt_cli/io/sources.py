@@ -104,7 +104,8 @@ def find_source(ref: str) -> SourceModel:
     """Find (fetching or dequantising if needed) the local folder for a model reference."""
     if ref in BUILTIN_MODELS:
         gguf = fetch(BUILTIN_MODELS[ref])
-        return SourceModel(ref, "builtin", _dequantise_gguf(gguf, BUILTIN_MODELS[ref].member_sha256), BUILTIN_MODELS[ref].member_sha256)
+        sha256 = BUILTIN_MODELS[ref].member_sha256
+        return SourceModel(ref, "builtin", _dequantise_gguf(gguf, sha256), sha256)
     path = Path(ref).expanduser()
     if path.exists() or looks_like_path(ref):
         if not path.exists():

@@ -51,7 +51,8 @@ def _part(item: str) -> Part:
         try:
             return Part(spec, weight, parse_tokens(spec[len(SPEC_PREFIX):]))
         except (ValueError, IndexError):
-            raise DataError(f"'{spec}' does not say how many tokens to sample", hint="e.g. source-samples:30k") from None
+            raise DataError(f"'{spec}' does not say how many tokens to sample",
+                            hint="e.g. source-samples:30k") from None
     return Part(spec, weight)
 
 

@@ -44,7 +44,7 @@ NOT_PER_LAYER = ("architectures",)
 NOT_ATTENTION_ONLY = "a state-space or hybrid model"
 # arguments an attention module may pass to the attention function that change what it computes and
 # that the zero-token attention does not implement
-UNSUPPORTED_ARGUMENTS = {"s_aux": "attention sinks", "softcap": "attention-logit softcapping"}  # config lists that may happen to have num_hidden_layers entries
+UNSUPPORTED_ARGUMENTS = {"s_aux": "attention sinks", "softcap": "attention-logit softcapping"}
 PLAIN = (int, float, str, bool, type(None))
 
 
@@ -103,7 +103,9 @@ def _find_attention(layer: nn.Module) -> str | None:
 def build_layer(cls: type, config, index: int) -> nn.Module:
     """The family's decoder layer ``index`` on the meta device (no memory, no initialisation)."""
     with torch.device("meta"):
-        for call in (lambda: cls(config, index), lambda: cls(config, layer_idx=index), lambda: cls(config=config, layer_idx=index)):
+        calls = (lambda: cls(config, index), lambda: cls(config, layer_idx=index),
+                 lambda: cls(config=config, layer_idx=index))
+        for call in calls:
             try:
                 return call()
             except TypeError:
@@ -210,7 +212,8 @@ def derive_family(model: nn.Module) -> Family:
                                   "the zero token enters")
     missing = [i for i, layer in enumerate(decoder_layers) if _find_attention(layer) != attention]
     if missing:
-        raise _refuse(model_type, f"its layer {missing[0]} has no attention module at '{attention}': {NOT_ATTENTION_ONLY}")
+        raise _refuse(model_type,
+                      f"its layer {missing[0]} has no attention module at '{attention}': {NOT_ATTENTION_ONLY}")
     source = _forward_source(type(decoder_layers[0].get_submodule(attention)))
     for argument, feature in UNSUPPORTED_ARGUMENTS.items():
         if re.search(rf"\b{argument}\s*=", source):

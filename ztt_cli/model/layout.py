@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from .errors import LayoutError
 
-InitStrategy = Literal["lower", "upper", "stepwise", "average"]
-INIT_STRATEGIES: tuple[InitStrategy, ...] = ("lower", "upper", "stepwise", "average")
-
+# How the shared block is initialised: for block layer j of K applied C times over the middle span
+# m0.., the source layers whose weights it takes (averaged if several). ``--init auto`` tries each,
+# in this order; a new strategy is one entry here.
+INIT_STRATEGIES: dict[str, Callable[[int, int, int, int], list[int]]] = {
+    "lower": lambda j, m0, k, c: [m0 + j],
+    "upper": lambda j, m0, k, c: [m0 + k * (c - 1) + j],
+    "stepwise": lambda j, m0, k, c: [m0 + j * c],  # evenly spaced (Relaxed Recursive Transformers)
+    "average": lambda j, m0, k, c: [m0 + j + k * i for i in range(c)],
+}
 
 GROW = "grow"  # the unique layers are a block-influence drop's kept layers; added cycles are gated
 
@@ -81,20 +87,14 @@ class Layout:
             first.setdefault(slot.unique, slot.attribute)
         return [first[u] for u in range(self.unique_layers)]
 
-    def source_layers(self, n_layers: int, init: InitStrategy) -> list[list[int]]:
+    def source_layers(self, n_layers: int, init: str) -> list[list[int]]:
         """For each unique layer, the source layers its weights come from (averaged if several).
 
         The middle span m_0..m_{K*C-1} is source layers head..n_layers-tail-1."""
-        m0, k, c = self.head, self.block, self.cycles
-        block = {
-            "lower": lambda j: [m0 + j],
-            "upper": lambda j: [m0 + k * (c - 1) + j],
-            "stepwise": lambda j: [m0 + j * c],
-            "average": lambda j: [m0 + j + k * i for i in range(c)],
-        }[init]
+        block = INIT_STRATEGIES[init]
         return (
             [[i] for i in range(self.head)]
-            + [block(j) for j in range(k)]
+            + [block(j, self.head, self.block, self.cycles) for j in range(self.block)]
             + [[n_layers - self.tail + i] for i in range(self.tail)]
         )
 

@@ -324,7 +324,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         head_dim = (getattr(text_config, "qk_head_dim", None) or getattr(text_config, "head_dim", None)
                     or text_config.hidden_size // n_heads)
         self.pool = (
-            ZeroTokenPool(layout.cycles, layout.block, n_kv, n_heads, head_dim, config.pool_key_std, config.pool_bias_init)
+            ZeroTokenPool(layout.cycles, layout.block, n_kv, n_heads, head_dim, config.pool_key_std,
+                          config.pool_bias_init)
             if config.pool
             else None
         )

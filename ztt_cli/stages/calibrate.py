@@ -93,7 +93,8 @@ class CalibrationReport:
 def summary_line(s: dict) -> str:
     low, high = s.get("wall_interval") or (float("nan"), float("nan"))
     interval = f" (95% {low:.2f}–{high:.2f})" if math.isfinite(low) else ""
-    return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, {s['wall_speedup']:.2f}× wall{interval}, "
+    return (f"threshold {s['threshold']:.4g}: {s['compute_speedup']:.2f}× compute, "
+            f"{s['wall_speedup']:.2f}× wall{interval}, "
             f"perplexity {s['perplexity']:.2f} ({100 * s['quality_loss']:+.1f}%)")
 
 
@@ -276,7 +277,8 @@ def _choose(report: CalibrationReport, opts: CalibrateOptions) -> Candidate:
         raise CalibrationError(
             f"no threshold reaches {opts.target_speedup:.2f}× ({opts.speedup_metric})"
             + (f" within {100 * opts.max_quality_loss:.1f}% quality loss" if opts.max_quality_loss else "")
-            + f"; the highest was {speed(best):.2f}× at perplexity {best.perplexity:.2f} (+{100 * best.quality_loss:.1f}%)",
+            + f"; the highest was {speed(best):.2f}× at perplexity {best.perplexity:.2f} "
+            f"(+{100 * best.quality_loss:.1f}%)",
             hint="lower --target-speedup, allow more --max-quality-loss, or heal the model longer",
         )
     # the target is what the user asked for: among thresholds landing within 10% above it, the least

@@ -83,7 +83,8 @@ def _facts(card: Card) -> list[str]:
     config, lay, metrics = card.config, card.layout, card.last("convert").get("metrics", {})
     p, source = metrics.get("parameters", {}), card.prov.get("source", {})
     threshold = config.get("exit_threshold", NEVER)
-    added = "".join(f", {label} {p[key]:,}" for key, label in (("gates", "gates"), ("relax", "relaxation")) if p.get(key))
+    added = "".join(f", {label} {p[key]:,}" for key, label in (("gates", "gates"), ("relax", "relaxation"))
+                    if p.get(key))
     rows = [
         "| | source | this model |", "|---|---|---|",
         f"| layout (head / block × cycles / tail) | {source.get('layers', '?')} layers | {lay} |",
@@ -137,10 +138,12 @@ def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
                               hint="give --cycles 2 or more, or leave out --relax-rank")
         return layout
     if opts.init == GROW or opts.relax_rank:
-        raise LayoutError("--drop makes a one-cycle model of the kept layers, --init grow and --relax-rank a cycled one",
+        raise LayoutError("--drop makes a one-cycle model of the kept layers, --init grow and --relax-rank a "
+                          "cycled one",
                           hint="choose one: --drop N, or a cycled layout with --init grow / --relax-rank")
     if opts.block is not None or opts.cycles is not None or opts.head is not None:
-        raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do not apply",
+        raise LayoutError("--drop makes a one-cycle model of the kept layers: --head, --block and --cycles do "
+                          "not apply",
                           hint="leave them out (--tail sets where a contiguous drop ends)")
     dropped_layers(n_layers, opts.drop, "contiguous", opts.tail, None)  # fail fast on sizes
     return None

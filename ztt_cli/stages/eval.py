@@ -122,7 +122,8 @@ class Tasks:
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise EvalError(
                 f"cannot build the task '{name}' ({type(e).__name__}: {problem[:200]})",
-                hint="hub tasks download their data; offline, put a local task YAML in a folder and pass --include-path",
+                hint="hub tasks download their data; offline, put a local task YAML in a folder and pass "
+                     "--include-path",
             ) from None
         return list(loaded["tasks"].values())
 
@@ -144,7 +145,8 @@ def resolve_tasks(names: list[str], include_path: Path | None) -> Tasks:
         if kind in SPEC_TASKS and path:
             cfg = load_yaml(TASKS_DIR / f"{SPEC_TASKS[kind]}.yaml", resolve_func=True)
             if not Path(path).expanduser().exists():
-                raise EvalError(f"no such file for task '{name}': '{path}'", hint=f"--tasks {kind}:PATH takes a local file")
+                raise EvalError(f"no such file for task '{name}': '{path}'",
+                                hint=f"--tasks {kind}:PATH takes a local file")
             tasks.specs[name] = {**cfg, "task": name, "dataset_kwargs": {"path": path}}
         elif name in manager.all_tasks:
             tasks.specs[name] = name
@@ -424,5 +426,6 @@ def _write(opts: EvalOptions, report: EvalReport) -> None:
     report.written_to = str(out)
     metrics = {name: t.metrics for name, t in report.tasks.items()}
     recoveries = {name: t.recovery for name, t in report.tasks.items() if t.recovery is not None} or None
-    append_stage(opts.checkpoint, "eval", report.options, metrics, versions={**report.versions, "lm_eval": report.lm_eval},
-                 recovery=recoveries, gate=asdict(report.gate) if report.gate else None, results=str(out))
+    append_stage(opts.checkpoint, "eval", report.options, metrics,
+                 versions={**report.versions, "lm_eval": report.lm_eval}, recovery=recoveries,
+                 gate=asdict(report.gate) if report.gate else None, results=str(out))

@@ -101,7 +101,8 @@ def _source_model(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
     recorded = provenance.get("source", {})
     ref = opts.teacher or recorded.get("path") or recorded.get("ref")
     if ref is None:
-        raise ZTTError("no teacher: the checkpoint's ztt.json names no source", hint="pass --teacher MODEL or --no-teacher")
+        raise ZTTError("no teacher: the checkpoint's ztt.json names no source",
+                       hint="pass --teacher MODEL or --no-teacher")
     progress(Event.status(f"loading the teacher {ref}"))
     src = sources.find_source(ref)
     teacher = sources.load_model(src.folder, "auto")
@@ -297,7 +298,8 @@ class HealingRun:
     def _open_run_dir(self) -> None:
         """Resume from the checkpoint (dropping log lines written after it), or start afresh."""
         if self.opts.resume:
-            self.steps, self.tokens = load_state(self.run_dir, self.model, self.optimizer, self.scheduler, self.grouping)
+            self.steps, self.tokens = load_state(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                                 self.grouping)
         elif self.ddp.main:
             if self.run_dir.exists():
                 shutil.rmtree(self.run_dir)

@@ -113,7 +113,8 @@ def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
     saved, mine = meta["options"], opts.model_dump(mode="json")
     if (key := _differing_option(saved, mine)) is not None:
         raise ZTTError(
-            f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, {mine.get(key)!r} now)",
+            f"--{key.replace('_', '-')} differs from the interrupted run ({saved.get(key)!r} there, "
+            f"{mine.get(key)!r} now)",
             hint="resume with the same options",
         )
 
@@ -121,7 +122,8 @@ def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
 def check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
     """Validate --out / --resume / --overwrite before any work."""
     if opts.out.exists() and not opts.overwrite:
-        raise OutputExistsError(f"'{opts.out}' already exists", hint="pass --overwrite to replace it, or choose another --out")
+        raise OutputExistsError(f"'{opts.out}' already exists",
+                                hint="pass --overwrite to replace it, or choose another --out")
     if opts.resume:
         return _check_resume(opts, run_dir)
     if run_dir.exists() and not opts.overwrite:
