@@ -14,8 +14,9 @@ A stage is a module of this package with one contract:
 
 Its record, below, declares the rest: its options model, help texts, what the pipeline fills
 into its options and where its output goes. Stage modules import torch; the records do not, so
-``ztt --help`` and ``ztt validate`` start without it: each record loads its module when it runs.
-Adding a stage: its module, its options model (``ztt_cli.options``) and its record here."""
+``ztt --help`` and ``ztt validate`` start without it: a stage's module is imported when it runs.
+Adding a stage: its module, its options model (``ztt_cli.options``), and here its record and its
+name in ``_stage_modules``."""
 
 from __future__ import annotations
 
@@ -44,9 +45,8 @@ PATHS = ("checkpoint", "out", "output", "overwrite", "resume")  # set by the pip
 class Command:
     """A command generated from its options model: ``ztt NAME``."""
 
-    name: str
+    name: str  # also its module's: ztt_cli.stages.NAME
     options: type[BaseModel]
-    load: Callable[[], ModuleType]  # imports the stage module (and torch)
     run: str  # the stage module's function that does the work
     summary: str  # one line, for `ztt --help`
     description: str = ""  # more, for `ztt NAME --help`
@@ -54,7 +54,8 @@ class Command:
     examples: tuple[str, ...] = ()
 
     def module(self) -> ModuleType:
-        return self.load()
+        """``ztt_cli.stages.NAME``, imported now (with torch)."""
+        return _stage_modules()[self.name]
 
     def function(self) -> Callable:
         return getattr(self.module(), self.run)
@@ -103,41 +104,11 @@ class Stage(Command):
         return self.module().card_section(card)
 
 
-# each stage module is imported when it runs
-def _convert() -> ModuleType:
-    from . import convert
+def _stage_modules() -> dict[str, ModuleType]:
+    """The stage modules by name, imported on first use (they import torch)."""
+    from . import calibrate, convert, eval, export, finetune, generate
 
-    return convert
-
-
-def _finetune() -> ModuleType:
-    from . import finetune
-
-    return finetune
-
-
-def _calibrate() -> ModuleType:
-    from . import calibrate
-
-    return calibrate
-
-
-def _eval() -> ModuleType:
-    from . import eval
-
-    return eval
-
-
-def _export() -> ModuleType:
-    from . import export
-
-    return export
-
-
-def _generate() -> ModuleType:
-    from . import generate
-
-    return generate
+    return {m.__name__.rpartition(".")[2]: m for m in (convert, finetune, calibrate, eval, export, generate)}
 
 
 def _fill_convert(slot: Slot) -> dict:
@@ -160,7 +131,7 @@ def _fill_export(slot: Slot) -> dict:
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "convert", ConvertOptions, _convert, "convert",
+        "convert", ConvertOptions, "convert",
         "Turn a pretrained model into a Zero-Token Transformer checkpoint.",
         "SOURCE is a hub id, a local Hugging Face folder, a .gguf file, or the built-in [bold]smollm2-135m[/]. "
         "Unset layout sizes are derived from the source depth (two cycles, head = tail = a third).",
@@ -171,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
         filled=("source", "out", "overwrite"), fill=_fill_convert, output="convert", optional=False,
     ),
     Stage(
-        "finetune", FinetuneOptions, _finetune, "finetune", "Heal a converted model by distillation from its source.",
+        "finetune", FinetuneOptions, "finetune", "Heal a converted model by distillation from its source.",
         "Distillation from the source, the exit-aware loss and the zero token's exit objective. Resumable "
         "(--resume), Ctrl-C saves; runs under torchrun as well. The run lives in OUT.partial/ (checkpoint, "
         "train_log.jsonl) until it finishes.",
@@ -185,7 +156,7 @@ STAGES: tuple[Stage, ...] = (
         resumable=True,
     ),
     Stage(
-        "calibrate", CalibrateOptions, _calibrate, "calibrate",
+        "calibrate", CalibrateOptions, "calibrate",
         "Choose the early-exit threshold that reaches a target speedup.",
         "Sweeps exit thresholds on calibration text and writes the one that reaches the target with the least "
         "quality loss into the checkpoint (config.json, calibration.json, calibration.png), or into a calibrated "
@@ -197,7 +168,7 @@ STAGES: tuple[Stage, ...] = (
         output="calibrate",
     ),
     Stage(
-        "eval", EvalOptions, _eval, "evaluate", "Score a checkpoint with lm-evaluation-harness, early exit active.",
+        "eval", EvalOptions, "evaluate", "Score a checkpoint with lm-evaluation-harness, early exit active.",
         "Early exit runs at the calibrated threshold. With --compare SRC the source is scored on the same tasks and "
         "each metric's recovery is shown (≥ 1: as good as the source); --min-recovery R makes the command exit 1 "
         "when any falls below R. Results go to CHECKPOINT/eval.json (or --output) and a stage in ztt.json.",
@@ -208,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
         filled=("checkpoint", "output"), fill=_fill_eval, output="eval.json", passes_checkpoint=False,
     ),
     Stage(
-        "export", ExportOptions, _export, "export", "Write a checkpoint for others to load.",
+        "export", ExportOptions, "export", "Write a checkpoint for others to load.",
         "Sharded safetensors, tokenizer, generation config and a model card with the layout, calibration and eval "
         "results. remote-code adds the modeling code so that transformers loads it with trust_remote_code=True "
         "where ztt is not installed.",
@@ -219,7 +190,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 GENERATE = Command(
-    "generate", GenerateOptions, _generate, "stream",
+    "generate", GenerateOptions, "stream",
     "Stream generated text, each token coloured by the cycles it ran.",
     "Early exit at the calibrated threshold unless --threshold or --full-depth.",
     positional=("checkpoint", "prompt"),
