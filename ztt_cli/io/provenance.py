@@ -68,11 +68,6 @@ def append_stage(folder: Path, stage: str, options, metrics: dict | None = None,
     return record
 
 
-def last_stage(prov: dict, name: str) -> dict | None:
-    stages = [s for s in prov.get("stages", []) if s.get("stage") == name]
-    return stages[-1] if stages else None
-
-
 # ----------------------------------------------------------------------------- the model card
 
 
@@ -103,12 +98,13 @@ class Card:
     def plain(self) -> bool:
         return self.fmt == "plain"
 
+    def records(self, stage: str) -> list[dict]:
+        """The stage's records, oldest first."""
+        return [s for s in self.prov.get("stages", []) if s.get("stage") == stage]
+
     def last(self, stage: str) -> dict:
         """The stage's latest record, or an empty one."""
-        return last_stage(self.prov, stage) or {}
-
-    def records(self, stage: str) -> list[dict]:
-        return [s for s in self.prov.get("stages", []) if s.get("stage") == stage]
+        return (self.records(stage) or [{}])[-1]
 
 
 @dataclass(frozen=True)
@@ -120,13 +116,20 @@ class CardSection:
 
 
 CardSections = Callable[[Card], Sequence[CardSection]]
-_card_sections: list[CardSections] = []
+
+
+def _no_sections(card: Card) -> Sequence[CardSection]:
+    return ()
+
+
+_card_sections: CardSections = _no_sections  # until the stage registry installs its own
 
 
 def use_card_sections(sections: CardSections) -> None:
     """Install what renders every stage's part of a card, in stage order (the stage registry does,
     when it is imported: provenance renders cards and knows no stage)."""
-    _card_sections[:] = [sections]
+    global _card_sections
+    _card_sections = sections
 
 
 def _load_lines(name: str, fmt: str) -> list[str]:
@@ -142,7 +145,7 @@ def model_card(name: str, prov: dict, config: dict, fmt: str = "hf", dtype: str 
     """The card of a checkpoint named ``name``, from its provenance and (ztt) config alone: its
     first lines, each stage's section (``use_card_sections``), the provenance and the recipe."""
     card = Card(prov, config, fmt, dtype)
-    sections = [part for render in _card_sections for part in render(card)]
+    sections = _card_sections(card)
     source = prov.get("source", {})
     size = f" ({source['parameters']:,} parameters, {source['layers']} layers)" if "parameters" in source else ""
     sha = f" (sha256 of the source weights `{source['sha256']}`)" if source.get("sha256") else ""

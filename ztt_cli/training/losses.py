@@ -62,7 +62,8 @@ def exit_target(exit_logits, full_logits):
 
 
 def exit_objective(signal: torch.Tensor, target: torch.Tensor, form: str = "rank") -> torch.Tensor:
-    """How far the zero attention ``signal`` is from ``target`` = exp(-KL(exit || full)), per token.
+    """How far an exit ``signal`` in [0, 1] (the zero attention p0, or another trained signal) is from
+    ``target`` = exp(-KL(exit || full)), per token. Below, p0 stands for the signal.
 
     ``bce``: binary cross-entropy, pulling p0 to the target's level (its gradient wrt the zero
     logit, p0 - target, does not vanish while p0 is small). Targets are often near 1, and p0 also
