@@ -2,6 +2,7 @@ import pytest
 
 from ztt_cli.errors import LayoutError
 from ztt_cli.model.layout import Layout
+from ztt_cli.surgery.strategies import source_layers
 
 
 @pytest.mark.parametrize(
@@ -56,11 +57,11 @@ def test_slots_and_bound():
 
 def test_init_strategies_pick_documented_layers():
     lay = Layout(2, 3, 2, 1)  # 9 layers, middle span m = source layers 2..7
-    assert lay.source_layers(9, "lower")[2:5] == [[2], [3], [4]]
-    assert lay.source_layers(9, "upper")[2:5] == [[5], [6], [7]]
-    assert lay.source_layers(9, "stepwise")[2:5] == [[2], [4], [6]]
-    assert lay.source_layers(9, "average")[2:5] == [[2, 5], [3, 6], [4, 7]]
-    assert lay.source_layers(9, "lower")[:2] == [[0], [1]] and lay.source_layers(9, "lower")[5:] == [[8]]
+    assert source_layers(lay, 9, "lower")[2:5] == [[2], [3], [4]]
+    assert source_layers(lay, 9, "upper")[2:5] == [[5], [6], [7]]
+    assert source_layers(lay, 9, "stepwise")[2:5] == [[2], [4], [6]]
+    assert source_layers(lay, 9, "average")[2:5] == [[2, 5], [3, 6], [4, 7]]
+    assert source_layers(lay, 9, "lower")[:2] == [[0], [1]] and source_layers(lay, 9, "lower")[5:] == [[8]]
 
 
 def test_parse_is_the_inverse_of_str():

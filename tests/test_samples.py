@@ -58,7 +58,7 @@ def test_a_mix_gives_each_part_its_share_of_training_tokens(tmp_path, cache_dir)
     assert mixed.val.shape[0] == a.val.shape[0] + prepare(small, tok, 32, 0.1, 0).val.shape[0]  # each part's own share
     weighted = prepare(f"{big}*3+{small}", tok, 32, 0.1, 0)
     assert weighted.train.shape[0] == round(n_a * 4 / 3)  # 3 : 1
-    with pytest.raises(DataError, match="only `ztt finetune` makes it"):
+    with pytest.raises(DataError, match="only `ztt finetune` and `ztt convert --fit` make it"):
         prepare("source-samples:1k", tok, 32)  # calibrate and eval get no sampler
 
 
@@ -140,7 +140,8 @@ def test_recipes_list_the_parts_of_a_mix_and_errors_are_one_line(ckpt, tmp_path)
         assert result.exit_code == 2 and fragment in result.output.strip().splitlines()[0], result.output
         assert not (tmp_path / "x").exists()
     result = cli("calibrate", ckpt / "ztt", "--data", "source-samples:1k", "--target-speedup", 1.1)
-    assert result.exit_code == 2 and "only `ztt finetune` makes it" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "only `ztt finetune` and `ztt convert --fit` make it" in result.output, result.output
 
 
 def test_torchrun_ranks_sample_their_own_batches(ckpt, tmp_path):

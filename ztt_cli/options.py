@@ -23,8 +23,8 @@ from pydantic import (
 from .device import valid_device
 from .io.checkpoint import TORCH_DTYPE_NAMES, parse_size
 from .io.specs import DataError, parse_spec
-from .model.layout import GROW, INIT_STRATEGIES
 from .model.signals import SIGNALS
+from .surgery.strategies import GROW, INIT_STRATEGIES
 
 InitChoice = Literal[("auto", *INIT_STRATEGIES, GROW)]  # type: ignore[valid-type]
 
@@ -62,6 +62,18 @@ def stage_key_options(opts: BaseModel) -> dict:
         if (info.json_schema_extra or {}).get("added") and getattr(opts, name) == info.default:
             dump.pop(name, None)
     return dump
+
+
+def _data_spec(value):
+    """A data spec, checked; a recipe may list the parts of a mix: [shakespeare, source-samples:30k] =
+    shakespeare+source-samples:30k."""
+    value = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    if isinstance(value, str):
+        try:
+            parse_spec(value)
+        except DataError as e:
+            raise ValueError(e.message) from None
+    return value
 
 
 def describe_error(err: dict) -> str:
@@ -118,9 +130,25 @@ class ConvertOptions(BaseModel):
     calib_data: Path | None = Field(
         None, description="text file for --init auto, --init grow and --drop (default: built-in Shakespeare)"
     )
+    fit: bool = added_option(
+        False, description="--drop: fit each run of removed layers to the source's activations before writing, a "
+        "least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no parameter added)"
+    )
+    fit_data: str | None = added_option(
+        None, description="text the fit runs the source on: calibration, shakespeare, a file or folder, "
+        "source-samples:N, or a mix with + (default: the calibration text, --calib-data if given)"
+    )
+    fit_tokens: int = added_option(16384, ge=1, description="calibration tokens the fit reads (at most)")
+    fit_window: int = added_option(512, ge=8, description="tokens per fitting window")
+    fit_ridge: float = added_option(
+        1e-3, gt=0, description="ridge term of the fit, relative to the mean of diag(MᵀM); the map is I + D with "
+        "the penalty on D, so a large value gives back the plain drop"
+    )
     calib_windows: int = Field(4, ge=1, description="calibration windows for --init auto")
     calib_tokens: int = Field(256, ge=8, description="tokens per calibration window")
     overwrite: bool = Field(False, description="replace --out if it exists")
+
+    _fit_data = field_validator("fit_data", mode="before")(lambda value: _data_spec(value))
 
     @field_serializer("dtype")
     def _recorded_dtype(self, value: str) -> str:
@@ -174,17 +202,7 @@ class FinetuneOptions(BaseModel):
     precision: Precision = Field("fp32", description="bf16 autocast (GPUs) or fp32 (bfloat16, float32 also accepted)")
     grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
 
-    @field_validator("data", mode="before")
-    @classmethod
-    def _mixed(cls, value):
-        """A recipe may list the parts of a mix: [shakespeare, source-samples:30k] = shakespeare+source-samples:30k."""
-        value = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        if isinstance(value, str):
-            try:
-                parse_spec(value)
-            except DataError as e:
-                raise ValueError(e.message) from None
-        return value
+    _data = field_validator("data", mode="before")(lambda value: _data_spec(value))
 
     @property
     def effective_pool_lr(self) -> float:

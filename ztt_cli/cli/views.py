@@ -59,6 +59,22 @@ def draw_layout(layout) -> Text:
     return row
 
 
+def fit_summary(fit: dict) -> str:
+    """What ``--fit`` did, in one line: the gaps' hidden-state errors and the perplexity it moved."""
+    fitted = [g for g in fit["gaps"] if g["fitted"]]
+    errors = ", ".join(f"layers {_span(g['removed'])} {g['error_before']:.3f} → {g['error_after']:.3f}" for g in fitted)
+    skipped = [g for g in fit["gaps"] if not g["fitted"]]
+    left = "".join(f"; layers {_span(g['removed'])} left plain ({g['note']})" for g in skipped)
+    plural = "" if len(fitted) == 1 else "s"
+    return (f"fitted {len(fitted)} gap{plural} on {fit['tokens']:,} tokens of {fit['data']} in {fit['seconds']:.1f} s: "
+            f"hidden-state error {errors}{left}; calibration perplexity {fit['perplexity_before']:.2f} → "
+            f"{fit['perplexity_after']:.2f}")
+
+
+def _span(layers: list[int]) -> str:
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}–{layers[-1]}"
+
+
 def convert(command: Command, opts, execute: Execute) -> None:
     result = spinner("converting", execute)
     lay = result.layout
@@ -87,6 +103,8 @@ def convert(command: Command, opts, execute: Execute) -> None:
     elif result.dropped:
         out.print(f"dropped source layers [bold]{', '.join(map(str, result.dropped))}[/] ({opts.select}); "
                   "a one-cycle model of the kept layers, no zero token")
+        if result.fit:
+            out.print(fit_summary(result.fit))
     elif result.init_scores:
         scores = ", ".join(f"{k} {v:.1f}" for k, v in result.init_scores.items())
         out.print(f"init [bold]{result.init}[/] (calibration perplexity: {scores})")

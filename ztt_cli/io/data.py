@@ -1,8 +1,9 @@
 """Training text: load documents, tokenise, pack into fixed-length blocks, split by document.
 
-A data spec is the built-in name ``shakespeare``, a local ``.txt`` / ``.jsonl`` / ``.parquet``
-file or a folder of them (read with ``datasets``' loaders), a ``datasets`` hub name, or
-``source-samples:N``: N tokens sampled from the source model (``samples.py``; healing only).
+A data spec is a built-in name, ``shakespeare`` (every play but The Tempest) or ``calibration``
+(the calibration play), a local ``.txt`` / ``.jsonl`` / ``.parquet`` file or a folder of them
+(read with ``datasets``' loaders), a ``datasets`` hub name, or ``source-samples:N``: N tokens
+sampled from the source model (``samples.py``; healing and convert's fit).
 Packed blocks are cached by a digest of the documents, the tokenizer and the options.
 
 Specs mix with ``+`` (a list in recipes): ``shakespeare+source-samples:30k``. The unit is the
@@ -25,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from ..errors import OfflineError
 from .assets import cache_dir
 from .specs import SPEC_PREFIX, DataError, Part, parse_spec
-from .texts import HELD_OUT, TEXT_START, read_text
+from .texts import HELD_OUT, TEXT_START, calibration_text, read_text
 
 __all__ = ["DataError", "Part", "PackedData", "parse_spec", "prepare", "batch_indices", "load_documents"]
 
+CALIBRATION = "calibration"  # the built-in calibration play (convert's block influence and fit)
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -75,7 +77,7 @@ def _load_with_datasets(files: list[Path], text_field: str) -> list[Document]:
 
 
 def _samples_not_here(spec: str) -> DataError:
-    return DataError(f"'{spec}' is healing data sampled from the source: only `ztt finetune` makes it",
+    return DataError(f"'{spec}' is text sampled from the source: only `ztt finetune` and `ztt convert --fit` make it",
                      hint="give text here: shakespeare, a .txt/.jsonl/.parquet file or folder, or a hub dataset")
 
 
@@ -84,6 +86,8 @@ def load_documents(spec: str, text_field: str = "text") -> list[Document]:
         raise _samples_not_here(spec)
     if spec == "shakespeare":
         docs = shakespeare_documents()
+    elif spec == CALIBRATION:
+        docs = [Document(CALIBRATION, calibration_text())]
     else:
         path = Path(spec).expanduser()
         if path.is_file():

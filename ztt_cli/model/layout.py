@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import LayoutError
-
-# How the shared block is initialised: for block layer j of K applied C times over the middle span
-# m0.., the source layers whose weights it takes (averaged if several). ``--init auto`` tries each,
-# in this order; a new strategy is one entry here.
-INIT_STRATEGIES: dict[str, Callable[[int, int, int, int], list[int]]] = {
-    "lower": lambda j, m0, k, c: [m0 + j],
-    "upper": lambda j, m0, k, c: [m0 + k * (c - 1) + j],
-    "stepwise": lambda j, m0, k, c: [m0 + j * c],  # evenly spaced (Relaxed Recursive Transformers)
-    "average": lambda j, m0, k, c: [m0 + j + k * i for i in range(c)],
-}
-
-GROW = "grow"  # the unique layers are a block-influence drop's kept layers; added cycles are gated
 
 
 @dataclass(frozen=True)
@@ -87,16 +74,11 @@ class Layout:
             first.setdefault(slot.unique, slot.attribute)
         return [first[u] for u in range(self.unique_layers)]
 
-    def source_layers(self, n_layers: int, init: str) -> list[list[int]]:
-        """For each unique layer, the source layers its weights come from (averaged if several).
-
-        The middle span m_0..m_{K*C-1} is source layers head..n_layers-tail-1."""
-        block = INIT_STRATEGIES[init]
-        return (
-            [[i] for i in range(self.head)]
-            + [block(j, self.head, self.block, self.cycles) for j in range(self.block)]
-            + [[n_layers - self.tail + i] for i in range(self.tail)]
-        )
+    def unique_sources(self, n_layers: int) -> list[int]:
+        """For each unique layer, the source layer it is built around: the head, the lower middle
+        layers, the tail (what an init strategy then loads, see ``surgery/strategies.py``)."""
+        return ([*range(self.head)] + [self.head + j for j in range(self.block)]
+                + [n_layers - self.tail + i for i in range(self.tail)])
 
     @classmethod
     def for_source(

@@ -310,7 +310,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         else:
             family = family_for(source)
             by_index = list(family.layer_list(source))
-            unique = [by_index[src[0]] for src in layout.source_layers(len(by_index), "lower")]
+            unique = [by_index[i] for i in layout.unique_sources(len(by_index))]
         source.config.num_hidden_layers = layout.depth
         for name in per_layer_lists(text_config):  # per unrolled position, as text_config gives them
             setattr(source.config, name, list(getattr(text_config, name)))

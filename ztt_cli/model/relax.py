@@ -7,7 +7,8 @@ shared ones. Rank 0 is pure sharing; full rank with fitted deltas reproduces the
 position replaced.
 
 Initialisation, per position: where it replaces a source layer, ``W_source - W_shared`` by
-truncated SVD (B = U_r·Σ_r, A = V_rᵀ) and the 1-D parameters' differences; elsewhere (a grown
+truncated SVD (B = U_r·Σ_r, A = V_rᵀ) and the 1-D parameters' differences (a conversion does
+that: ``surgery/init.py``); elsewhere (a grown
 model's positions, or a position whose source layer *is* the shared one) B = 0 and A random,
 as in LoRA. On a grown model's added cycles B = 0 and the gate g = 0 scale each other out:
 neither B nor A gets a gradient until g moves.
@@ -31,12 +32,12 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def _as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """The weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
     return weight.t() if isinstance(module, Conv1D) else weight
 
 
-def _key(name: str) -> str:
+def delta_key(name: str) -> str:
     return name.replace(".", "-")
 
 
@@ -50,12 +51,12 @@ class PositionDeltas(nn.Module):
         self.vectors = [name for name, p in layer.named_parameters() if p.dim() == 1]
         self.A, self.B, self.d = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         for name, m in self.linears.items():
-            out_f, in_f = _as_out_in(m, m.weight).shape
-            self.A[_key(name)] = nn.Parameter(torch.empty(cycles, rank, in_f))
-            self.B[_key(name)] = nn.Parameter(torch.empty(cycles, out_f, rank))
+            out_f, in_f = as_out_in(m, m.weight).shape
+            self.A[delta_key(name)] = nn.Parameter(torch.empty(cycles, rank, in_f))
+            self.B[delta_key(name)] = nn.Parameter(torch.empty(cycles, out_f, rank))
         params = dict(layer.named_parameters())
         for name in self.vectors:
-            self.d[_key(name)] = nn.Parameter(torch.empty(cycles, *params[name].shape))
+            self.d[delta_key(name)] = nn.Parameter(torch.empty(cycles, *params[name].shape))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,33 +68,16 @@ class PositionDeltas(nn.Module):
             p.zero_()
 
     @torch.no_grad()
-    def fit(self, cycle: int, layer: nn.Module, target: dict[str, torch.Tensor]) -> None:
-        """Start position ``cycle`` at the source layer whose state is ``target``."""
-        c = cycle - 1
-        for name, m in self.linears.items():
-            diff = (_as_out_in(m, target[f"{name}.weight"]) - _as_out_in(m, m.weight)).float()
-            if not diff.any():
-                continue  # the shared layer is the target: keep the LoRA start
-            u, s, vh = torch.linalg.svd(diff, full_matrices=False)
-            r = min(self.A[_key(name)].shape[1], s.shape[0])
-            self.B[_key(name)][c].zero_()
-            self.B[_key(name)][c, :, :r] = u[:, :r] * s[:r]
-            self.A[_key(name)][c, :r] = vh[:r]
-        params = dict(layer.named_parameters())
-        for name in self.vectors:
-            self.d[_key(name)][c] = target[name] - params[name]
-
-    @torch.no_grad()
     def merged(self, cycle: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The shared layer's ``state`` with position ``cycle``'s deltas folded in (``W + B·A``, and
         the 1-D differences added): the entries that change."""
         c, out = cycle - 1, {}
         for name, m in self.linears.items():
             w = state[f"{name}.weight"]
-            delta = (self.B[_key(name)][c].float() @ self.A[_key(name)][c].float())
-            out[f"{name}.weight"] = (w.float() + _as_out_in(m, delta)).to(w.dtype)
+            delta = (self.B[delta_key(name)][c].float() @ self.A[delta_key(name)][c].float())
+            out[f"{name}.weight"] = (w.float() + as_out_in(m, delta)).to(w.dtype)
         for name in self.vectors:
-            out[name] = (state[name].float() + self.d[_key(name)][c].float()).to(state[name].dtype)
+            out[name] = (state[name].float() + self.d[delta_key(name)][c].float()).to(state[name].dtype)
         return out
 
 
@@ -107,7 +91,7 @@ class Relaxation(nn.Module):
         self._cycle: int | None = None
         for j, layer in enumerate(block_layers):
             for name, module in self.positions[j].linears.items():
-                module.register_forward_hook(self._delta_hook(j, _key(name)))
+                module.register_forward_hook(self._delta_hook(j, delta_key(name)))
 
     def _delta_hook(self, j: int, key: str):
         def add_delta(module, args, output):
@@ -126,7 +110,7 @@ class Relaxation(nn.Module):
         own = {}
         for name in pos.vectors:  # the layer's 1-D parameters, by name (no dict of all of them per call)
             shared = layer.get_parameter(name)
-            own[name] = shared + pos.d[_key(name)][cycle - 1].to(shared.dtype)
+            own[name] = shared + pos.d[delta_key(name)][cycle - 1].to(shared.dtype)
         self._cycle = cycle
         try:
             return torch.func.functional_call(layer, own, args, kwargs, strict=False)

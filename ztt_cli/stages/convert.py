@@ -7,20 +7,26 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import LayoutError, SourceError, ZTTError
 from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
+from ..io.data import CALIBRATION, prepare
 from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
+from ..io.samples import Sampling, source_samples
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
 from ..model.architecture import family_for, remap_layers
-from ..model.layout import GROW, INIT_STRATEGIES, Layout
+from ..model.layout import Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..options import ConvertOptions
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
+from ..surgery.fit import DropFit, apply_drop_fit, fit_drop
+from ..surgery.init import load_block
+from ..surgery.strategies import GROW
 from ..training.quality import perplexity
 
 
@@ -38,6 +44,7 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     block_influence: list[float] | None = None
+    fit: dict | None = None  # what --fit did (``FitReport.record``)
 
     @property
     def saved_fraction(self) -> float:
@@ -109,28 +116,28 @@ def _one_cycle(n_layers: int) -> Layout:
     return Layout(head, n_layers - head - tail, 1, tail)
 
 
+def _calibration_text(opts: ConvertOptions) -> str:
+    if opts.calib_data is None:
+        return calibration_text()
+    if not opts.calib_data.is_file():
+        raise SourceError(f"no such calibration file: '{opts.calib_data}'", hint="give a plain-text file")
+    return read_text(opts.calib_data)
+
+
 def _calibration_windows(opts: ConvertOptions, tokenizer, max_positions: int | None) -> torch.Tensor:
-    if opts.calib_data is not None:
-        if not opts.calib_data.is_file():
-            raise SourceError(f"no such calibration file: '{opts.calib_data}'", hint="give a plain-text file")
-        text = read_text(opts.calib_data)
-    else:
-        text = calibration_text()
     window = min(opts.calib_tokens, max_positions or opts.calib_tokens)
     try:
-        return token_windows(tokenizer, text, opts.calib_windows, window)
+        return token_windows(tokenizer, _calibration_text(opts), opts.calib_windows, window)
     except ValueError as e:
         raise ZTTError(f"calibration text too short: {e}", hint="give a longer --calib-data file") from None
 
 
-def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if len(states) == 1:
-        return states[0]
-    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
-
-
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
+    if opts.fit and opts.drop is None:
+        raise LayoutError("{fit} fits the runs of layers a drop removes, and this conversion drops none",
+                          hint="give {drop} N with {fit} (fits of shared and grown positions are not built yet)",
+                          fields=("fit", "drop"))
     if opts.drop is None:
         layout = Layout.for_source(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
         if opts.relax_rank and layout.cycles == 1:
@@ -176,20 +183,93 @@ def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Lay
         windows = _calibration_windows(opts, tokenizer, getattr(config, "max_position_embeddings", None))
     progress(Event.status("loading source weights"))
     model = sources.load_model(src.folder, torch_dtype(opts.dtype))
+    if opts.relax_rank:
+        _check_rank(opts.relax_rank, family.layer_list(model)[0])
     params = sum(p.numel() for p in model.parameters())
     return _Source(src, config, family, tokenizer, model, windows, params), layout
 
 
+def _check_rank(rank: int, layer: torch.nn.Module) -> None:
+    """A relaxation delta of rank r on a weight of shape (out, in) can use at most min(out, in): a rank
+    above that of every linear weight buys nothing."""
+    largest = max(min(m.weight.shape) for m in layer.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    if rank > largest:
+        raise LayoutError(f"{{relax_rank}} {rank} is above the rank of every linear weight of this model (at most "
+                          f"{largest})", hint=f"choose {{relax_rank}} of at most {largest} (that is full rank)",
+                          fields=("relax_rank",))
+
+
 def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None,
-                   progress: Progress) -> tuple[list[int], list[float] | None]:
-    """Remove ``n_drop`` source layers as ``--select`` chooses them: (removed, block influence)."""
+                   progress: Progress) -> tuple[list[int], list[float] | None, dict | None]:
+    """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if ``--fit``: (removed,
+    block influence, the fit's record)."""
     influence = None
     if opts.select == "block-influence":
         progress(Event.status("measuring block influence"))
         influence = block_influence(source.model, source.family, source.windows)
     dropped = dropped_layers(source.config.num_hidden_layers, n_drop, opts.select, tail, influence)
+    fit, windows = None, None
+    if opts.fit:  # on the full source: its own activations
+        windows, data = _fit_windows(opts, source, progress)
+        progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
+        fit = fit_drop(source.model, source.family, dropped, windows, opts.fit_ridge, data)
     keep_layers(source.model, source.family, dropped)
-    return dropped, influence
+    if fit is not None:
+        _apply_fit(source, fit, dropped, windows, progress)
+    return dropped, influence, fit.report.record() if fit else None
+
+
+PERPLEXITY_WINDOWS = 16  # calibration windows the fit's before/after perplexity is measured on
+
+
+def _apply_fit(source: _Source, fit: DropFit, dropped: list[int], windows: torch.Tensor,
+               progress: Progress) -> None:
+    kept = [i for i in range(source.config.num_hidden_layers) if i not in dropped]
+    shown = windows[:PERPLEXITY_WINDOWS]
+    progress(Event.status("measuring the plain drop"))
+    fit.report.perplexity_before = perplexity(source.model, shown)
+    apply_drop_fit(source.model, source.family, fit, kept)
+    fit.report.perplexity_after = perplexity(source.model, shown)
+    fit.report.perplexity_windows = shown.shape[0]
+
+
+def _fit_windows(opts: ConvertOptions, source: _Source, progress: Progress) -> tuple[torch.Tensor, str]:
+    """The fit's calibration windows [n, window], drawn from ``--fit-data`` (seeded), and what they are."""
+    window = min(opts.fit_window, getattr(source.config, "max_position_embeddings", None) or opts.fit_window)
+    n = -(-opts.fit_tokens // window)
+    if opts.fit_data is None:
+        label = str(opts.calib_data) if opts.calib_data is not None else CALIBRATION
+        try:
+            windows = token_windows(source.tokenizer, _calibration_text(opts), n, window)
+        except ValueError:
+            windows = torch.zeros(0, window, dtype=torch.long)
+    else:
+        label = opts.fit_data
+        progress(Event.status(f"reading {label}"))
+        blocks = prepare(opts.fit_data, source.tokenizer, window, val_fraction=0, seed=opts.seed,
+                         samples=_source_sampler(opts, source, progress)).train
+        order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(opts.seed))[:n]
+        windows = blocks[order.sort().values]
+    hidden = source.config.hidden_size
+    if windows.numel() < hidden:
+        raise ZTTError(f"{{fit_data}} gives {windows.numel()} tokens in windows of {window}, fewer than the model's "
+                       f"hidden size {hidden}: too little text to fit a map",
+                       hint="give more text with {fit_data}, or more {fit_tokens}", fields=("fit_data", "fit_tokens"))
+    return windows, label
+
+
+def _source_sampler(opts: ConvertOptions, source: _Source, progress: Progress):
+    """``source-samples:N`` in --fit-data: text sampled from the source itself (cached like healing's)."""
+    def sample(n_tokens: int, seq_len: int) -> torch.Tensor:
+        param = next(source.model.parameters())
+        sampling = Sampling(source.ref.sha256, seq_len, opts.seed, dtype=str(param.dtype).removeprefix("torch."),
+                            device=param.device.type)
+
+        def shown(done: int, total: int) -> None:
+            progress(Event("progress", "sampling from the source", step=done, total=total))
+
+        return source_samples(source.model, source.tokenizer.all_special_ids, n_tokens, sampling, progress=shown)
+    return sample
 
 
 def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausalLM:
@@ -219,37 +299,13 @@ def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausa
 
 def _initialise(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layout: Layout, layers: list,
                 progress: Progress) -> tuple[str, dict[str, float]]:
-    """Load the shared block from the middle layers: the strategy asked for, or (auto) the best one.
-    ``layers`` are the source's layers (after a drop, the kept ones), in order."""
-    # the block modules are the source's lower middle layers; other strategies overwrite them,
-    # so keep their own weights first
-    block = range(layout.head, layout.head + layout.block)
-    own = {i: {k: v.clone() for k, v in layers[i].state_dict().items()} for i in block} if opts.init != "lower" else {}
-
-    def use(strategy: str) -> None:
-        plan = layout.source_layers(len(layers), strategy)[layout.head : layout.head + layout.block]
-        for j, ids in enumerate(plan):
-            states = [own[i] if i in own else layers[i].state_dict() for i in ids]
-            ztt.layers[layout.head + j].load_state_dict(_mean_state(states))
-
-    scores: dict[str, float] = {}
+    """Load the shared block from the source's ``layers`` (after a drop, the kept ones): the
+    strategy asked for, or (auto) the best one by calibration perplexity."""
     if opts.init == GROW:  # the unique layers are the kept source layers as they are
-        return GROW, scores
+        return GROW, {}
     init = "lower" if opts.drop is not None else opts.init  # one cycle: every strategy is the identity
-    if init == "auto":
-        for strategy in INIT_STRATEGIES:
-            progress(Event.status(f"trying --init {strategy}"))
-            use(strategy)
-            scores[strategy] = perplexity(ztt, source.windows)
-        init = min(scores, key=scores.get)
-    use(init)
-    if ztt.relax is not None:  # each position starts at the source layer it replaces (truncated SVD)
-        for slot in layout.slots():
-            if slot.cycle is not None:
-                i = slot.index  # the source layer at this unrolled position
-                target = own[i] if i in own else layers[i].state_dict()
-                ztt.relax.positions[slot.position].fit(slot.cycle, ztt.layers[slot.unique], target)
-    return init, scores
+    return load_block(ztt, layout, layers, init, score=lambda: perplexity(ztt, source.windows),
+                      on_try=lambda strategy: progress(Event.status(f"trying --init {strategy}")))
 
 
 def _provenance(opts: ConvertOptions, source: _Source, result: ConvertResult) -> dict:
@@ -257,6 +313,8 @@ def _provenance(opts: ConvertOptions, source: _Source, result: ConvertResult) ->
     metrics = {"init": result.init, "init_perplexity": result.init_scores, "parameters": result.params}
     if result.dropped:
         metrics.update(dropped_layers=result.dropped, select=opts.select, block_influence=result.block_influence)
+    if result.fit:
+        metrics["fit"] = result.fit
     return {
         "format": 1,
         "source": {
@@ -275,19 +333,19 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     max_shard = parse_size(opts.shard_size)
     source, layout = _load_source(opts, progress)
     n_layers = source.config.num_hidden_layers
-    dropped, influence = [], None
+    dropped, influence, fit = [], None, None
     if opts.drop is not None:
-        dropped, influence = _remove_layers(opts, source, opts.drop, opts.tail, progress)
+        dropped, influence, fit = _remove_layers(opts, source, opts.drop, opts.tail, progress)
         layout = _one_cycle(n_layers - opts.drop)
     elif opts.init == GROW and layout.unique_layers < n_layers:
-        dropped, influence = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress)
+        dropped, influence, _ = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress)
     layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
     ztt = _build(opts, source, layout)
     init, scores = _initialise(opts, ztt, source, layout, layers, progress)
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
-        dropped=dropped, block_influence=influence,
+        dropped=dropped, block_influence=influence, fit=fit,
     )
     progress(Event.status(f"writing {opts.out}"))
     with atomic_dir(opts.out, opts.overwrite) as tmp:

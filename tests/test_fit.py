@@ -1,0 +1,184 @@
+"""`ztt convert --drop N --fit`: each run of removed layers fitted to the source's activations
+(a least-squares map shrunk to the identity, folded into the kept layer before it)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ztt_cli.errors import LayoutError, UnsupportedArchitectureError, ZTTError
+from ztt_cli.model.architecture import family_for
+from ztt_cli.model.unroll import to_plain
+from ztt_cli.options import ConvertOptions
+from ztt_cli.stages.convert import convert
+from ztt_cli.surgery.fit import Gap, gaps
+
+from .fixtures import cli, save_source, source_model, token_ids, tokenizer
+
+FIT = dict(fit=True, fit_tokens=2048, fit_window=64)
+
+
+def _convert(src, out, calib_file, **options):
+    return convert(ConvertOptions(source=str(src), out=out, drop=2, calib_data=calib_file, calib_tokens=32,
+                                  **{**FIT, **options}))
+
+
+def _logits(folder, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gaps_are_the_runs_of_removed_layers():
+    assert gaps([7, 2, 3, 4, 12]) == [Gap((2, 3, 4), 1), Gap((7,), 6), Gap((12,), 11)]
+    assert gaps([0, 1, 5]) == [Gap((0, 1), None), Gap((5,), 4)]  # a run at the embeddings: nothing before it
+    assert gaps([0, 1, 5])[1].end == 6
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_a_huge_ridge_term_gives_back_the_plain_drop(family, tmp_path, calib_file):
+    """The map is I + D with the penalty on D: as the ridge term grows, D goes to 0."""
+    src = save_source(family, tmp_path / "src")
+    plain = convert(ConvertOptions(source=str(src), out=tmp_path / "plain", drop=2, calib_data=calib_file,
+                                   calib_tokens=32))
+    fitted = _convert(src, tmp_path / "fitted", calib_file, fit_ridge=1e12)
+    assert fitted.dropped == plain.dropped
+    ids = token_ids()
+    torch.testing.assert_close(_logits(tmp_path / "fitted", ids), _logits(tmp_path / "plain", ids),
+                               rtol=1e-5, atol=1e-5)
+    changed = _convert(src, tmp_path / "changed", calib_file)
+    assert changed.weights_sha256 != plain.weights_sha256
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
+def test_the_fit_never_raises_the_error_at_a_gap(family, tmp_path, calib_file):
+    """On its calibration windows each gap's hidden-state error after the fit is at most the plain
+    drop's; the first gap's is measured here from the models themselves (the layers before it are
+    the source's, so the fitted drop hands layer e + 1 exactly h_s + M·D)."""
+    src = save_source(family, tmp_path / "src")
+    result = convert(ConvertOptions(source=str(src), out=tmp_path / "fitted", drop=2, select="contiguous", tail=1,
+                                    calib_data=calib_file, **FIT))
+    fit = result.fit
+    assert fit["tokens"] == 2048 and fit["windows"] == 32 and fit["seconds"] > 0
+    for gap in fit["gaps"]:
+        assert gap["fitted"] and gap["error_after"] <= gap["error_before"] + 1e-9, gap
+    assert fit["gaps"][0]["error_after"] < 0.95 * fit["gaps"][0]["error_before"]
+    recorded = json.loads((tmp_path / "fitted" / "ztt.json").read_text())["stages"][0]["metrics"]["fit"]
+    assert recorded["gaps"] == fit["gaps"] and recorded["perplexity_after"] == fit["perplexity_after"]
+
+    # the state entering the layer after the gap (source layer 5), on the calibration windows
+    gap = fit["gaps"][0]
+    assert gap["removed"] == [3, 4] and gap["into"] == 2
+    from ztt_cli.io.texts import read_text, token_windows
+
+    windows = token_windows(tokenizer(), read_text(calib_file), 32, 64)
+
+    def entering(model, index):
+        seen = []
+        layer = family_for(model).layer_list(model)[index]
+        handle = layer.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).double()),
+            with_kwargs=True)
+        with torch.no_grad():
+            for ids in windows.split(8):
+                model(input_ids=ids)
+        handle.remove()
+        return torch.cat(seen)
+
+    target = entering(source_model(family), 5)
+    fitted = to_plain(AutoModelForCausalLM.from_pretrained(tmp_path / "fitted").eval())
+    got = entering(fitted, 3)  # kept layers 0 1 2 5: the fourth position
+    after = float((got - target).norm() / target.norm())
+    assert after == pytest.approx(gap["error_after"], rel=1e-3)
+
+
+def test_a_run_at_the_embeddings_stays_a_plain_drop(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    result = convert(ConvertOptions(source=str(src), out=tmp_path / "a", drop=3, select="contiguous", tail=3,
+                                    calib_data=calib_file, **FIT))
+    (gap,) = result.fit["gaps"]
+    assert gap["removed"] == [0, 1, 2] and gap["into"] is None and not gap["fitted"]
+    assert "embeddings" in gap["note"]
+    convert(ConvertOptions(source=str(src), out=tmp_path / "b", drop=3, select="contiguous", tail=3))
+    ids = token_ids()
+    torch.testing.assert_close(_logits(tmp_path / "a", ids), _logits(tmp_path / "b", ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_fitted_drop_exports_plain_with_equal_logits(family, tmp_path, calib_file):
+    """No parameter is added: the fitted drop is a plain model of its family with fewer layers."""
+    src = save_source(family, tmp_path / "src")
+    result = _convert(src, tmp_path / "fitted", calib_file)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fitted").eval()
+    plain = to_plain(model)
+    assert type(plain).__name__ != "ZTTForCausalLM" and plain.config.num_hidden_layers == 4
+    assert plain.num_parameters() == result.params["total"] == source_model(family).num_parameters() \
+        - 2 * sum(p.numel() for p in family_for(plain).layer_list(plain)[0].parameters())
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fit_is_deterministic_per_seed(tmp_path, calib_file, cache_dir):
+    """Text sampled from the source is seeded, the fit itself has no randomness."""
+    src = save_source("llama", tmp_path / "src")
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        torch.manual_seed(len(name) + seed + 7)  # whatever the global stream holds
+        runs[name] = _convert(src, tmp_path / name, calib_file, fit_data="source-samples:1k", fit_tokens=1024,
+                              seed=seed)
+    assert runs["a"].weights_sha256 == runs["b"].weights_sha256 != runs["c"].weights_sha256
+    assert runs["a"].fit["data"] == "source-samples:1k" and runs["a"].fit["tokens"] == 1024
+
+
+def test_fit_data_reads_specs_and_mixes(tmp_path, calib_file, cache_dir):
+    src = save_source("llama", tmp_path / "src")
+    result = _convert(src, tmp_path / "mix", calib_file, fit_data=f"{calib_file}+source-samples:512", fit_tokens=768)
+    assert result.fit["data"] == f"{calib_file}+source-samples:512" and result.fit["tokens"] == 768
+
+
+def test_fit_refusals_write_nothing(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    with pytest.raises(ZTTError, match="too little text"):  # fewer tokens than the hidden size (32)
+        _convert(src, tmp_path / "x", calib_file, fit_tokens=16, fit_window=16)
+    with pytest.raises(LayoutError, match="drops none"):
+        convert(ConvertOptions(source=str(src), out=tmp_path / "x", fit=True))
+    # the hidden size is 32: no weight has rank 40
+    with pytest.raises(LayoutError, match="rank 40 is above the rank of every linear weight"):
+        convert(ConvertOptions(source=str(src), out=tmp_path / "x", init="grow", relax_rank=40, head=1, tail=1,
+                               block=2, calib_data=calib_file, calib_tokens=32))
+    assert not (tmp_path / "x").exists()
+    for args, fragment in [(["--drop", 2, "--fit", "--fit-tokens", 16, "--fit-window", 16], "too little text"),
+                           (["--fit"], "drops none"), (["--cycles", 2, "--relax-rank", 33], "--relax-rank 33")]:
+        result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output.strip().splitlines()[0], result.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_norm_after_the_mlp_is_refused(tmp_path, calib_file, monkeypatch):
+    """Where the MLP's output passes a norm before the residual, no weight can hold the map: the fold
+    check on a probe refuses it before any statistics are gathered."""
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    forward = LlamaMLP.forward
+
+    def normed(self, x):
+        if not hasattr(self, "post_norm"):
+            self.post_norm = LlamaRMSNorm(x.shape[-1])
+        return self.post_norm(forward(self, x))
+
+    monkeypatch.setattr(LlamaMLP, "forward", normed)
+    src = save_source("llama", tmp_path / "src")
+    with pytest.raises(UnsupportedArchitectureError, match="cannot fold a map into layer"):
+        _convert(src, tmp_path / "x", calib_file)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_reports_the_fit(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    result = cli("convert", src, "--out", tmp_path / "f", "--drop", 2, "--fit", "--fit-tokens", 1024,
+                 "--fit-window", 64, "--calib-data", calib_file, "--calib-tokens", 32)
+    assert result.exit_code == 0, result.output
+    assert "fitted 1 gap on 1,024 tokens" in result.output and "hidden-state error" in result.output

@@ -1,0 +1,347 @@
+"""A drop fitted to the source's own activations (ReplaceMe, Shopkhoev et al. 2025), before any
+healing and with no parameter added.
+
+A drop removes runs of consecutive layers. For a run s..e after the kept layer p = s − 1, let M
+be p's MLP output and h_i the hidden state entering layer i (h_L: the last layer's output). The
+plain drop hands h_s to layer e + 1, which expected h_{e+1}. The fit finds a linear map T of
+M, folded into p's MLP output projection (y = W·x becomes y = Tᵀ·W·x), so that p writes
+M·T = M + M·D and layer e + 1 receives h_s + M·D ≈ h_{e+1}. The map is shrunk toward the
+identity, T = I + D with the ridge penalty on D:
+
+    D = (MᵀM + αI)⁻¹ Mᵀ (h_{e+1} − h_s),   α = ridge · mean(diag MᵀM),
+
+in float64. D = 0 is always a candidate, so on the calibration tokens the fit never raises the
+hidden-state error at the gap, and a huge α gives back the plain drop.
+
+Teacher-forced: every gap is fitted on the source's own activations, all in one pass over the
+text. The pass keeps only MᵀM and Mᵀ(h_{e+1} − h_s) per gap (d × d each, float64): memory does
+not grow with the number of tokens.
+
+A run that starts at the embeddings (layer 0 removed) has no kept layer before it to fold into:
+it stays a plain drop and the record says so.
+
+Where the map folds, found by convention and then checked:
+- p's MLP is the last of its parametrised children to run that is not a norm and returns the
+  hidden size (``mlp``, ``feed_forward``, OPT's ``fc2`` …);
+- inside it, the linear maps onto the hidden size: a dense MLP's down projection (GPT-2's
+  ``c_proj`` is a Conv1D), or in a mixture of experts every expert's down projection (3-D
+  weights included) and the shared expert's, since the MLP output is linear in each of them.
+
+The fold is checked on a probe before any statistics are gathered: with a map folded in, the
+layer's output must move by exactly M·(T − I). A family where it does not (a norm after the
+MLP, as in Gemma 2) is refused in one line, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A run of removed source layers, and the kept layer before it (None: it starts at the embeddings)."""
+
+    removed: tuple[int, ...]
+    into: int | None
+
+    @property
+    def end(self) -> int:
+        """The source layer the gap hands its state to (the layer count: the final norm)."""
+        return self.removed[-1] + 1
+
+
+def gaps(dropped: list[int]) -> list[Gap]:
+    """The runs of consecutive removed layers, in order."""
+    runs: list[list[int]] = []
+    for i in sorted(dropped):
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return [Gap(tuple(run), run[0] - 1 if run[0] > 0 else None) for run in runs]
+
+
+@dataclass
+class GapFit:
+    """One gap's fit: relative hidden-state error ‖h_s + M·D − h_{e+1}‖ / ‖h_{e+1}‖ at the gap on the
+    calibration tokens, before (D = 0, the plain drop) and after."""
+
+    removed: list[int]
+    into: int | None
+    error_before: float
+    error_after: float
+    fitted: bool
+    note: str = ""
+
+
+@dataclass
+class FitReport:
+    """What a fit did, for the terminal and ``ztt.json``."""
+
+    method: str
+    data: str
+    tokens: int
+    windows: int
+    ridge: float
+    gaps: list[GapFit]
+    perplexity_before: float = float("nan")  # of the drop on the first calibration windows, before the fit
+    perplexity_after: float = float("nan")
+    perplexity_windows: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# where a kept layer's MLP output is, and the weights that make it
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() or all(p.dim() == 1 for p in module.parameters())
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _layer_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def find_mlp(model, family, layer_index: int, probe: torch.Tensor) -> str:
+    """The path, within decoder layer ``layer_index``, of the module whose output is the layer's
+    MLP output: the last parametrised child to finish that is not a norm and returns the hidden
+    size (found by running ``probe``)."""
+    layer = family.layer_list(model)[layer_index]
+    hidden = model.config.hidden_size
+    finished: list[str] = []
+
+    def note(name):
+        def hook(module, args, output):
+            out = _first(output)
+            if isinstance(out, torch.Tensor) and out.shape[-1:] == (hidden,):
+                finished.append(name)
+        return hook
+
+    children = [(name, m) for name, m in layer.named_children()
+                if any(True for _ in m.parameters()) and not _is_norm(m)]
+    handles = [m.register_forward_hook(note(name)) for name, m in children]
+    try:
+        with torch.no_grad():
+            model(input_ids=probe.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise UnsupportedArchitectureError(
+            f"--fit found no MLP in layer {layer_index} of model type '{model.config.model_type}'",
+            hint="leave out --fit: the plain drop needs no MLP")
+    return finished[-1]
+
+
+def _output_weights(mlp: nn.Module, hidden: int) -> list[tuple[nn.Parameter, str]]:
+    """The parameters whose products sum to the MLP's output, each with how it maps onto the hidden
+    size: 'rows' (an [.., hidden, in] weight, y = W·x, or a bias of the hidden size), 'cols' (GPT-2's
+    Conv1D, [in, hidden])."""
+    found: list[tuple[nn.Parameter, str]] = []
+    linears = [mlp] if isinstance(mlp, (nn.Linear, Conv1D)) else \
+        [m for m in mlp.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    for m in linears:
+        conv = isinstance(m, Conv1D)
+        out_features = m.weight.shape[1] if conv else m.weight.shape[0]
+        if out_features != hidden:
+            continue
+        found.append((m.weight, "cols" if conv else "rows"))
+        if m.bias is not None:
+            found.append((m.bias, "bias"))
+    in_linears = {id(p) for m in linears for p in m.parameters()}
+    for name, p in mlp.named_parameters():  # fused experts: [experts, hidden, in] weights, [experts, hidden] biases
+        if id(p) in in_linears:
+            continue
+        if p.dim() == 3 and p.shape[1] == hidden and p.shape[2] != hidden:
+            found.append((p, "rows"))
+        elif p.dim() == 2 and name.endswith("bias") and p.shape[1] == hidden:
+            found.append((p, "bias"))
+    return found
+
+
+@torch.no_grad()
+def _fold(weights: list[tuple[nn.Parameter, str]], t: torch.Tensor) -> None:
+    """Make every weight's output x·T instead of x (float64 products, stored in the weight's dtype)."""
+    for p, how in weights:
+        w = p.double()
+        if how == "cols":  # [in, hidden]: y = x·W
+            folded = w @ t
+        elif how == "bias":  # [..., hidden]
+            folded = w @ t
+        else:  # [..., hidden, in]: y = W·x, so W ← Tᵀ·W
+            folded = t.T @ w
+        p.copy_(folded.to(p.dtype))
+
+
+def _layer_outputs(model, layer: nn.Module, mlp: nn.Module, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    handles = [mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", _first(o).double())),
+               layer.register_forward_hook(lambda m, a, o: seen.__setitem__("layer", _first(o).double()))]
+    try:
+        model(input_ids=probe.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["mlp"], seen["layer"]
+
+
+@torch.no_grad()
+def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tensor) -> None:
+    """Refuse (one line) a layer where folding a map into its MLP's output weights does not move the
+    layer's output by exactly M·(T − I): checked with a random map near the identity, then undone."""
+    layer = family.layer_list(model)[layer_index]
+    mlp = layer.get_submodule(mlp_path)
+    hidden = model.config.hidden_size
+    weights = _output_weights(mlp, hidden)
+    saved = [p.detach().clone() for p, _ in weights]
+    g = torch.Generator().manual_seed(0)
+    t = torch.eye(hidden, dtype=torch.float64) + 0.1 * torch.randn(hidden, hidden, generator=g, dtype=torch.float64) \
+        / hidden ** 0.5
+    m, y = _layer_outputs(model, layer, mlp, probe)
+    try:
+        _fold(weights, t)
+        _, y_folded = _layer_outputs(model, layer, mlp, probe)
+    finally:
+        for (p, _), w in zip(weights, saved):
+            p.copy_(w)
+    expected = m @ (t - torch.eye(hidden, dtype=torch.float64))
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    miss = (y_folded - y - expected).norm() / expected.norm().clamp_min(1e-30)
+    if not weights or miss > tolerance:
+        raise UnsupportedArchitectureError(
+            f"--fit cannot fold a map into layer {layer_index} of model type '{model.config.model_type}': its MLP "
+            f"('{mlp_path}') does not write to the residual stream through linear weights (off by {miss:.0%})",
+            hint="leave out --fit: a norm or nonlinearity after the MLP leaves no weight to fold into")
+
+
+# ---------------------------------------------------------------------------------------------
+# the statistics and the solve
+
+
+class _GapStatistics:
+    """Sums over the calibration tokens, float64: MᵀM, Mᵀ(h_{e+1} − h_s), ‖h_{e+1} − h_s‖², ‖h_{e+1}‖²."""
+
+    def __init__(self, hidden: int):
+        self.mm = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.md = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.delta2 = 0.0
+        self.target2 = 0.0
+
+    def add(self, m: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
+        m, start, end = (x.reshape(-1, x.shape[-1]).double().cpu() for x in (m, start, end))
+        delta = end - start
+        self.mm += m.T @ m
+        self.md += m.T @ delta
+        self.delta2 += float((delta * delta).sum())
+        self.target2 += float((end * end).sum())
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """D of the identity-shrunk map T = I + D."""
+        alpha = ridge * float(self.mm.diagonal().mean())
+        lhs = self.mm + max(alpha, 1e-300) * torch.eye(self.mm.shape[0], dtype=torch.float64)
+        return torch.linalg.solve(lhs, self.md)
+
+    def errors(self, d: torch.Tensor) -> tuple[float, float]:
+        """Relative error at the gap with D = 0 and with ``d``."""
+        after = self.delta2 - 2 * float((d * self.md).sum()) + float((d * (self.mm @ d)).sum())
+        scale = max(self.target2, 1e-300)
+        return (self.delta2 / scale) ** 0.5, (max(after, 0.0) / scale) ** 0.5
+
+
+@torch.no_grad()
+def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: torch.Tensor,
+            batch_size: int) -> list[_GapStatistics]:
+    """One pass of the source over ``windows``: each gap's statistics (teacher-forced)."""
+    layers = family.layer_list(model)
+    n = len(layers)
+    hidden = model.config.hidden_size
+    stats = [_GapStatistics(hidden) for _ in fitted]
+    states: dict[int, torch.Tensor] = {}  # the hidden state entering layer i (n: the last layer's output)
+    mlp_out: dict[int, torch.Tensor] = {}
+    wanted = {i for gap in fitted for i in (gap.removed[0], gap.end)}
+
+    def entering(i):
+        return lambda module, args, kwargs: states.__setitem__(i, _layer_input(args, kwargs))
+
+    def mlp_hook(i):
+        return lambda module, args, output: mlp_out.__setitem__(i, _first(output))
+
+    handles = [layers[i].register_forward_pre_hook(entering(i), with_kwargs=True) for i in wanted if i < n]
+    if n in wanted:
+        handles.append(layers[n - 1].register_forward_hook(lambda m, a, o: states.__setitem__(n, _first(o))))
+    handles += [layers[i].get_submodule(path).register_forward_hook(mlp_hook(i)) for i, path in mlps.items()]
+    try:
+        for ids in windows.split(batch_size):
+            model(input_ids=ids.to(model.device), use_cache=False)
+            for gap, s in zip(fitted, stats):
+                s.add(mlp_out[gap.into], states[gap.removed[0]], states[gap.end])
+            states.clear()
+            mlp_out.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@dataclass
+class DropFit:
+    """The fitted maps of a drop, ready to fold into the kept layers once the drop is made."""
+
+    maps: dict[int, torch.Tensor]  # source layer -> D of its map T = I + D
+    mlps: dict[int, str]  # source layer -> path of its MLP within the layer
+    report: FitReport
+
+
+def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: float, data: str,
+             batch_size: int = 4) -> DropFit:
+    """The maps of a drop of ``dropped`` from the full source ``model`` (before it is cut), fitted on
+    ``windows`` [n, window] of calibration tokens."""
+    start = time.perf_counter()
+    all_gaps = gaps(dropped)
+    fitted = [g for g in all_gaps if g.into is not None]
+    probe = windows[:1, : min(32, windows.shape[1])]
+    mlps = {g.into: find_mlp(model, family, g.into, probe) for g in fitted}
+    for i, path in mlps.items():
+        check_fold(model, family, i, path, probe)
+    stats = _gather(model, family, fitted, mlps, windows, batch_size)
+    maps, records = {}, []
+    for gap in all_gaps:
+        if gap.into is None:
+            records.append(GapFit(list(gap.removed), None, float("nan"), float("nan"), False,
+                                  "starts at the embeddings: no kept layer before it to fold a map into"))
+            continue
+        s = stats[fitted.index(gap)]
+        d = s.solve(ridge)
+        before, after = s.errors(d)
+        maps[gap.into] = d
+        records.append(GapFit(list(gap.removed), gap.into, before, after, True))
+    report = FitReport("least-squares map, shrunk to the identity (ReplaceMe)", data, windows.numel(),
+                       windows.shape[0], ridge, records, seconds=time.perf_counter() - start)
+    return DropFit(maps, mlps, report)
+
+
+@torch.no_grad()
+def apply_drop_fit(model, family, fit: DropFit, kept: list[int]) -> None:
+    """Fold each map into its layer's MLP output weights, in the model cut to the ``kept`` source
+    layers (in order)."""
+    layers = family.layer_list(model)
+    hidden = model.config.hidden_size
+    for source_layer, d in fit.maps.items():
+        layer = layers[kept.index(source_layer)]
+        weights = _output_weights(layer.get_submodule(fit.mlps[source_layer]), hidden)
+        _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
