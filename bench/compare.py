@@ -86,15 +86,18 @@ def load(folder: Path, cfg: dict):
 
 def convert_variant(v: dict, cfg: dict, work: Path) -> Path:
     """A variant's converted checkpoint. Kinds: ``source``/``dense`` (no-share conversion), ``drop``
-    (``drop: N`` layers, default as many as the shared layout leaves out), ``cycle`` (the profile's
-    layout or the variant's own, ``convert:`` options on top, e.g. ``{init: grow}``)."""
+    (``drop: N`` layers, default as many as the shared layout leaves out; ``convert:`` options on top,
+    e.g. ``{fit: true}``), ``cycle`` (the profile's layout or the variant's own, ``convert:`` options
+    on top, e.g. ``{init: grow}``)."""
     lay = cfg["layout"]
     if v["kind"] in ("source", "dense"):
         out, opts = work / "source", dict(head=0, block=sources_layers(cfg), cycles=1, tail=0, pool=False)
     elif v["kind"] == "drop":  # as many unique layers as the shared layout keeps, unless told
         n_drop = v.get("drop", sources_layers(cfg) - Layout(**lay).unique_layers)
-        out = work / (f"drop-{v['select']}" + (f"-{n_drop}" if "drop" in v else ""))
-        opts = dict(drop=n_drop, select=v["select"], tail=lay["tail"])
+        extra = v.get("convert", {})  # e.g. {fit: true}
+        out = work / (f"drop-{v['select']}" + (f"-{n_drop}" if "drop" in v else "")
+                      + "".join(f"-{k}-{val}" for k, val in sorted(extra.items())))
+        opts = dict(drop=n_drop, select=v["select"], tail=lay["tail"], **extra)
     else:  # a variant may bring its own layout (basic cycling: head 0, tail 0) and convert options
         layout = v.get("layout", lay)
         extra = v.get("convert", {})
@@ -190,6 +193,9 @@ def run_variants(cfg: dict, state: State, work: Path, windows: dict, reference: 
             row["params"] = model.parameter_counts()["total"]
             row["unique_layers"] = model.config.layout.unique_layers
             row["layout"] = str(model.config.layout)
+            fit = json.loads((ckpt / "ztt.json").read_text())["stages"][0]["metrics"].get("fit")
+            if fit:  # what the fit read and how long it took
+                row["fit"] = {k: fit[k] for k in ("data", "tokens", "seconds", "perplexity_before", "perplexity_after")}
             state.put(row, "variants", name)
         final = ckpt
         if v["kind"] != "source":
@@ -355,10 +361,17 @@ def markdown(r: dict) -> str:
         f"{h['seq_len']} tokens = {tokens:,} tokens per variant, lr {h['lr']}, seed {h['seed']}, teacher = the source. "
         f"Docutils-16: {r['corpora']['docutils']}.",
         "",
-        "| variant | layout | unique layers | parameters | Tempest-16 before → after | Docutils-16 after | "
-        "agreement with source | decode tok/s b1 / b8 | healing tok/s (time) |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    fits = any("fit" in v for v in r["variants"].values())  # a profile with fitted variants: before healing too
+    if fits:
+        lines += ["| variant | layout | unique layers | parameters | Tempest-16 before → after | Docutils-16 "
+                  "before → after | agreement with source | fit: tokens (time) | decode tok/s b1 / b8 | "
+                  "healing tok/s (time) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| variant | layout | unique layers | parameters | Tempest-16 before → after | Docutils-16 after | "
+                  "agreement with source | decode tok/s b1 / b8 | healing tok/s (time) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():
         a = v["after"]
         heal = "–"
@@ -366,9 +379,14 @@ def markdown(r: dict) -> str:
             seconds = v["heal"].get("train_s", v["heal"].get("wall_s", 0))
             heal = f"{v['heal']['train_tokens_per_s']:,.0f} ({seconds / 60:.1f} min)"
         before = f"{v['before']['tempest16']:.2f} → {a['tempest16']:.2f}" if "heal" in v else f"{a['tempest16']:.2f}"
+        docutils = f"{a['docutils16']:.2f}"
+        fit = ""
+        if fits:
+            docutils = f"{v['before']['docutils16']:.2f} → {docutils}" if "heal" in v else docutils
+            fit = f" {v['fit']['tokens']:,} ({v['fit']['seconds']:.0f} s) |" if "fit" in v else " – |"
         lines.append(
             f"| {name} | {v['layout']} | {v['unique_layers']} | {v['params'] / 1e6:.1f} M | {before} | "
-            f"{a['docutils16']:.2f} | {100 * a['agreement']:.1f}% | {_rate(v, 1)} / {_rate(v, 8)} | {heal} |"
+            f"{docutils} | {100 * a['agreement']:.1f}% |{fit} {_rate(v, 1)} / {_rate(v, 8)} | {heal} |"
         )
     if not r.get("complete", True):
         missing = [v["name"] for v in cfg["variants"] if v["name"] not in r["variants"]]

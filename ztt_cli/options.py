@@ -138,7 +138,7 @@ class ConvertOptions(BaseModel):
         None, description="text the fit runs the source on: calibration, shakespeare, a file or folder, "
         "source-samples:N, or a mix with + (default: the calibration text, --calib-data if given)"
     )
-    fit_tokens: int = added_option(16384, ge=1, description="calibration tokens the fit reads (at most)")
+    fit_tokens: int = added_option(32768, ge=1, description="calibration tokens the fit reads (at most)")
     fit_window: int = added_option(512, ge=8, description="tokens per fitting window")
     fit_ridge: float = added_option(
         1e-3, gt=0, description="ridge term of the fit, relative to the mean of diag(MᵀM); the map is I + D with "

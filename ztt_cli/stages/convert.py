@@ -248,6 +248,7 @@ def _fit_windows(opts: ConvertOptions, source: _Source, progress: Progress) -> t
         progress(Event.status(f"reading {label}"))
         blocks = prepare(opts.fit_data, source.tokenizer, window, val_fraction=0, seed=opts.seed,
                          samples=_source_sampler(opts, source, progress)).train
+        blocks = torch.unique(blocks, dim=0)  # a mix repeats a smaller part's blocks: each counts once here
         order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(opts.seed))[:n]
         windows = blocks[order.sort().values]
     hidden = source.config.hidden_size
