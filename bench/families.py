@@ -6,6 +6,9 @@ built as a tiny random model from its own config shrunk generically, then three 
    and without a KV cache;
 3. **round trip**: the cycled conversion saved and loaded gives the same logits.
 
+A family that passes is also asked whether ``convert --drop --fit`` can fold a drop's map into it
+(``fit``: ``folds``, or the refusal's first line): not part of the outcome.
+
 Each model type ends in one of four outcomes: ``pass`` (all three), ``left out`` (encoder-decoder
 or not an attention-only decoder: out of scope), ``not built`` (no tiny model could be made from
 its config under the parameter cap), ``convention`` (ztt refused it or a check failed: why).
@@ -139,6 +142,26 @@ def checks(source) -> None:
     assert torch.allclose(loaded(ids).logits, cycled(ids).logits, atol=1e-6), "round trip: logits differ after loading"
 
 
+def fit_check(source) -> str:
+    """Whether a drop's least-squares map folds into this family (``convert --fit``): 'folds' when
+    the fold check passes and the fit lowers the error at the gap, else why not."""
+    from ztt_cli.model.architecture import family_for
+    from ztt_cli.surgery.drop import keep_layers
+    from ztt_cli.surgery.fit import apply_drop_fit, fit_drop
+
+    model = copy.deepcopy(source)
+    family = family_for(model)
+    windows = torch.randint(3, VOCAB - 1, (8, 16), generator=torch.Generator().manual_seed(1))
+    try:
+        fit = fit_drop(model, family, [2], windows, 1e-3, "random ids")
+        keep_layers(model, family, [2])
+        apply_drop_fit(model, family, fit, [i for i in range(LAYERS) if i != 2])
+    except ZTTError as e:
+        return e.message
+    (gap,) = fit.report.gaps
+    return "folds" if gap.error_after <= gap.error_before else "the fit raised the error at the gap"
+
+
 def first_line(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
@@ -164,7 +187,11 @@ def census_one(model_type: str) -> dict:
             return {"outcome": "convention", "why": str(e)}
         except Exception as e:
             return {"outcome": "convention", "why": first_line(e)}
-    return {"outcome": "pass", "why": "", "seconds": round(time.perf_counter() - start, 2)}
+        try:
+            fit = fit_check(source)
+        except Exception as e:
+            fit = first_line(e)
+    return {"outcome": "pass", "why": "", "fit": fit, "seconds": round(time.perf_counter() - start, 2)}
 
 
 OUTCOMES = ("pass", "not built", "convention", "left out")
@@ -172,6 +199,7 @@ OUTCOMES = ("pass", "not built", "convention", "left out")
 
 def render(results: dict) -> str:
     counts = {o: sum(r["outcome"] == o for r in results["families"].values()) for o in OUTCOMES}
+    folds = sum(r.get("fit") == "folds" for r in results["families"].values())
     meta = results["meta"]
     lines = [
         BLOCK[0], "",
@@ -182,6 +210,9 @@ def render(results: dict) -> str:
         "| outcome | families | |", "|---|---|---|",
         f"| pass: no-share parity, cycled cached = uncached generation, save/load | **{counts['pass']}** | "
         + ", ".join(f"`{t}`" for t, r in sorted(results["families"].items()) if r["outcome"] == "pass") + " |",
+        f"| of which `convert --drop --fit` folds a drop's map | **{folds}** | refused: "
+        + (", ".join(f"`{t}`" for t, r in sorted(results["families"].items()) if r.get("fit", "folds") != "folds")
+           or "none") + " (why below) |",
         f"| could not be built as a tiny model | {counts['not built']} | see below |",
         f"| a convention failed | {counts['convention']} | see below |",
         f"| left out: encoder-decoder, or not an attention-only decoder | {counts['left out']} | see below |",
@@ -190,6 +221,9 @@ def render(results: dict) -> str:
     lines += [f"| `{t}` | {r['outcome']} | {r['why'].replace('|', '/')} |"
               for t, r in sorted(results["families"].items())
               if r["outcome"] != "pass"]
+    lines += [f"| `{t}` | pass; `--fit` refused | {r['fit'].replace('|', '/')} |"
+              for t, r in sorted(results["families"].items())
+              if r["outcome"] == "pass" and r.get("fit", "folds") != "folds"]
     lines += ["", "</details>", "", BLOCK[1]]
     return "\n".join(lines)
 
@@ -216,7 +250,8 @@ def main(argv=None) -> None:
         families = {}
         for model_type in args.only or model_types():
             families[model_type] = census_one(model_type)
-            print(f"{model_type:32s} {families[model_type]['outcome']:10s} {families[model_type]['why']}", flush=True)
+            got = families[model_type]
+            print(f"{model_type:32s} {got['outcome']:10s} {got['why']} {got.get('fit', '')}", flush=True)
         if args.only:
             return
         results = {"meta": {"transformers": transformers.__version__, "torch": torch.__version__,

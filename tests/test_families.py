@@ -1,7 +1,8 @@
 """Every family of transformers' causal-LM mapping, built tiny: the outcome recorded in
 bench/results/families.json (the table in docs/convert.md) still holds. A family recorded as
 passing passes all three checks (no-share parity, cycled cached = uncached generation, save/load);
-one recorded as refused is still refused the same way."""
+one recorded as refused is still refused the same way; whether `convert --fit` folds into a passing
+family is as recorded."""
 
 import json
 import sys
@@ -41,5 +42,7 @@ def test_a_family_keeps_its_recorded_outcome(model_type, one_thread):
     got = census.census_one(model_type)
     want = RECORDED[model_type]
     assert got["outcome"] == want["outcome"], got["why"]
+    if "fit" in want:  # whether a drop's map folds into it (convert --fit)
+        assert got["fit"] == want["fit"]
     if want["outcome"] in ("left out", "convention") and "not supported" in want["why"]:
         assert got["why"] == want["why"]  # ztt's own refusal, word for word
