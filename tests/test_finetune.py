@@ -260,8 +260,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, tmp_path, mo
     calls = {"n": 0}
     original = HealingObjective.forward
 
-    def poisoned(self, ids, teacher_logits=None):
-        loss, metrics = original(self, ids, teacher_logits)
+    def poisoned(self, ids, teacher_logits=None, teacher_states=None):
+        loss, metrics = original(self, ids, teacher_logits, teacher_states)
         calls["n"] += 1
         if calls["n"] > 6:
             loss = loss * float("nan")

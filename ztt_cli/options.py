@@ -177,6 +177,14 @@ class FinetuneOptions(BaseModel):
     exit_objective: Literal["rank", "bce"] = Field(
         "rank", description="rank: order tokens like exp(-KL(exit||full)), level free; bce: match its level"
     )
+    hidden_weight: float = added_option(
+        0.0, ge=0, description="weight of the hidden-state term: the positions that stand for source layers "
+        "against those layers' outputs in the teacher (a drop: its kept layers; a grown model: the tail's input)"
+    )
+    hidden_loss: Literal["mse", "cosine"] = added_option(
+        "mse", description="the hidden-state term's distance: per-token MSE normalised by the target's norm, or "
+        "1 - cosine"
+    )
     lr: float = Field(2e-4, gt=0, description="peak learning rate of the weights")
     pool_lr: float | None = Field(None, gt=0, description="learning rate of the zero-token pool (default 100x --lr)")
     gate_lr: float | None = added_option(

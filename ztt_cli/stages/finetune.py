@@ -37,9 +37,10 @@ from ..io.provenance import (
     write_model_card,
 )
 from ..io.samples import Sampling, source_samples
+from ..model.architecture import family_for
 from ..options import FinetuneOptions
 from ..training.distributed import setup_distributed
-from ..training.losses import HealingObjective, next_token_loss
+from ..training.losses import HealingObjective, layer_outputs, next_token_loss
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
 
 if TYPE_CHECKING:
@@ -250,7 +251,12 @@ class HealingRun:
         self.progress(Event.status(f"reading {opts.data}"))
         self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field,
                             samples=self._sample)
-        self.teacher = self._source_model()[0] if _distils(opts) else None
+        if opts.hidden_weight > 0 and opts.no_teacher:
+            raise ZTTError("--hidden-weight compares hidden states with the teacher's, and --no-teacher leaves none",
+                           hint="leave out --no-teacher, or --hidden-weight")
+        self.teacher = self._source_model()[0] if _distils(opts) or opts.hidden_weight > 0 else None
+        # the teacher's layers whose outputs a loss term compares (the hidden-state term)
+        self.teacher_layers = family_for(self.teacher).layer_list(self.teacher) if self.teacher is not None else None
         if self.teacher is None:
             self._source = None  # loaded for sampling only: not kept through training
 
@@ -286,7 +292,9 @@ class HealingRun:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
-        self.objective = HealingObjective.from_options(self.model, opts, distill=self.teacher is not None)
+        self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts) and self.teacher
+                                                       is not None, provenance=self.provenance)
+        self.compared = self.objective.teacher_layers()
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))
         if ddp.world > 1:
@@ -345,12 +353,15 @@ class HealingRun:
             idx = batch_indices(self.steps, micro, self.data.train.shape[0], opts.batch_size, opts.grad_accum,
                                 ddp.rank, ddp.world, opts.seed)
             ids = self.data.train[idx].to(ddp.device)
-            with torch.no_grad(), self.autocast:
-                teacher_logits = self.teacher(input_ids=ids).logits if self.teacher is not None else None
+            teacher_logits, teacher_states = None, None
+            if self.teacher is not None:
+                with torch.no_grad(), self.autocast, layer_outputs(self.teacher_layers, self.compared) as states:
+                    teacher_logits = self.teacher(input_ids=ids).logits
+                teacher_states = dict(states)
             sync = micro == opts.grad_accum - 1 or ddp.world == 1
             ctx = self.objective.no_sync() if not sync else contextlib.nullcontext()
             with ctx, self.autocast:
-                loss, metrics = self.objective(ids, teacher_logits)
+                loss, metrics = self.objective(ids, teacher_logits, teacher_states)
                 (loss / opts.grad_accum).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / opts.grad_accum

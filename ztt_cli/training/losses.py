@@ -16,7 +16,8 @@ at 0, are not even computed, and phase in as healing opens the added cycles."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,8 +96,10 @@ class Batch:
     """One micro-batch as the terms see it. The exit after cycle ``c`` is computed on first
     request and kept; it carries gradients when a term that needs them (``exit_grad``) applies."""
 
-    def __init__(self, model, ids, teacher_logits, task: TaskLoss, full):
+    def __init__(self, model, ids, teacher_logits, task: TaskLoss, full,
+                 teacher_states: dict[int, torch.Tensor] | None = None):
         self.model, self.ids, self.teacher_logits, self.task, self.full = model, ids, teacher_logits, task, full
+        self.teacher_states = teacher_states or {}  # source layer -> its output in the teacher's pass
         self.exit_grad = False
         self._exited: dict[int, object] = {}
         self._exit_losses: dict[int, tuple] = {}
@@ -166,8 +169,17 @@ class Term:
         self.weight = weight
 
     @classmethod
-    def from_options(cls, opts) -> Term:
+    def from_options(cls, opts, **context) -> Term:
+        """The term ``opts`` asks for; ``context``: what the run knows besides (``provenance``)."""
         return cls(getattr(opts, cls.weight_option))
+
+    def teacher_layers(self) -> list[int]:
+        """The source layers whose outputs the term needs from the teacher's pass (``Batch.teacher_states``)."""
+        return []
+
+    def watching(self, model) -> contextlib.AbstractContextManager:
+        """A context around the full-depth pass, e.g. hooks that keep the outputs the term compares."""
+        return contextlib.nullcontext()
 
     def applies(self, batch: Batch) -> bool:
         """Whether the term means anything for this model (e.g. it has more than one cycle)."""
@@ -226,7 +238,7 @@ class ExitObjective(Term):
         self.form = form
 
     @classmethod
-    def from_options(cls, opts) -> Term:
+    def from_options(cls, opts, **context) -> Term:
         return cls(opts.exit_objective_weight, opts.exit_objective)
 
     @staticmethod
@@ -267,6 +279,91 @@ class ExitObjective(Term):
         return batch.over_exits(at)
 
 
+def hidden_pairs(config, provenance: dict) -> list[tuple[int, int]]:
+    """(unrolled position, source layer) pairs whose outputs the hidden-state term compares.
+
+    A drop: each kept layer with the source layer it is. A grown model: the state entering the
+    tail with the source's state entering the same layer (the span the drop removed is what the
+    cycles stand for). Any other layout replaces the source layer for layer: each position with
+    the source layer it replaced."""
+    lay = config.layout
+    n = provenance.get("source", {}).get("layers", lay.depth)
+    stages = provenance.get("stages") or [{}]
+    dropped = set(stages[0].get("metrics", {}).get("dropped_layers") or [])
+    kept = [i for i in range(n) if i not in dropped]
+    if config.grown:
+        before_tail = kept[len(kept) - lay.tail] - 1 if lay.tail else n - 1
+        return [(lay.depth - lay.tail - 1, before_tail)]
+    if dropped:
+        return list(enumerate(kept))
+    return [(i, i) for i in range(lay.depth)]
+
+
+def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, form: str) -> torch.Tensor:
+    """Per token ‖s − t‖² / ‖t‖² (``mse``, normalised: a token of huge norm does not swamp the rest) or
+    1 − cos(s, t) (``cosine``), averaged over tokens."""
+    s, t = student.float(), teacher.float()
+    if form == "cosine":
+        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-6)).mean()
+
+
+@contextlib.contextmanager
+def layer_outputs(layers: Sequence[nn.Module], indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, the outputs of ``layers[i]`` for each ``i`` in ``indices``, by index (the last call's)."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args, output):
+            outputs[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [layers[i].register_forward_hook(keep(i)) for i in indices]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@register
+class HiddenState(Term):
+    """The hidden states of the positions that stand for source layers against those layers' outputs
+    in the teacher (:func:`hidden_pairs`; :func:`hidden_distance`), averaged over the pairs: the
+    intermediate-state distillation that Minitron adds to logit distillation for deep cuts."""
+
+    weight_option = "hidden_weight"
+    metric = "hidden"
+
+    def __init__(self, weight: float, form: str = "mse", pairs: Sequence[tuple[int, int]] = ()):
+        super().__init__(weight)
+        self.form, self.pairs = form, list(pairs)
+        self._student: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_options(cls, opts, **context) -> Term:
+        model, provenance = context.get("model"), context.get("provenance") or {}
+        pairs = hidden_pairs(model.config, provenance) if model is not None else []
+        return cls(opts.hidden_weight, opts.hidden_loss, pairs)
+
+    def teacher_layers(self) -> list[int]:
+        return sorted({source for _, source in self.pairs})
+
+    @contextlib.contextmanager
+    def watching(self, model):
+        slots = model.family.layer_list(model.inner)
+        with layer_outputs(slots, sorted({position for position, _ in self.pairs})) as outputs:
+            self._student = outputs
+            yield
+
+    def applies(self, batch: Batch) -> bool:
+        return bool(self.pairs) and bool(batch.teacher_states)
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([hidden_distance(self._student[p], batch.teacher_states[s], self.form)
+                            for p, s in self.pairs]).mean()
+
+
 class HealingObjective(nn.Module):
     """One forward computes every term, so DDP sees one forward and one backward per micro-batch."""
 
@@ -277,23 +374,33 @@ class HealingObjective(nn.Module):
         self.terms = list(terms)
 
     @classmethod
-    def from_options(cls, model, opts, distill: bool = True) -> HealingObjective:
-        """The objective ``opts`` (a ``FinetuneOptions``) asks for; ``distill``: a teacher is there.
+    def from_options(cls, model, opts, distill: bool = True, provenance: dict | None = None) -> HealingObjective:
+        """The objective ``opts`` (a ``FinetuneOptions``) asks for; ``distill``: a teacher is there;
+        ``provenance``: the checkpoint's ``ztt.json`` (which source layers its positions stand for).
         Terms whose weight is 0 are left out."""
         task = TaskLoss(opts.kd_weight if distill else 0.0, opts.kd_temperature)
-        terms = [term.from_options(opts) for term in TERMS if getattr(opts, term.weight_option) > 0]
+        terms = [term.from_options(opts, model=model, provenance=provenance) for term in TERMS
+                 if getattr(opts, term.weight_option) > 0]
         return cls(model, task, terms)
+
+    def teacher_layers(self) -> list[int]:
+        """The source layers whose outputs the terms need from the teacher's pass."""
+        return sorted({i for term in self.terms for i in term.teacher_layers()})
 
     def notes(self) -> list[str]:
         """What the terms say about themselves on this model (see :meth:`Term.note`)."""
         return [note for term in self.terms if (note := term.note(self.model)) is not None]
 
-    def forward(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                teacher_states: dict[int, torch.Tensor] | None = None):
         inputs = {k: v for term in self.terms for k, v in term.full_inputs(self.model, ids).items()}
-        full = self.model(input_ids=ids, **inputs)
+        with contextlib.ExitStack() as watched:
+            for term in self.terms:
+                watched.enter_context(term.watching(self.model))
+            full = self.model(input_ids=ids, **inputs)
         loss, ce, kd = self.task(full.logits, ids, teacher_logits)
         metrics = {"ce": ce} if kd is None else {"ce": ce, "kd": kd}
-        batch = Batch(self.model, ids, teacher_logits, self.task, full)
+        batch = Batch(self.model, ids, teacher_logits, self.task, full, teacher_states)
         active = [term for term in self.terms if term.applies(batch)]
         batch.exit_grad = any(term.exit_grad for term in active)
         logged = {}
