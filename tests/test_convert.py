@@ -129,7 +129,8 @@ def test_drop_contiguous_equals_the_source_without_those_layers(family, tmp_path
     from ztt_cli.model.architecture import family_for
 
     src = save_source(family, tmp_path / "src")
-    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1))
+    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1,
+                           fit=False))
     dropped = AutoModelForCausalLM.from_pretrained(tmp_path / "drop").eval()
     prov = json.loads((tmp_path / "drop" / "ztt.json").read_text())
     assert prov["stages"][0]["metrics"]["dropped_layers"] == [3, 4]  # the 2 layers just below a tail of 1

@@ -41,7 +41,7 @@ def test_a_huge_ridge_term_gives_back_the_plain_drop(family, tmp_path, calib_fil
     """The map is I + D with the penalty on D: as the ridge term grows, D goes to 0."""
     src = save_source(family, tmp_path / "src")
     plain = convert(ConvertOptions(source=str(src), out=tmp_path / "plain", drop=2, calib_data=calib_file,
-                                   calib_tokens=32))
+                                   calib_tokens=32, fit=False))
     fitted = _convert(src, tmp_path / "fitted", calib_file, fit_ridge=1e12)
     assert fitted.dropped == plain.dropped
     ids = token_ids()
@@ -100,7 +100,7 @@ def test_a_run_at_the_embeddings_stays_a_plain_drop(tmp_path, calib_file):
     (gap,) = result.fit["gaps"]
     assert gap["removed"] == [0, 1, 2] and gap["into"] is None and not gap["fitted"]
     assert "embeddings" in gap["note"]
-    convert(ConvertOptions(source=str(src), out=tmp_path / "b", drop=3, select="contiguous", tail=3))
+    convert(ConvertOptions(source=str(src), out=tmp_path / "b", drop=3, select="contiguous", tail=3, fit=False))
     ids = token_ids()
     torch.testing.assert_close(_logits(tmp_path / "a", ids), _logits(tmp_path / "b", ids), rtol=0, atol=0)
 
@@ -142,7 +142,7 @@ def test_fit_refusals_write_nothing(tmp_path, calib_file):
     src = save_source("llama", tmp_path / "src")
     with pytest.raises(ZTTError, match="too little text"):  # fewer tokens than the hidden size (32)
         _convert(src, tmp_path / "x", calib_file, fit_tokens=16, fit_window=16)
-    with pytest.raises(LayoutError, match="drops none"):
+    with pytest.raises(LayoutError, match="fits of a cycled model"):
         convert(ConvertOptions(source=str(src), out=tmp_path / "x", fit=True))
     # the hidden size is 32: no weight has rank 40
     with pytest.raises(LayoutError, match="rank 40 is above the rank of every linear weight"):
@@ -150,7 +150,8 @@ def test_fit_refusals_write_nothing(tmp_path, calib_file):
                                block=2, calib_data=calib_file, calib_tokens=32))
     assert not (tmp_path / "x").exists()
     for args, fragment in [(["--drop", 2, "--fit", "--fit-tokens", 16, "--fit-window", 16], "too little text"),
-                           (["--fit"], "drops none"), (["--cycles", 2, "--relax-rank", 33], "--relax-rank 33")]:
+                           (["--fit"], "fits of a cycled model"),
+                           (["--cycles", 2, "--relax-rank", 33], "--relax-rank 33")]:
         result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
         assert result.exit_code == 2, result.output
         assert fragment in result.output.strip().splitlines()[0], result.output
@@ -176,9 +177,19 @@ def test_a_norm_after_the_mlp_is_refused(tmp_path, calib_file, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_cli_reports_the_fit(tmp_path, calib_file):
+def test_a_drop_is_fitted_by_default_and_no_fit_gives_the_plain_drop(tmp_path, calib_file):
     src = save_source("llama", tmp_path / "src")
-    result = cli("convert", src, "--out", tmp_path / "f", "--drop", 2, "--fit", "--fit-tokens", 1024,
-                 "--fit-window", 64, "--calib-data", calib_file, "--calib-tokens", 32)
+    common = ["--drop", 2, "--fit-tokens", 1024, "--fit-window", 64, "--calib-data", calib_file, "--calib-tokens", 32]
+    result = cli("convert", src, "--out", tmp_path / "f", *common)
     assert result.exit_code == 0, result.output
     assert "fitted 1 gap on 1,024 tokens" in result.output and "hidden-state error" in result.output
+    assert cli("convert", src, "--out", tmp_path / "p", "--no-fit", *common).exit_code == 0
+    assert cli("convert", src, "--out", tmp_path / "e", "--fit", *common).exit_code == 0
+    metrics = {name: json.loads((tmp_path / name / "ztt.json").read_text())["stages"][0]["metrics"]
+               for name in ("f", "p", "e")}
+    assert "fit" not in metrics["p"] and metrics["f"]["fit"]["gaps"] == metrics["e"]["fit"]["gaps"]
+    ids = token_ids()
+    assert not torch.allclose(_logits(tmp_path / "f", ids), _logits(tmp_path / "p", ids))
+    # a cycled conversion is not fitted unless asked (and then refused: nothing to fit)
+    assert cli("convert", src, "--out", tmp_path / "c", "--init", "lower").exit_code == 0
+    assert "fit" not in json.loads((tmp_path / "c" / "ztt.json").read_text())["stages"][0]["metrics"]

@@ -30,7 +30,7 @@ def test_a_grown_conversion_is_the_drop_it_starts_from(family, tmp_path, calib_f
     gates are 0, and every position's attributes follow the layer it reproduces in the drop."""
     src = save_source(family, tmp_path / "src")
     common = dict(source=str(src), calib_data=calib_file, calib_tokens=32)
-    convert(ConvertOptions(out=tmp_path / "drop", drop=2, **common))
+    convert(ConvertOptions(out=tmp_path / "drop", drop=2, fit=False, **common))
     result = convert(ConvertOptions(out=tmp_path / "grow", init="grow", head=1, block=2, cycles=2, tail=1, **common))
     drop = AutoModelForCausalLM.from_pretrained(tmp_path / "drop").eval()
     grown = AutoModelForCausalLM.from_pretrained(tmp_path / "grow").eval()

@@ -70,7 +70,8 @@ def test_the_term_is_zero_where_the_student_is_the_source_and_is_the_formula_on_
     loss, metrics = objective(ids, None, states)
     assert objective.teacher_layers() == list(range(6)) and float(metrics["hidden"]) == pytest.approx(0, abs=1e-5)
 
-    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1))
+    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1,
+                           fit=False))
     drop = AutoModelForCausalLM.from_pretrained(tmp_path / "drop").eval()
     objective = _objective(drop, json.loads((tmp_path / "drop" / "ztt.json").read_text()), hidden_loss=form)
     assert objective.teacher_layers() == [0, 1, 2, 5]  # layers 3 and 4 dropped
@@ -89,7 +90,8 @@ def test_the_term_is_zero_where_the_student_is_the_source_and_is_the_formula_on_
 
 def test_healing_with_the_term_logs_it_lowers_it_and_needs_a_teacher(tmp_path, cache_dir):
     src = save_source("llama", tmp_path / "src")
-    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1))
+    convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1,
+                           fit=False))
     (tmp_path / "train.txt").write_text("\n\n".join(corpus(40, seed=i) for i in range(10)))
     base = dict(checkpoint=tmp_path / "drop", data=str(tmp_path / "train.txt"), seq_len=32, batch_size=2, steps=8,
                 lr=1e-3, log_every=1, eval_every=1000, kd_weight=0, exit_aware_weight=0, exit_objective_weight=0)

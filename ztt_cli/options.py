@@ -130,9 +130,10 @@ class ConvertOptions(BaseModel):
     calib_data: Path | None = Field(
         None, description="text file for --init auto, --init grow and --drop (default: built-in Shakespeare)"
     )
-    fit: bool = added_option(
-        False, description="--drop: fit each run of removed layers to the source's activations before writing, a "
-        "least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no parameter added)"
+    fit: bool | None = added_option(
+        None, description="fit each run of layers --drop removes to the source's activations before writing, a "
+        "least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no parameter added); "
+        "default: on with --drop, --no-fit for the plain drop"
     )
     fit_data: str | None = added_option(
         None, description="text the fit runs the source on: calibration, shakespeare, a file or folder, "

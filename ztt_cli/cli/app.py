@@ -87,6 +87,8 @@ def _parameter(name: str, f, positional: bool) -> inspect.Parameter:
         default = typer.Argument(... if f.is_required() else f.default, help=help_text, show_default=False)
     elif f.is_required():
         default = typer.Option(..., option, help=help_text, show_default=False)
+    elif typ == Optional[bool]:  # on, off, or unset (the stage decides)
+        default = typer.Option(None, f"{option}/--no-{name.replace('_', '-')}", help=help_text, show_default=False)
     elif typ is bool and f.default:
         default = typer.Option(True, f"{option}/--no-{name.replace('_', '-')}", help=help_text)
     elif typ is bool:

@@ -134,9 +134,9 @@ def _calibration_windows(opts: ConvertOptions, tokenizer, max_positions: int | N
 
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
-    if opts.fit and opts.drop is None:
-        raise LayoutError("{fit} fits the runs of layers a drop removes, and this conversion drops none",
-                          hint="give {drop} N with {fit} (fits of shared and grown positions are not built yet)",
+    if opts.fit and opts.drop is None:  # (unset, it applies where there is a drop)
+        raise LayoutError("{fit} fits the runs of layers a {drop} removes; fits of a cycled model's positions "
+                          "are not built yet", hint="give {drop} N with {fit}, or leave out {fit}",
                           fields=("fit", "drop"))
     if opts.drop is None:
         layout = Layout.for_source(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
@@ -199,6 +199,11 @@ def _check_rank(rank: int, layer: torch.nn.Module) -> None:
                           fields=("relax_rank",))
 
 
+def _fits(opts: ConvertOptions) -> bool:
+    """Whether the conversion fits its drop: ``--fit``, or by default with ``--drop``."""
+    return opts.drop is not None and opts.fit is not False
+
+
 def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None,
                    progress: Progress) -> tuple[list[int], list[float] | None, dict | None]:
     """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if ``--fit``: (removed,
@@ -209,7 +214,7 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
         influence = block_influence(source.model, source.family, source.windows)
     dropped = dropped_layers(source.config.num_hidden_layers, n_drop, opts.select, tail, influence)
     fit, windows = None, None
-    if opts.fit:  # on the full source: its own activations
+    if _fits(opts):  # on the full source: its own activations
         windows, data = _fit_windows(opts, source, progress)
         progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
         fit = fit_drop(source.model, source.family, dropped, windows, opts.fit_ridge, data)
