@@ -24,8 +24,9 @@ Where the map folds, found by convention and then checked:
 - p's MLP is the last of its parametrised children to run that is not a norm and returns the
   hidden size (``mlp``, ``feed_forward``, OPT's ``fc2`` …);
 - inside it, the linear maps onto the hidden size: a dense MLP's down projection (GPT-2's
-  ``c_proj`` is a Conv1D), or in a mixture of experts every expert's down projection (3-D
-  weights included) and the shared expert's, since the MLP output is linear in each of them.
+  ``c_proj`` is a Conv1D), or in a mixture of experts every expert's down projection (fused 3-D
+  weights included, laid out [experts, out, in] or [experts, in, out]) and the shared expert's,
+  since the MLP output is linear in each of them.
 
 The fold is checked on a probe before any statistics are gathered: with a map folded in, the
 layer's output must move by exactly M·(T − I). A family where it does not (a norm after the
@@ -144,17 +145,31 @@ def find_mlp(model, family, layer_index: int, probe: torch.Tensor) -> str:
     if not finished:
         raise UnsupportedArchitectureError(
             f"--fit found no MLP in layer {layer_index} of model type '{model.config.model_type}'",
-            hint="leave out --fit: the plain drop needs no MLP")
+            hint="convert with --no-fit: the plain drop needs no MLP")
     return finished[-1]
 
 
-def _output_weights(mlp: nn.Module, hidden: int) -> list[tuple[nn.Parameter, str]]:
+FUSED_LAYOUTS = ("rows", "cols")  # fused experts' weights: [experts, out, in] (F.linear) or [experts, in, out] (x @ W)
+NAMED = "+named"  # suffix of a found layout: the input projections are left out by name
+
+
+# the conventional names of an MLP's input projections: where one maps onto the hidden size (an
+# intermediate size equal to it), the fold check is tried again without them
+INPUT_PROJECTIONS = ("gate", "up", "fc1", "w1", "w3", "c_fc", "wi", "dense_h_to_4h")
+
+
+def _output_weights(mlp: nn.Module, hidden: int, fused: str = "rows",
+                    inputs_named: bool = False) -> list[tuple[nn.Parameter, str]]:
     """The parameters whose products sum to the MLP's output, each with how it maps onto the hidden
-    size: 'rows' (an [.., hidden, in] weight, y = W·x, or a bias of the hidden size), 'cols' (GPT-2's
-    Conv1D, [in, hidden])."""
+    size: 'rows' (an [.., hidden, in] weight, y = W·x), 'cols' (an [.., in, hidden] weight, y = x·W:
+    GPT-2's Conv1D), 'bias'. ``fused``: how 3-D expert weights are laid out; ``inputs_named``: leave
+    out the linear maps named as input projections (both checked, see :func:`check_fold`)."""
     found: list[tuple[nn.Parameter, str]] = []
     linears = [mlp] if isinstance(mlp, (nn.Linear, Conv1D)) else \
         [m for m in mlp.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if inputs_named:
+        named = {m for name, m in mlp.named_modules() if name.rpartition(".")[2].startswith(INPUT_PROJECTIONS)}
+        linears = [m for m in linears if m not in named]
     for m in linears:
         conv = isinstance(m, Conv1D)
         out_features = m.weight.shape[1] if conv else m.weight.shape[0]
@@ -167,8 +182,9 @@ def _output_weights(mlp: nn.Module, hidden: int) -> list[tuple[nn.Parameter, str
     for name, p in mlp.named_parameters():  # fused experts: [experts, hidden, in] weights, [experts, hidden] biases
         if id(p) in in_linears:
             continue
-        if p.dim() == 3 and p.shape[1] == hidden and p.shape[2] != hidden:
-            found.append((p, "rows"))
+        out_dim, in_dim = (1, 2) if fused == "rows" else (2, 1)
+        if p.dim() == 3 and p.shape[out_dim] == hidden and p.shape[in_dim] != hidden:
+            found.append((p, fused))
         elif p.dim() == 2 and name.endswith("bias") and p.shape[1] == hidden:
             found.append((p, "bias"))
     return found
@@ -179,7 +195,7 @@ def _fold(weights: list[tuple[nn.Parameter, str]], t: torch.Tensor) -> None:
     """Make every weight's output x·T instead of x (float64 products, stored in the weight's dtype)."""
     for p, how in weights:
         w = p.double()
-        if how == "cols":  # [in, hidden]: y = x·W
+        if how == "cols":  # [..., in, hidden]: y = x·W
             folded = w @ t
         elif how == "bias":  # [..., hidden]
             folded = w @ t
@@ -201,32 +217,39 @@ def _layer_outputs(model, layer: nn.Module, mlp: nn.Module, probe: torch.Tensor)
 
 
 @torch.no_grad()
-def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tensor) -> None:
-    """Refuse (one line) a layer where folding a map into its MLP's output weights does not move the
-    layer's output by exactly M·(T − I): checked with a random map near the identity, then undone."""
+def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tensor) -> str:
+    """Which of the MLP's weights hold its output (the first reading of :func:`_output_weights` that
+    works: fused experts laid out either way, then with input projections left out by name): the one
+    for which folding a map into them moves the layer's output by exactly M·(T − I), checked with a
+    random map near the identity, then undone. Refused in one line where none does."""
     layer = family.layer_list(model)[layer_index]
     mlp = layer.get_submodule(mlp_path)
     hidden = model.config.hidden_size
-    weights = _output_weights(mlp, hidden)
-    saved = [p.detach().clone() for p, _ in weights]
     g = torch.Generator().manual_seed(0)
     t = torch.eye(hidden, dtype=torch.float64) + 0.1 * torch.randn(hidden, hidden, generator=g, dtype=torch.float64) \
         / hidden ** 0.5
     m, y = _layer_outputs(model, layer, mlp, probe)
-    try:
-        _fold(weights, t)
-        _, y_folded = _layer_outputs(model, layer, mlp, probe)
-    finally:
-        for (p, _), w in zip(weights, saved):
-            p.copy_(w)
     expected = m @ (t - torch.eye(hidden, dtype=torch.float64))
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    miss = (y_folded - y - expected).norm() / expected.norm().clamp_min(1e-30)
-    if not weights or miss > tolerance:
-        raise UnsupportedArchitectureError(
-            f"--fit cannot fold a map into layer {layer_index} of model type '{model.config.model_type}': its MLP "
-            f"('{mlp_path}') does not write to the residual stream through linear weights (off by {miss:.0%})",
-            hint="leave out --fit: a norm or nonlinearity after the MLP leaves no weight to fold into")
+    misses = []
+    layouts = FUSED_LAYOUTS if any(p.dim() == 3 for p in mlp.parameters()) else FUSED_LAYOUTS[:1]
+    for fused, inputs_named in [(f, named) for named in (False, True) for f in layouts]:
+        weights = _output_weights(mlp, hidden, fused, inputs_named)
+        saved = [p.detach().clone() for p, _ in weights]
+        try:
+            _fold(weights, t)
+            _, y_folded = _layer_outputs(model, layer, mlp, probe)
+        finally:
+            for (p, _), w in zip(weights, saved):
+                p.copy_(w)
+        miss = float((y_folded - y - expected).norm() / expected.norm().clamp_min(1e-30))
+        if weights and miss <= tolerance:
+            return fused + (NAMED if inputs_named else "")
+        misses.append(miss)
+    raise UnsupportedArchitectureError(
+        f"--fit cannot fold a map into layer {layer_index} of model type '{model.config.model_type}': its MLP "
+        f"('{mlp_path}') does not write to the residual stream through linear weights (off by {min(misses):.0%})",
+        hint="convert with --no-fit: a norm or nonlinearity after the MLP leaves no weight to fold into")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +327,7 @@ class DropFit:
 
     maps: dict[int, torch.Tensor]  # source layer -> D of its map T = I + D
     mlps: dict[int, str]  # source layer -> path of its MLP within the layer
+    fused: dict[int, str]  # source layer -> how its fused expert weights are laid out (FUSED_LAYOUTS)
     report: FitReport
 
 
@@ -316,8 +340,7 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
     fitted = [g for g in all_gaps if g.into is not None]
     probe = windows[:1, : min(32, windows.shape[1])]
     mlps = {g.into: find_mlp(model, family, g.into, probe) for g in fitted}
-    for i, path in mlps.items():
-        check_fold(model, family, i, path, probe)
+    fused = {i: check_fold(model, family, i, path, probe) for i, path in mlps.items()}
     stats = _gather(model, family, fitted, mlps, windows, batch_size)
     maps, records = {}, []
     for gap in all_gaps:
@@ -332,7 +355,7 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
         records.append(GapFit(list(gap.removed), gap.into, before, after, True))
     report = FitReport("least-squares map, shrunk to the identity (ReplaceMe)", data, windows.numel(),
                        windows.shape[0], ridge, records, seconds=time.perf_counter() - start)
-    return DropFit(maps, mlps, report)
+    return DropFit(maps, mlps, fused, report)
 
 
 @torch.no_grad()
@@ -343,5 +366,6 @@ def apply_drop_fit(model, family, fit: DropFit, kept: list[int]) -> None:
     hidden = model.config.hidden_size
     for source_layer, d in fit.maps.items():
         layer = layers[kept.index(source_layer)]
-        weights = _output_weights(layer.get_submodule(fit.mlps[source_layer]), hidden)
+        fused, _, named = fit.fused[source_layer].partition("+")
+        weights = _output_weights(layer.get_submodule(fit.mlps[source_layer]), hidden, fused, bool(named))
         _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
