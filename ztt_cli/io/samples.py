@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..events import Event
 from .assets import cache_dir
 from .checkpoint import write_json
 
@@ -42,6 +43,18 @@ class Sampling:
     def folder(self) -> Path:
         key = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
         return cache_dir() / "samples" / key
+
+
+def sampling_for(model, teacher_sha256: str, seq_len: int, seed: int) -> Sampling:
+    """How ``model`` samples: its dtype and device (a GPU by name) are part of the cache key."""
+    param = next(model.parameters())
+    where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
+    return Sampling(teacher_sha256, seq_len, seed, dtype=str(param.dtype).removeprefix("torch."), device=where)
+
+
+def sampling_progress(progress: Callable[[Event], None]) -> Callable[[int, int], None]:
+    """A stage's progress callback as :func:`source_samples` calls it: batches done of total."""
+    return lambda done, total: progress(Event("progress", "sampling from the source", step=done, total=total))
 
 
 def _first_tokens(vocab_size: int, special: list[int], n: int, generator: torch.Generator) -> torch.Tensor:

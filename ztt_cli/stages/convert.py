@@ -15,7 +15,7 @@ from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
 from ..io.data import CALIBRATION, prepare
 from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
-from ..io.samples import Sampling, source_samples
+from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..io.sources import SourceModel
 from ..io.texts import calibration_text, read_text, token_windows
 from ..model.architecture import family_for, remap_layers
@@ -267,14 +267,9 @@ def _fit_windows(opts: ConvertOptions, source: _Source, progress: Progress) -> t
 def _source_sampler(opts: ConvertOptions, source: _Source, progress: Progress):
     """``source-samples:N`` in --fit-data: text sampled from the source itself (cached like healing's)."""
     def sample(n_tokens: int, seq_len: int) -> torch.Tensor:
-        param = next(source.model.parameters())
-        sampling = Sampling(source.ref.sha256, seq_len, opts.seed, dtype=str(param.dtype).removeprefix("torch."),
-                            device=param.device.type)
-
-        def shown(done: int, total: int) -> None:
-            progress(Event("progress", "sampling from the source", step=done, total=total))
-
-        return source_samples(source.model, source.tokenizer.all_special_ids, n_tokens, sampling, progress=shown)
+        return source_samples(source.model, source.tokenizer.all_special_ids, n_tokens,
+                              sampling_for(source.model, source.ref.sha256, seq_len, opts.seed),
+                              progress=sampling_progress(progress))
     return sample
 
 

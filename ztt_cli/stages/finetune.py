@@ -36,7 +36,7 @@ from ..io.provenance import (
     read_provenance,
     write_model_card,
 )
-from ..io.samples import Sampling, source_samples
+from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..model.architecture import family_for
 from ..options import FinetuneOptions
 from ..training.distributed import setup_distributed
@@ -268,17 +268,11 @@ class HealingRun:
     def _sample(self, n_tokens: int, seq_len: int) -> torch.Tensor:
         """``source-samples:N`` data: each rank samples its share of the batches, then all wait."""
         teacher, sha = self._source_model()
-        param = next(teacher.parameters())
-        where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
-        sampling = Sampling(sha, seq_len, self.opts.seed, dtype=str(param.dtype).removeprefix("torch."), device=where)
         ddp = self.ddp
-
-        def shown(done: int, total: int) -> None:
-            self.progress(Event("progress", "sampling from the source", step=done, total=total))
-
         wait = dist.barrier if ddp.world > 1 else (lambda: None)
-        return source_samples(teacher, self.tokenizer.all_special_ids, n_tokens, sampling, ddp.rank, ddp.world,
-                              wait, shown)
+        return source_samples(teacher, self.tokenizer.all_special_ids, n_tokens,
+                              sampling_for(teacher, sha, seq_len, self.opts.seed), ddp.rank, ddp.world, wait,
+                              sampling_progress(self.progress))
 
     def _build_training(self) -> None:
         opts, ddp = self.opts, self.ddp
@@ -292,8 +286,8 @@ class HealingRun:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
-        self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts) and self.teacher
-                                                       is not None, provenance=self.provenance)
+        self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts),
+                                                       provenance=self.provenance)
         self.compared = self.objective.teacher_layers()
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))

@@ -10,6 +10,16 @@ from ..errors import LayoutError
 from ..model.architecture import per_layer_lists, remap_layers
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer is called with (a forward pre-hook's arguments)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a decoder layer (or one of its modules) returns, alone or first in a tuple."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @torch.no_grad()
 def block_influence(model, family, windows: torch.Tensor) -> list[float]:
     """Per source layer: 1 - mean cosine between its input and output hidden states over the
@@ -20,8 +30,7 @@ def block_influence(model, family, windows: torch.Tensor) -> list[float]:
 
     def hook(i):
         def record(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
+            x, y = layer_input(args, kwargs), layer_output(output)
             sums[i] += torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().item()
         return record
 

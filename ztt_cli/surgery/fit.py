@@ -30,7 +30,7 @@ Where the map folds, found by convention and then checked:
 
 The fold is checked on a probe before any statistics are gathered: with a map folded in, the
 layer's output must move by exactly M·(T − I). A family where it does not (a norm after the
-MLP, as in Gemma 2) is refused in one line, and nothing is written.
+MLP, as in Gemma 3) is refused in one line, and nothing is written.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedArchitectureError
+from .drop import layer_input, layer_output
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,6 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() or all(p.dim() == 1 for p in module.parameters())
 
 
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _layer_input(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def find_mlp(model, family, layer_index: int, probe: torch.Tensor) -> str:
     """The path, within decoder layer ``layer_index``, of the module whose output is the layer's
     MLP output: the last parametrised child to finish that is not a norm and returns the hidden
@@ -128,7 +121,7 @@ def find_mlp(model, family, layer_index: int, probe: torch.Tensor) -> str:
 
     def note(name):
         def hook(module, args, output):
-            out = _first(output)
+            out = layer_output(output)
             if isinstance(out, torch.Tensor) and out.shape[-1:] == (hidden,):
                 finished.append(name)
         return hook
@@ -150,7 +143,6 @@ def find_mlp(model, family, layer_index: int, probe: torch.Tensor) -> str:
 
 
 FUSED_LAYOUTS = ("rows", "cols")  # fused experts' weights: [experts, out, in] (F.linear) or [experts, in, out] (x @ W)
-NAMED = "+named"  # suffix of a found layout: the input projections are left out by name
 
 
 # the conventional names of an MLP's input projections: where one maps onto the hidden size (an
@@ -190,24 +182,32 @@ def _output_weights(mlp: nn.Module, hidden: int, fused: str = "rows",
     return found
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Where a map folds in a layer: the path of its MLP, how fused expert weights are laid out
+    (``FUSED_LAYOUTS``), and whether input projections are left out by name (see :func:`check_fold`)."""
+
+    mlp: str
+    fused: str = "rows"
+    inputs_named: bool = False
+
+    def weights(self, layer: nn.Module, hidden: int) -> list[tuple[nn.Parameter, str]]:
+        return _output_weights(layer.get_submodule(self.mlp), hidden, self.fused, self.inputs_named)
+
+
 @torch.no_grad()
 def _fold(weights: list[tuple[nn.Parameter, str]], t: torch.Tensor) -> None:
-    """Make every weight's output x·T instead of x (float64 products, stored in the weight's dtype)."""
+    """Make every weight's output x·T instead of x (float64 products, stored in the weight's dtype):
+    W ← Tᵀ·W for an [..., hidden, in] weight (y = W·x), W ← W·T for an [..., in, hidden] one or a bias."""
     for p, how in weights:
-        w = p.double()
-        if how == "cols":  # [..., in, hidden]: y = x·W
-            folded = w @ t
-        elif how == "bias":  # [..., hidden]
-            folded = w @ t
-        else:  # [..., hidden, in]: y = W·x, so W ← Tᵀ·W
-            folded = t.T @ w
+        folded = t.T @ p.double() if how == "rows" else p.double() @ t
         p.copy_(folded.to(p.dtype))
 
 
 def _layer_outputs(model, layer: nn.Module, mlp: nn.Module, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
-    handles = [mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", _first(o).double())),
-               layer.register_forward_hook(lambda m, a, o: seen.__setitem__("layer", _first(o).double()))]
+    handles = [mlp.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", layer_output(o).double())),
+               layer.register_forward_hook(lambda m, a, o: seen.__setitem__("layer", layer_output(o).double()))]
     try:
         model(input_ids=probe.to(model.device), use_cache=False)
     finally:
@@ -217,7 +217,7 @@ def _layer_outputs(model, layer: nn.Module, mlp: nn.Module, probe: torch.Tensor)
 
 
 @torch.no_grad()
-def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tensor) -> str:
+def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tensor) -> Fold:
     """Which of the MLP's weights hold its output (the first reading of :func:`_output_weights` that
     works: fused experts laid out either way, then with input projections left out by name): the one
     for which folding a map into them moves the layer's output by exactly M·(T − I), checked with a
@@ -233,8 +233,8 @@ def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tens
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     misses = []
     layouts = FUSED_LAYOUTS if any(p.dim() == 3 for p in mlp.parameters()) else FUSED_LAYOUTS[:1]
-    for fused, inputs_named in [(f, named) for named in (False, True) for f in layouts]:
-        weights = _output_weights(mlp, hidden, fused, inputs_named)
+    for fold in [Fold(mlp_path, fused, named) for named in (False, True) for fused in layouts]:
+        weights = fold.weights(layer, hidden)
         saved = [p.detach().clone() for p, _ in weights]
         try:
             _fold(weights, t)
@@ -244,7 +244,7 @@ def check_fold(model, family, layer_index: int, mlp_path: str, probe: torch.Tens
                 p.copy_(w)
         miss = float((y_folded - y - expected).norm() / expected.norm().clamp_min(1e-30))
         if weights and miss <= tolerance:
-            return fused + (NAMED if inputs_named else "")
+            return fold
         misses.append(miss)
     raise UnsupportedArchitectureError(
         f"--fit cannot fold a map into layer {layer_index} of model type '{model.config.model_type}': its MLP "
@@ -299,14 +299,14 @@ def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: tor
     wanted = {i for gap in fitted for i in (gap.removed[0], gap.end)}
 
     def entering(i):
-        return lambda module, args, kwargs: states.__setitem__(i, _layer_input(args, kwargs))
+        return lambda module, args, kwargs: states.__setitem__(i, layer_input(args, kwargs))
 
     def mlp_hook(i):
-        return lambda module, args, output: mlp_out.__setitem__(i, _first(output))
+        return lambda module, args, output: mlp_out.__setitem__(i, layer_output(output))
 
     handles = [layers[i].register_forward_pre_hook(entering(i), with_kwargs=True) for i in wanted if i < n]
     if n in wanted:
-        handles.append(layers[n - 1].register_forward_hook(lambda m, a, o: states.__setitem__(n, _first(o))))
+        handles.append(layers[n - 1].register_forward_hook(lambda m, a, o: states.__setitem__(n, layer_output(o))))
     handles += [layers[i].get_submodule(path).register_forward_hook(mlp_hook(i)) for i, path in mlps.items()]
     try:
         for ids in windows.split(batch_size):
@@ -326,8 +326,7 @@ class DropFit:
     """The fitted maps of a drop, ready to fold into the kept layers once the drop is made."""
 
     maps: dict[int, torch.Tensor]  # source layer -> D of its map T = I + D
-    mlps: dict[int, str]  # source layer -> path of its MLP within the layer
-    fused: dict[int, str]  # source layer -> how its fused expert weights are laid out (FUSED_LAYOUTS)
+    folds: dict[int, Fold]  # source layer -> where its map folds
     report: FitReport
 
 
@@ -339,9 +338,8 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
     all_gaps = gaps(dropped)
     fitted = [g for g in all_gaps if g.into is not None]
     probe = windows[:1, : min(32, windows.shape[1])]
-    mlps = {g.into: find_mlp(model, family, g.into, probe) for g in fitted}
-    fused = {i: check_fold(model, family, i, path, probe) for i, path in mlps.items()}
-    stats = _gather(model, family, fitted, mlps, windows, batch_size)
+    folds = {g.into: check_fold(model, family, g.into, find_mlp(model, family, g.into, probe), probe) for g in fitted}
+    stats = _gather(model, family, fitted, {i: fold.mlp for i, fold in folds.items()}, windows, batch_size)
     maps, records = {}, []
     for gap in all_gaps:
         if gap.into is None:
@@ -355,7 +353,7 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
         records.append(GapFit(list(gap.removed), gap.into, before, after, True))
     report = FitReport("least-squares map, shrunk to the identity (ReplaceMe)", data, windows.numel(),
                        windows.shape[0], ridge, records, seconds=time.perf_counter() - start)
-    return DropFit(maps, mlps, fused, report)
+    return DropFit(maps, folds, report)
 
 
 @torch.no_grad()
@@ -365,7 +363,5 @@ def apply_drop_fit(model, family, fit: DropFit, kept: list[int]) -> None:
     layers = family.layer_list(model)
     hidden = model.config.hidden_size
     for source_layer, d in fit.maps.items():
-        layer = layers[kept.index(source_layer)]
-        fused, _, named = fit.fused[source_layer].partition("+")
-        weights = _output_weights(layer.get_submodule(fit.mlps[source_layer]), hidden, fused, bool(named))
+        weights = fit.folds[source_layer].weights(layers[kept.index(source_layer)], hidden)
         _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
