@@ -150,7 +150,7 @@ def test_fit_refusals_write_nothing(tmp_path, calib_file):
                                block=2, calib_data=calib_file, calib_tokens=32))
     assert not (tmp_path / "x").exists()
     for args, fragment in [(["--drop", 2, "--fit", "--fit-tokens", 16, "--fit-window", 16], "too little text"),
-                           (["--fit"], "fits of a cycled model"),
+                           (["--fit"], "fits of a cycled model"),  # neither --drop nor --init grow
                            (["--cycles", 2, "--relax-rank", 33], "--relax-rank 33")]:
         result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
         assert result.exit_code == 2, result.output
@@ -193,3 +193,62 @@ def test_a_drop_is_fitted_by_default_and_no_fit_gives_the_plain_drop(tmp_path, c
     # a cycled conversion is not fitted unless asked (and then refused: nothing to fit)
     assert cli("convert", src, "--out", tmp_path / "c", "--init", "lower").exit_code == 0
     assert "fit" not in json.loads((tmp_path / "c" / "ztt.json").read_text())["stages"][0]["metrics"]
+
+
+GROWN = dict(init="grow", head=1, block=2, tail=1, select="contiguous")  # 6 source layers: 3, 4 removed, into 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_grown_models_first_cycle_is_the_fitted_drop(family, tmp_path, calib_file):
+    """The map into source layer 2 lands on a layer the block shares: it is kept as cycle 1's delta
+    there (at full rank exactly), so at init the grown model is the fitted drop, and its shared
+    weights and cycle 2 are untouched."""
+    src = save_source(family, tmp_path / "src")
+    drop = convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1,
+                                  calib_data=calib_file, **FIT))
+    grown = convert(ConvertOptions(source=str(src), out=tmp_path / "grown", relax_rank=32, calib_data=calib_file,
+                                   **GROWN, **FIT))
+    (gap,) = grown.fit["gaps"]
+    assert gap["into"] == 2 and gap["rank"] == 32 and "cycle 1" in gap["note"]
+    assert gap["error_after"] == pytest.approx(drop.fit["gaps"][0]["error_after"], rel=1e-6)
+    assert grown.fit["perplexity_after"] == pytest.approx(drop.fit["perplexity_after"], rel=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "grown").eval()
+    ids = token_ids()
+    with torch.no_grad(), model.pool_disabled():
+        torch.testing.assert_close(model(ids).logits, _logits(tmp_path / "drop", ids), rtol=1e-4, atol=1e-4)
+    plain = convert(ConvertOptions(source=str(src), out=tmp_path / "plain", relax_rank=32, calib_data=calib_file,
+                                   **GROWN))
+    unfitted = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    shared = {k: v for k, v in model.state_dict().items() if not k.startswith("relax.")}
+    for key, value in unfitted.state_dict().items():
+        if not key.startswith("relax."):
+            torch.testing.assert_close(shared[key], value, rtol=0, atol=0)  # the shared weights are the source's
+    b = {k: v for k, v in model.state_dict().items() if k.startswith("relax.") and ".B." in k}
+    assert all(not v[1].any() for v in b.values())  # cycle 2 starts as LoRA: B = 0
+    assert plain.fit is None
+
+
+def test_a_lower_rank_keeps_the_best_map_of_that_rank(tmp_path, calib_file):
+    """Below full rank the map is the best of its rank on the calibration tokens: its error lies
+    between the full map's and the plain drop's, and falls as the rank grows."""
+    src = save_source("llama", tmp_path / "src")
+    errors = {}
+    for rank in (2, 8, 32):
+        result = convert(ConvertOptions(source=str(src), out=tmp_path / f"r{rank}", relax_rank=rank,
+                                        calib_data=calib_file, **GROWN, **FIT))
+        (gap,) = result.fit["gaps"]
+        errors[rank] = gap["error_after"]
+        before = gap["error_before"]
+    assert before > errors[2] > errors[8] > errors[32]
+
+
+def test_a_grown_fit_needs_a_rank_for_a_map_on_a_shared_layer(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    for args, fragment in [(["--init", "grow", "--head", 1, "--block", 2, "--tail", 1, "--select", "contiguous",
+                             "--fit"], "land on layers the block shares"),
+                           (["--init", "grow", "--head", 2, "--block", 2, "--tail", 2, "--fit"], "nothing to fit")]:
+        result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output.strip().splitlines()[0], result.output
+        assert "--relax-rank" in result.output or "nothing" in result.output
+        assert not (tmp_path / "x").exists()

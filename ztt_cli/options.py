@@ -131,9 +131,10 @@ class ConvertOptions(BaseModel):
         None, description="text file for --init auto, --init grow and --drop (default: built-in Shakespeare)"
     )
     fit: bool | None = added_option(
-        None, description="fit each run of layers --drop removes to the source's activations before writing, a "
-        "least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no parameter added); "
-        "default: on with --drop, --no-fit for the plain drop"
+        None, description="fit each run of layers --drop (or --init grow) removes to the source's activations "
+        "before writing, a least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no "
+        "parameter added; on a grown block's shared layer, kept as cycle 1's --relax-rank delta); default: on with "
+        "--drop, --no-fit for the plain drop"
     )
     fit_data: str | None = added_option(
         None, description="text the fit runs the source on: calibration, shakespeare, a file or folder, "

@@ -62,7 +62,8 @@ def draw_layout(layout) -> Text:
 def fit_summary(fit: dict) -> str:
     """What ``--fit`` did, in one line: the gaps' hidden-state errors and the perplexity it moved."""
     fitted = [g for g in fit["gaps"] if g["fitted"]]
-    errors = ", ".join(f"layers {_span(g['removed'])} {g['error_before']:.3f} → {g['error_after']:.3f}" for g in fitted)
+    errors = ", ".join(f"layers {_span(g['removed'])} {g['error_before']:.3f} → {g['error_after']:.3f}"
+                       + (f" (cycle 1's rank-{g['rank']} delta)" if g.get("rank") else "") for g in fitted)
     skipped = [g for g in fit["gaps"] if not g["fitted"]]
     left = "".join(f"; layers {_span(g['removed'])} left plain ({g['note']})" for g in skipped)
     plural = "" if len(fitted) == 1 else "s"
@@ -98,18 +99,19 @@ def convert(command: Command, opts, execute: Execute) -> None:
     if result.init == "grow":
         removed = f"source layers {', '.join(map(str, result.dropped))} removed ({opts.select})" if result.dropped \
             else "every source layer kept"
-        out.print(f"init [bold]grow[/]: the layers a drop keeps ({removed}); added cycles gated at "
+        fitted = ", fitted" if result.fit else ""
+        out.print(f"init [bold]grow[/]: the layers a drop keeps ({removed}){fitted}; added cycles gated at "
                   f"{opts.grow_gate:g}, so the model starts as that drop")
     elif result.dropped:
         out.print(f"dropped source layers [bold]{', '.join(map(str, result.dropped))}[/] ({opts.select}); "
                   "a one-cycle model of the kept layers, no zero token")
-        if result.fit:
-            out.print(fit_summary(result.fit))
     elif result.init_scores:
         scores = ", ".join(f"{k} {v:.1f}" for k, v in result.init_scores.items())
         out.print(f"init [bold]{result.init}[/] (calibration perplexity: {scores})")
     else:
         out.print(f"init [bold]{result.init}[/]")
+    if result.fit:
+        out.print(fit_summary(result.fit))
 
 
 def _healing_bar(rank0: bool) -> Progress:

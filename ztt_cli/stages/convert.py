@@ -24,7 +24,7 @@ from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..options import ConvertOptions
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
-from ..surgery.fit import DropFit, apply_drop_fit, fit_drop
+from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position
 from ..surgery.init import load_block
 from ..surgery.strategies import GROW
 from ..training.quality import perplexity
@@ -134,15 +134,20 @@ def _calibration_windows(opts: ConvertOptions, tokenizer, max_positions: int | N
 
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
-    if opts.fit and opts.drop is None:  # (unset, it applies where there is a drop)
-        raise LayoutError("{fit} fits the runs of layers a {drop} removes; fits of a cycled model's positions "
-                          "are not built yet", hint="give {drop} N with {fit}, or leave out {fit}",
-                          fields=("fit", "drop"))
+    if opts.fit and opts.drop is None and opts.init != GROW:  # (unset, it applies where there is a drop)
+        raise LayoutError("{fit} fits the runs of layers a {drop} (or {init} grow) removes; fits of a cycled "
+                          "model's own positions are not built yet",
+                          hint="give {drop} N or {init} grow with {fit}, or leave out {fit}", fields=("fit", "drop"))
     if opts.drop is None:
         layout = Layout.for_source(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
-        if opts.relax_rank and layout.cycles == 1:
+        if opts.fit and layout.unique_layers == n_layers:
+            raise LayoutError(f"{{fit}} fits the layers a grown model removes, and {layout} keeps all {n_layers}: "
+                              "nothing to fit", hint="leave out {fit}, or give a smaller {block}",
+                              fields=("fit", "block"))
+        if opts.relax_rank and layout.cycles == 1 and opts.init != GROW:  # (grown: low-rank deltas on a drop)
             raise LayoutError("--relax-rank relaxes a shared block, and this layout has one cycle: nothing is shared",
-                              hint="give --cycles 2 or more, or leave out --relax-rank")
+                              hint="give --cycles 2 or more, or --init grow for deltas on a drop's block layers, "
+                              "or leave out --relax-rank")
         return layout
     if opts.init == GROW or opts.relax_rank:
         raise LayoutError("--drop makes a one-cycle model of the kept layers, --init grow and --relax-rank a "
@@ -200,42 +205,70 @@ def _check_rank(rank: int, layer: torch.nn.Module) -> None:
 
 
 def _fits(opts: ConvertOptions) -> bool:
-    """Whether the conversion fits its drop: ``--fit``, or by default with ``--drop``."""
-    return opts.drop is not None and opts.fit is not False
+    """Whether the conversion fits the layers it removes: by default with ``--drop``, and with ``--fit``
+    on a grown model."""
+    return (opts.drop is not None and opts.fit is not False) or (opts.init == GROW and bool(opts.fit))
 
 
-def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None,
-                   progress: Progress) -> tuple[list[int], list[float] | None, dict | None]:
-    """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if ``--fit``: (removed,
-    block influence, the fit's record)."""
-    influence = None
-    if opts.select == "block-influence":
-        progress(Event.status("measuring block influence"))
-        influence = block_influence(source.model, source.family, source.windows)
-    dropped = dropped_layers(source.config.num_hidden_layers, n_drop, opts.select, tail, influence)
-    fit, windows = None, None
-    if _fits(opts):  # on the full source: its own activations
-        windows, data = _fit_windows(opts, source, progress)
-        progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
-        fit = fit_drop(source.model, source.family, dropped, windows, opts.fit_ridge, data)
-    keep_layers(source.model, source.family, dropped)
-    if fit is not None:
-        _apply_fit(source, fit, dropped, windows, progress)
-    return dropped, influence, fit.report.record() if fit else None
+@dataclass
+class _Removal:
+    """The source layers a conversion removes, and the fit of the gaps they leave (if it fits)."""
+
+    dropped: list[int]
+    influence: list[float] | None
+    fit: DropFit | None = None
+    shown: torch.Tensor | None = None  # the calibration windows the fit's perplexity is measured on
+    shared: dict[int, int] = field(default_factory=dict)  # a map's source layer -> the block position it lands on
+
+    def record(self) -> dict | None:
+        return self.fit.report.record() if self.fit else None
 
 
 PERPLEXITY_WINDOWS = 16  # calibration windows the fit's before/after perplexity is measured on
 
 
-def _apply_fit(source: _Source, fit: DropFit, dropped: list[int], windows: torch.Tensor,
-               progress: Progress) -> None:
-    kept = [i for i in range(source.config.num_hidden_layers) if i not in dropped]
-    shown = windows[:PERPLEXITY_WINDOWS]
+def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None, progress: Progress,
+                   grown: Layout | None = None) -> _Removal:
+    """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if it fits (on a ``grown``
+    layout, a map that lands on a block layer waits for its position: :func:`_keep_shared_maps`)."""
+    influence = None
+    if opts.select == "block-influence":
+        progress(Event.status("measuring block influence"))
+        influence = block_influence(source.model, source.family, source.windows)
+    n_layers = source.config.num_hidden_layers
+    removal = _Removal(dropped_layers(n_layers, n_drop, opts.select, tail, influence), influence)
+    if not _fits(opts):
+        keep_layers(source.model, source.family, removal.dropped)
+        return removal
+    kept = [i for i in range(n_layers) if i not in removal.dropped]
+    if grown is not None:
+        block = range(grown.head, grown.head + grown.block)
+        removal.shared = {g.into: kept.index(g.into) - grown.head for g in gaps(removal.dropped)
+                          if g.into is not None and kept.index(g.into) in block}
+        if removal.shared and not opts.relax_rank:
+            raise LayoutError(f"{{fit}} on {grown}: the maps into source layers {sorted(removal.shared)} land on "
+                              "layers the block shares, and each is kept as its own position's delta",
+                              hint="give {relax_rank} r (the rank the maps are kept at), or leave out {fit}",
+                              fields=("fit", "relax_rank"))
+    windows, data = _fit_windows(opts, source, progress)  # on the full source: its own activations
+    progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
+    removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data)
+    keep_layers(source.model, source.family, removal.dropped)
+    removal.shown = windows[:PERPLEXITY_WINDOWS]
     progress(Event.status("measuring the plain drop"))
-    fit.report.perplexity_before = perplexity(source.model, shown)
-    apply_drop_fit(source.model, source.family, fit, kept)
-    fit.report.perplexity_after = perplexity(source.model, shown)
-    fit.report.perplexity_windows = shown.shape[0]
+    removal.fit.report.perplexity_before = perplexity(source.model, removal.shown)
+    apply_drop_fit(source.model, source.family, removal.fit, kept, frozenset(removal.shared))
+    return removal
+
+
+def _keep_shared_maps(removal: _Removal, ztt: ZTTForCausalLM, layout: Layout) -> None:
+    """After the build: the maps that land on shared layers go into cycle 1's deltas there, and the
+    fitted model's perplexity is measured."""
+    fit = removal.fit
+    for source_layer, j in removal.shared.items():
+        keep_in_position(fit, source_layer, ztt.layers[layout.head + j], ztt.relax.positions[j], cycle=1)
+    fit.report.perplexity_after = perplexity(ztt, removal.shown)
+    fit.report.perplexity_windows = removal.shown.shape[0]
 
 
 def _fit_windows(opts: ConvertOptions, source: _Source, progress: Progress) -> tuple[torch.Tensor, str]:
@@ -334,19 +367,21 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     max_shard = parse_size(opts.shard_size)
     source, layout = _load_source(opts, progress)
     n_layers = source.config.num_hidden_layers
-    dropped, influence, fit = [], None, None
+    removal = _Removal([], None)
     if opts.drop is not None:
-        dropped, influence, fit = _remove_layers(opts, source, opts.drop, opts.tail, progress)
+        removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
         layout = _one_cycle(n_layers - opts.drop)
     elif opts.init == GROW and layout.unique_layers < n_layers:
-        dropped, influence, _ = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress)
+        removal = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress, grown=layout)
     layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
     ztt = _build(opts, source, layout)
     init, scores = _initialise(opts, ztt, source, layout, layers, progress)
+    if removal.fit is not None:
+        _keep_shared_maps(removal, ztt, layout)
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
-        dropped=dropped, block_influence=influence, fit=fit,
+        dropped=removal.dropped, block_influence=removal.influence, fit=removal.record(),
     )
     progress(Event.status(f"writing {opts.out}"))
     with atomic_dir(opts.out, opts.overwrite) as tmp:

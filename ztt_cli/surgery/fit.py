@@ -43,6 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedArchitectureError
+from ..model.relax import PositionDeltas, as_out_in, delta_key
 from .drop import layer_input, layer_output
 
 
@@ -81,6 +82,7 @@ class GapFit:
     error_after: float
     fitted: bool
     note: str = ""
+    rank: int | None = None  # kept as a shared position's rank-r delta (a grown model), not folded
 
 
 @dataclass
@@ -328,6 +330,7 @@ class DropFit:
     maps: dict[int, torch.Tensor]  # source layer -> D of its map T = I + D
     folds: dict[int, Fold]  # source layer -> where its map folds
     report: FitReport
+    statistics: dict[int, _GapStatistics] = field(default_factory=dict)  # source layer -> its gap's sums
 
 
 def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: float, data: str,
@@ -340,7 +343,7 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
     probe = windows[:1, : min(32, windows.shape[1])]
     folds = {g.into: check_fold(model, family, g.into, find_mlp(model, family, g.into, probe), probe) for g in fitted}
     stats = _gather(model, family, fitted, {i: fold.mlp for i, fold in folds.items()}, windows, batch_size)
-    maps, records = {}, []
+    maps, records, by_layer = {}, [], {}
     for gap in all_gaps:
         if gap.into is None:
             records.append(GapFit(list(gap.removed), None, float("nan"), float("nan"), False,
@@ -349,19 +352,65 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
         s = stats[fitted.index(gap)]
         d = s.solve(ridge)
         before, after = s.errors(d)
-        maps[gap.into] = d
+        maps[gap.into], by_layer[gap.into] = d, s
         records.append(GapFit(list(gap.removed), gap.into, before, after, True))
     report = FitReport("least-squares map, shrunk to the identity (ReplaceMe)", data, windows.numel(),
                        windows.shape[0], ridge, records, seconds=time.perf_counter() - start)
-    return DropFit(maps, folds, report)
+    return DropFit(maps, folds, report, by_layer)
 
 
 @torch.no_grad()
-def apply_drop_fit(model, family, fit: DropFit, kept: list[int]) -> None:
+def apply_drop_fit(model, family, fit: DropFit, kept: list[int], shared: frozenset[int] = frozenset()) -> None:
     """Fold each map into its layer's MLP output weights, in the model cut to the ``kept`` source
-    layers (in order)."""
+    layers (in order); the maps of ``shared`` source layers are left for :func:`keep_in_position`."""
     layers = family.layer_list(model)
     hidden = model.config.hidden_size
     for source_layer, d in fit.maps.items():
-        weights = fit.folds[source_layer].weights(layers[kept.index(source_layer)], hidden)
-        _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
+        if source_layer not in shared:
+            weights = fit.folds[source_layer].weights(layers[kept.index(source_layer)], hidden)
+            _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
+
+
+def reduced_rank(stats: _GapStatistics, d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` map on the calibration tokens (reduced-rank regression): D_r = D·V·Vᵀ, V
+    the top eigenvectors of the fitted change's covariance Dᵀ(MᵀM)D. (D_r, V)"""
+    _, vectors = torch.linalg.eigh(d.T @ stats.mm @ d)
+    v = vectors[:, -rank:]
+    return d @ v @ v.T, v
+
+
+@torch.no_grad()
+def keep_in_position(fit: DropFit, source_layer: int, layer: nn.Module, deltas: PositionDeltas, cycle: int) -> None:
+    """Keep the map of ``source_layer`` as position ``cycle``'s own delta on the shared ``layer`` instead
+    of folding it into the shared weights, so that the layer's other positions are left as they are.
+
+    A map that lands on a layer a grown block shares belongs to cycle 1, the drop, alone. Its output
+    weights W become W + (D_r)ᵀ·W, with D_r the best map of the delta's rank r on the calibration tokens
+    (:func:`reduced_rank`): B = V, A = Vᵀ·Dᵀ·W, exact at full rank; a bias b gets b·D_r in the
+    position's own 1-D copy. The gap's record gives the error at that rank."""
+    d, stats = fit.maps[source_layer], fit.statistics[source_layer]
+    hidden = d.shape[0]
+    rank = min(next(iter(deltas.A.values())).shape[1], hidden)
+    d_r, v = reduced_rank(stats, d, rank)
+    linears = {id(m.weight): name for name, m in deltas.linears.items()}
+    vectors = {id(p): name for name, p in layer.named_parameters() if name in deltas.vectors}
+    c = cycle - 1
+    for p, how in fit.folds[source_layer].weights(layer, hidden):
+        if how == "bias":
+            key = delta_key(vectors[id(p)])
+            deltas.d[key][c] += (p.double() @ d_r).to(p.dtype)
+        elif id(p) in linears:
+            name = linears[id(p)]
+            w = as_out_in(deltas.linears[name], p).double()  # [hidden, in]
+            deltas.B[delta_key(name)][c].zero_()
+            deltas.B[delta_key(name)][c, :, :rank] = v.to(p.dtype)
+            deltas.A[delta_key(name)][c, :rank] = (v.T @ d.T @ w).to(p.dtype)
+        else:
+            raise UnsupportedArchitectureError(
+                f"--fit cannot keep a map as a position's delta on a shared layer with fused expert weights "
+                f"(source layer {source_layer})", hint="convert with --no-fit, or choose a layout that does not "
+                "share that layer")
+    record = next(g for g in fit.report.gaps if g.into == source_layer)
+    record.error_after = stats.errors(d_r)[1]
+    record.rank = rank
+    record.note = f"kept as cycle {cycle}'s rank-{rank} delta on the shared layer, not folded into it"
