@@ -411,3 +411,38 @@ def test_bf16_autocast_run(workdir, tmp_path, family):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     val = [r for r in log if r["event"] == "val"]  # the no-grad path (the fused inference shortcut on CPU)
     assert len(val) == 1 and math.isfinite(val[0]["val_ppl"])
+
+
+def test_trainable_new_moves_only_what_a_conversion_added_and_the_norms(workdir, tmp_path):
+    """--trainable new: the pool, the gates, the deltas and the 1-D weights train; every matrix of the
+    source (shared, unshared, embeddings) stays as it was, and the optimizer holds nothing for it."""
+    from ztt_cli.stages.finetune import _optimizer_groups
+
+    ckpt = tmp_path / "grown"
+    convert(ConvertOptions(source=str(workdir / "src-llama"), out=ckpt, init="grow", head=1, block=2, tail=1,
+                           relax_rank=4, select="contiguous"))
+    run = opts(workdir, tmp_path / "new", family="llama", checkpoint=ckpt, steps=3, trainable="new")
+    finetune(run)
+    before, after = weights(ckpt), weights(tmp_path / "new")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("relax.") for k in moved) and "pool.key" in moved
+    assert all(k.startswith(("relax.", "pool.", "gates.")) or before[k].dim() == 1 for k in moved), moved
+    assert any(before[k].dim() == 1 and not k.startswith(("relax.", "pool.", "gates.")) for k in moved)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    groups, grouping = _optimizer_groups(model, run)
+    named = dict(model.named_parameters())
+    held = [name for g in grouping for name in g["params"]]
+    assert all(name.startswith(("relax.", "pool.", "gates.")) or named[name].dim() == 1 for name in held)
+    assert sum(named[n].numel() for n in held) < 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def test_trainable_new_on_a_model_with_nothing_added_is_refused(workdir, tmp_path):
+    ckpt = tmp_path / "drop"
+    convert(ConvertOptions(source=str(workdir / "src-llama"), out=ckpt, drop=2, fit=False))
+    result = runner.invoke(app, ["finetune", str(ckpt), "--data", str(workdir / "train.txt"), "--steps", "2",
+                                 "--seq-len", "32", "--trainable", "new", "--out", str(tmp_path / "out")],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--trainable new" in lines[0] and "hint:" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()

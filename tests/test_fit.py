@@ -2,6 +2,7 @@
 (a least-squares map shrunk to the identity, folded into the kept layer before it)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_fit_refusals_write_nothing(tmp_path, calib_file):
     src = save_source("llama", tmp_path / "src")
     with pytest.raises(ZTTError, match="too little text"):  # fewer tokens than the hidden size (32)
         _convert(src, tmp_path / "x", calib_file, fit_tokens=16, fit_window=16)
-    with pytest.raises(LayoutError, match="fits of a cycled model"):
+    with pytest.raises(LayoutError, match="nothing to fit"):
         convert(ConvertOptions(source=str(src), out=tmp_path / "x", fit=True))
     # the hidden size is 32: no weight has rank 40
     with pytest.raises(LayoutError, match="rank 40 is above the rank of every linear weight"):
@@ -150,7 +151,7 @@ def test_fit_refusals_write_nothing(tmp_path, calib_file):
                                block=2, calib_data=calib_file, calib_tokens=32))
     assert not (tmp_path / "x").exists()
     for args, fragment in [(["--drop", 2, "--fit", "--fit-tokens", 16, "--fit-window", 16], "too little text"),
-                           (["--fit"], "fits of a cycled model"),  # neither --drop nor --init grow
+                           (["--fit"], "nothing to fit"),  # neither --drop, --init grow nor --relax-rank
                            (["--cycles", 2, "--relax-rank", 33], "--relax-rank 33")]:
         result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
         assert result.exit_code == 2, result.output
@@ -207,7 +208,7 @@ def test_a_grown_models_first_cycle_is_the_fitted_drop(family, tmp_path, calib_f
     drop = convert(ConvertOptions(source=str(src), out=tmp_path / "drop", drop=2, select="contiguous", tail=1,
                                   calib_data=calib_file, **FIT))
     grown = convert(ConvertOptions(source=str(src), out=tmp_path / "grown", relax_rank=32, calib_data=calib_file,
-                                   **GROWN, **FIT))
+                                   fit_added=False, **GROWN, **FIT))
     (gap,) = grown.fit["gaps"]
     assert gap["into"] == 2 and gap["rank"] == 32 and "cycle 1" in gap["note"]
     assert gap["error_after"] == pytest.approx(drop.fit["gaps"][0]["error_after"], rel=1e-6)
@@ -235,7 +236,7 @@ def test_a_lower_rank_keeps_the_best_map_of_that_rank(tmp_path, calib_file):
     errors = {}
     for rank in (2, 8, 32):
         result = convert(ConvertOptions(source=str(src), out=tmp_path / f"r{rank}", relax_rank=rank,
-                                        calib_data=calib_file, **GROWN, **FIT))
+                                        calib_data=calib_file, fit_added=False, **GROWN, **FIT))
         (gap,) = result.fit["gaps"]
         errors[rank] = gap["error_after"]
         before = gap["error_before"]
@@ -252,3 +253,82 @@ def test_a_grown_fit_needs_a_rank_for_a_map_on_a_shared_layer(tmp_path, calib_fi
         assert fragment in result.output.strip().splitlines()[0], result.output
         assert "--relax-rank" in result.output or "nothing" in result.output
         assert not (tmp_path / "x").exists()
+
+
+RELAXED = dict(head=1, block=2, cycles=2, tail=1, init="lower", fit=True, fit_tokens=1024, fit_window=64)
+
+
+def test_at_full_rank_a_position_fit_reproduces_its_source_layer(tmp_path, calib_file):
+    """Rank 32 (the hidden size) holds every difference: each position maps its source layer's input to
+    that layer's output, and the fitted model computes the source."""
+    src = save_source("llama", tmp_path / "src")
+    result = convert(ConvertOptions(source=str(src), out=tmp_path / "full", relax_rank=32, calib_data=calib_file,
+                                    fit_steps=4, **RELAXED))
+    fit = result.fit
+    assert [(p["cycle"], p["position"], p["source_layer"]) for p in fit["positions"]] == \
+        [(1, 0, 1), (1, 1, 2), (2, 0, 3), (2, 1, 4)]
+    assert all(p["error_after"] < 1e-3 for p in fit["positions"]), fit["positions"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    ids = token_ids()
+    with torch.no_grad(), model.pool_disabled():
+        torch.testing.assert_close(model(ids).logits, source_model("llama")(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("inputs", ["source", "own"])
+def test_a_position_fit_lowers_each_positions_error_and_moves_only_its_deltas(inputs, tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    common = dict(source=str(src), relax_rank=2, calib_data=calib_file)
+    plain = convert(ConvertOptions(out=tmp_path / "plain", **{**RELAXED, "fit": False}, **common))
+    result = convert(ConvertOptions(out=tmp_path / "fitted", fit_inputs=inputs, fit_steps=40, fit_lr=1e-2,
+                                    **RELAXED, **common))
+    assert plain.fit is None and result.fit["inputs"] == inputs and result.fit["tokens"] == 1024
+    for p in result.fit["positions"]:  # (lower: position (1, 0) is source layer 1 itself, its error ~0)
+        assert p["error_after"] <= p["error_before"], p
+        assert p["error_after"] < 0.9 * p["error_before"] or p["error_before"] < 1e-3, p
+    assert math.isfinite(result.fit["perplexity_before"]) and math.isfinite(result.fit["perplexity_after"])
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "fitted").state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("relax.") for k in moved), moved
+    recorded = json.loads((tmp_path / "fitted" / "ztt.json").read_text())["stages"][0]["metrics"]["fit"]
+    assert recorded["positions"] == result.fit["positions"]
+
+
+def test_a_position_fit_is_deterministic_per_seed(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    runs = {name: convert(ConvertOptions(source=str(src), out=tmp_path / name, relax_rank=2, calib_data=calib_file,
+                                         fit_steps=5, seed=seed, **RELAXED))
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+    assert runs["a"].weights_sha256 == runs["b"].weights_sha256 != runs["c"].weights_sha256
+
+
+def test_position_fit_refusals_write_nothing(tmp_path, calib_file):
+    src = save_source("llama", tmp_path / "src")
+    # (a layout that is not grown is as deep as the source: each position stands for a source layer)
+    for args, fragment in [(["--cycles", 2, "--fit"], "nothing to fit"),
+                           (["--cycles", 2, "--relax-rank", 2, "--fit", "--fit-tokens", 16, "--fit-window", 16],
+                            "too little text")]:
+        result = cli("convert", src, "--out", tmp_path / "x", "--calib-data", calib_file, "--calib-tokens", 32, *args)
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output.strip().splitlines()[0], result.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_grown_models_added_cycles_are_fitted_to_the_span_the_drop_removed(tmp_path, calib_file):
+    """The added cycle's gates and deltas move so that the state entering the tail comes closer to the
+    source's there; cycle 1 (the fitted drop), the head, the tail and the shared weights do not."""
+    src = save_source("llama", tmp_path / "src")
+    common = dict(source=str(src), relax_rank=4, calib_data=calib_file, **GROWN, **FIT)
+    convert(ConvertOptions(out=tmp_path / "drop", fit_added=False, **common))
+    result = convert(ConvertOptions(out=tmp_path / "added", fit_steps=30, fit_lr=1e-2, **common))
+    added = result.fit["added_cycles"]
+    assert added["steps"] == 30 and added["error_after"] < added["error_before"]
+    assert any(g != 0 for g in added["gates"][0])
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "drop").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "added").state_dict()
+    for key, value in before.items():
+        if key == "gates.weight" or key.startswith("relax."):
+            torch.testing.assert_close(after[key][0], value[0], rtol=0, atol=0)  # cycle 1
+        else:
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    assert not torch.equal(after["gates.weight"][1], before["gates.weight"][1])

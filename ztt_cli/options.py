@@ -131,10 +131,11 @@ class ConvertOptions(BaseModel):
         None, description="text file for --init auto, --init grow and --drop (default: built-in Shakespeare)"
     )
     fit: bool | None = added_option(
-        None, description="fit each run of layers --drop (or --init grow) removes to the source's activations "
-        "before writing, a least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; no "
-        "parameter added; on a grown block's shared layer, kept as cycle 1's --relax-rank delta); default: on with "
-        "--drop, --no-fit for the plain drop"
+        None, description="fit to the source's activations before writing: each run of layers --drop (or --init "
+        "grow) removes, by a least-squares map folded into the MLP output of the kept layer before it (ReplaceMe; "
+        "no parameter added; on a grown block's shared layer, kept as cycle 1's --relax-rank delta); with "
+        "--relax-rank on other layouts, each position's deltas to its source layer; default: on with --drop, "
+        "--no-fit for the plain drop"
     )
     fit_data: str | None = added_option(
         None, description="text the fit runs the source on: calibration, shakespeare, a file or folder, "
@@ -142,6 +143,17 @@ class ConvertOptions(BaseModel):
     )
     fit_tokens: int = added_option(32768, ge=1, description="calibration tokens the fit reads (at most)")
     fit_window: int = added_option(512, ge=8, description="tokens per fitting window")
+    fit_added: bool = added_option(
+        True, description="--init grow --fit: also fit the added cycles' gates and deltas so that the state "
+        "entering the tail matches the source's (--no-fit-added: they stay closed, the model is the fitted drop)"
+    )
+    fit_inputs: Literal["source", "own"] = added_option(
+        "source", description="a relaxed model's positions: fitted on the source's own states (teacher-forced) or "
+        "on the states the converted model hands each one, its earlier positions fitted (sequential)"
+    )
+    fit_steps: int = added_option(64, ge=1, description="Adam steps per relaxed position, or for a grown model's "
+                                  "added cycles (4 windows each)")
+    fit_lr: float = added_option(1e-3, gt=0, description="learning rate of those steps")
     fit_ridge: float = added_option(
         1e-3, gt=0, description="ridge term of the fit, relative to the mean of diag(MᵀM); the map is I + D with "
         "the penalty on D, so a large value gives back the plain drop"
@@ -199,8 +211,9 @@ class FinetuneOptions(BaseModel):
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch and process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
-    trainable: Literal["all", "block", "block+pool", "pool"] = Field(
-        "all", description="what is trained (all, block and block+pool include a grown model's residual gates)"
+    trainable: Literal["all", "block", "block+pool", "pool", "new"] = Field(
+        "all", description="what is trained (all, block and block+pool include a grown model's residual gates); "
+        "new: only what a conversion added (pool, gates, deltas) and the norms and biases"
     )
     log_every: int = Field(10, ge=1, description="steps between log lines")
     eval_every: int = Field(50, ge=1, description="steps between validation passes")

@@ -60,7 +60,15 @@ def draw_layout(layout) -> Text:
 
 
 def fit_summary(fit: dict) -> str:
-    """What ``--fit`` did, in one line: the gaps' hidden-state errors and the perplexity it moved."""
+    """What ``--fit`` did, in one line: the gaps' (or positions') hidden-state errors and the perplexity
+    it moved."""
+    if "positions" in fit:
+        errors = [(p["error_before"], p["error_after"]) for p in fit["positions"]]
+        mean = [sum(e[k] for e in errors) / len(errors) for k in (0, 1)]
+        return (f"fitted {len(errors)} positions on {fit['tokens']:,} tokens of {fit['data']} ({fit['inputs']} "
+                f"inputs, {fit['steps']} steps each) in {fit['seconds']:.1f} s: mean hidden-state error "
+                f"{mean[0]:.3f} → {mean[1]:.3f}; calibration perplexity {fit['perplexity_before']:.2f} → "
+                f"{fit['perplexity_after']:.2f}")
     fitted = [g for g in fit["gaps"] if g["fitted"]]
     errors = ", ".join(f"layers {_span(g['removed'])} {g['error_before']:.3f} → {g['error_after']:.3f}"
                        + (f" (cycle 1's rank-{g['rank']} delta)" if g.get("rank") else "") for g in fitted)

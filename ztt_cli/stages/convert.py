@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from ..options import ConvertOptions
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
 from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position
 from ..surgery.init import load_block
+from ..surgery.positions import States, fit_added_cycles, fit_positions, gather_states
 from ..surgery.strategies import GROW
 from ..training.quality import perplexity
 
@@ -134,13 +136,14 @@ def _calibration_windows(opts: ConvertOptions, tokenizer, max_positions: int | N
 
 def _layout(opts: ConvertOptions, n_layers: int) -> Layout | None:
     """The requested layout, checked before any work (``None`` for --drop: known once layers are chosen)."""
-    if opts.fit and opts.drop is None and opts.init != GROW:  # (unset, it applies where there is a drop)
-        raise LayoutError("{fit} fits the runs of layers a {drop} (or {init} grow) removes; fits of a cycled "
-                          "model's own positions are not built yet",
-                          hint="give {drop} N or {init} grow with {fit}, or leave out {fit}", fields=("fit", "drop"))
+    if opts.fit and opts.drop is None and opts.init != GROW and not opts.relax_rank:
+        raise LayoutError("{fit} fits the layers a {drop} or {init} grow removes, or a relaxed model's positions; "
+                          "a shared block without {relax_rank} has no position of its own: nothing to fit",
+                          hint="give {drop} N, {init} grow or {relax_rank} r with {fit}, or leave out {fit}",
+                          fields=("fit", "drop", "relax_rank"))
     if opts.drop is None:
         layout = Layout.for_source(n_layers, opts.head, opts.block, opts.cycles, opts.tail, grown=opts.init == GROW)
-        if opts.fit and layout.unique_layers == n_layers:
+        if opts.fit and opts.init == GROW and layout.unique_layers == n_layers:
             raise LayoutError(f"{{fit}} fits the layers a grown model removes, and {layout} keeps all {n_layers}: "
                               "nothing to fit", hint="leave out {fit}, or give a smaller {block}",
                               fields=("fit", "block"))
@@ -217,8 +220,9 @@ class _Removal:
     dropped: list[int]
     influence: list[float] | None
     fit: DropFit | None = None
-    shown: torch.Tensor | None = None  # the calibration windows the fit's perplexity is measured on
+    windows: torch.Tensor | None = None  # the fit's calibration windows
     shared: dict[int, int] = field(default_factory=dict)  # a map's source layer -> the block position it lands on
+    tail_states: torch.Tensor | None = None  # a grown model: the source's states entering its tail (in a file)
 
     def record(self) -> dict | None:
         return self.fit.report.record() if self.fit else None
@@ -228,9 +232,10 @@ PERPLEXITY_WINDOWS = 16  # calibration windows the fit's before/after perplexity
 
 
 def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None, progress: Progress,
-                   grown: Layout | None = None) -> _Removal:
+                   grown: Layout | None = None, scratch: Path | None = None) -> _Removal:
     """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if it fits (on a ``grown``
-    layout, a map that lands on a block layer waits for its position: :func:`_keep_shared_maps`)."""
+    layout, a map that lands on a block layer waits for its position, and the source's states entering
+    the tail are kept in ``scratch`` for the added cycles: :func:`_fit_grown`)."""
     influence = None
     if opts.select == "block-influence":
         progress(Event.status("measuring block influence"))
@@ -253,22 +258,52 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
     windows, data = _fit_windows(opts, source, progress)  # on the full source: its own activations
     progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
     removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data)
+    if grown is not None and grown.cycles > 1 and opts.fit_added:
+        progress(Event.status("reading the source's states entering the tail"))
+        at = n_layers - grown.tail
+        removal.tail_states = gather_states(source.model, source.family, [at], windows, scratch)[at]
     keep_layers(source.model, source.family, removal.dropped)
-    removal.shown = windows[:PERPLEXITY_WINDOWS]
+    removal.windows = windows
     progress(Event.status("measuring the plain drop"))
-    removal.fit.report.perplexity_before = perplexity(source.model, removal.shown)
+    removal.fit.report.perplexity_before = perplexity(source.model, windows[:PERPLEXITY_WINDOWS])
     apply_drop_fit(source.model, source.family, removal.fit, kept, frozenset(removal.shared))
     return removal
 
 
-def _keep_shared_maps(removal: _Removal, ztt: ZTTForCausalLM, layout: Layout) -> None:
-    """After the build: the maps that land on shared layers go into cycle 1's deltas there, and the
-    fitted model's perplexity is measured."""
+def _fits_positions(opts: ConvertOptions) -> bool:
+    """Whether the conversion fits a relaxed model's positions (``--fit --relax-rank r``, not grown)."""
+    return bool(opts.fit) and opts.drop is None and opts.init != GROW and opts.relax_rank > 0
+
+
+def _fit_positions(opts: ConvertOptions, ztt: ZTTForCausalLM, states: States, windows: torch.Tensor, data: str,
+                   progress: Progress) -> dict:
+    """Fit every relaxed position to the source layer it stands for, and measure the model before and after."""
+    shown = windows[:PERPLEXITY_WINDOWS]
+    progress(Event.status("measuring the model before its positions are fitted"))
+    before = perplexity(ztt, shown)
+    progress(Event.status(f"fitting {ztt.config.block * ztt.config.cycles} positions on {windows.numel():,} tokens"))
+    report = fit_positions(ztt, states, windows, opts.fit_inputs, opts.fit_steps, opts.fit_lr, data, seed=opts.seed)
+    report.perplexity_before, report.perplexity_after = before, perplexity(ztt, shown)
+    report.perplexity_windows = shown.shape[0]
+    return report.record()
+
+
+def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, layout: Layout,
+               progress: Progress) -> None:
+    """After the build: the maps that land on shared layers go into cycle 1's deltas there, a grown
+    model's added cycles are fitted to the span the drop removed, and the fitted model's perplexity
+    is measured."""
     fit = removal.fit
     for source_layer, j in removal.shared.items():
         keep_in_position(fit, source_layer, ztt.layers[layout.head + j], ztt.relax.positions[j], cycle=1)
-    fit.report.perplexity_after = perplexity(ztt, removal.shown)
-    fit.report.perplexity_windows = removal.shown.shape[0]
+    if removal.tail_states is not None:
+        progress(Event.status(f"fitting the added cycles ({opts.fit_steps} steps)"))
+        added = fit_added_cycles(ztt, removal.windows, removal.tail_states, opts.fit_steps, opts.fit_lr,
+                                 seed=opts.seed)
+        fit.report.added_cycles = asdict(added)
+    shown = removal.windows[:PERPLEXITY_WINDOWS]
+    fit.report.perplexity_after = perplexity(ztt, shown)
+    fit.report.perplexity_windows = shown.shape[0]
 
 
 def _fit_windows(opts: ConvertOptions, source: _Source, progress: Progress) -> tuple[torch.Tensor, str]:
@@ -367,21 +402,31 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     max_shard = parse_size(opts.shard_size)
     source, layout = _load_source(opts, progress)
     n_layers = source.config.num_hidden_layers
-    removal = _Removal([], None)
-    if opts.drop is not None:
-        removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
-        layout = _one_cycle(n_layers - opts.drop)
-    elif opts.init == GROW and layout.unique_layers < n_layers:
-        removal = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress, grown=layout)
-    layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
-    ztt = _build(opts, source, layout)
-    init, scores = _initialise(opts, ztt, source, layout, layers, progress)
-    if removal.fit is not None:
-        _keep_shared_maps(removal, ztt, layout)
+    with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:  # the source's states a fit reads
+        removal = _Removal([], None)
+        if opts.drop is not None:
+            removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
+            layout = _one_cycle(n_layers - opts.drop)
+        elif opts.init == GROW and layout.unique_layers < n_layers:
+            removal = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress,
+                                     grown=layout, scratch=Path(tmp))
+        layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
+        if _fits_positions(opts):  # the source's states entering each middle layer, before the build takes it
+            windows, data = _fit_windows(opts, source, progress)
+            progress(Event.status(f"reading the source's states on {windows.numel():,} tokens"))
+            middle = range(layout.head, layout.head + layout.block * layout.cycles + 1)
+            states = gather_states(source.model, source.family, list(middle), windows, Path(tmp))
+        ztt = _build(opts, source, layout)
+        init, scores = _initialise(opts, ztt, source, layout, layers, progress)
+        if removal.fit is not None:
+            _fit_grown(opts, removal, ztt, layout, progress)
+        fit = removal.record()
+        if _fits_positions(opts):
+            fit = _fit_positions(opts, ztt, states, windows, data, progress)
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
-        dropped=removal.dropped, block_influence=removal.influence, fit=removal.record(),
+        dropped=removal.dropped, block_influence=removal.influence, fit=fit,
     )
     progress(Event.status(f"writing {opts.out}"))
     with atomic_dir(opts.out, opts.overwrite) as tmp:

@@ -123,21 +123,28 @@ def _distils(opts: FinetuneOptions) -> bool:
 
 # the roles (``ZTTForCausalLM.parameter_groups``) whose weights each --trainable choice trains
 TRAINED_WEIGHTS = {"all": ("block", "unshared", "other"), "block": ("block",), "block+pool": ("block",)}
+# the added groups each choice trains: a grown model's residual gates and a relaxed model's deltas
+# train with the block; ``new`` trains only what a conversion added, and every 1-D parameter
+TRAINED_ADDED = {"all": ("pool", "gates", "relax"), "block": ("gates", "relax"),
+                 "block+pool": ("pool", "gates", "relax"), "pool": ("pool",), "new": ("pool", "gates", "relax")}
 
 
 def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
     """The trained parameters by optimizer group (weights, pool, gates, relax), each in the model's
-    parameter order; everything else is frozen. A grown model's residual gates and a relaxed model's
-    deltas train with the block (``all``, ``block``, ``block+pool``)."""
+    parameter order; everything else is frozen, and the optimizer keeps state only for what trains.
+    ``new``: the zero-token pool, the gates and the deltas, and of the weights only the 1-D ones
+    (norms, biases): the shared and unshared matrices and the embeddings stay the source's."""
     groups = model.parameter_groups()
     if what in ("pool", "block+pool") and not groups["pool"]:
         raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none",
                        hint="choose --trainable all or block")
+    if what == "new" and not any(groups[g] for g in TRAINED_ADDED["new"]):
+        raise ZTTError("--trainable new trains what a conversion added (zero-token pool, residual gates, "
+                       "relaxation deltas); this checkpoint has none", hint="choose --trainable all")
     role = {id(p): name for name, params in groups.items() for p in params}
-    train_pool, train_gates = what in ("all", "block+pool", "pool"), what in ("all", "block", "block+pool")
-    trained = {"weights": [p for p in model.parameters() if role[id(p)] in TRAINED_WEIGHTS.get(what, ())],
-               "pool": groups["pool"] if train_pool else [], "gates": groups["gates"] if train_gates else [],
-               "relax": groups["relax"] if train_gates else []}
+    trained = {"weights": [p for p in model.parameters() if role[id(p)] in TRAINED_WEIGHTS.get(what, ())
+                           or (what == "new" and role[id(p)] in TRAINED_WEIGHTS["all"] and p.dim() == 1)]}
+    trained.update({g: groups[g] if g in TRAINED_ADDED[what] else [] for g in ("pool", "gates", "relax")})
     ids = {id(p) for params in trained.values() for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)

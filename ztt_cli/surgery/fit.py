@@ -100,6 +100,7 @@ class FitReport:
     perplexity_windows: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    added_cycles: dict | None = None  # a grown model: the fit of its added cycles (``AddedCyclesFit``)
 
     def record(self) -> dict:
         return asdict(self)

@@ -1,0 +1,317 @@
+"""A relaxed model's positions fitted to the source's activations before any healing (SHARP's
+single-layer warm-up, LLM-Streamline's hidden-state MSE).
+
+In a layout whose unrolled depth is the source's, block position (cycle c, layer j) stands for source
+layer i = head + (c − 1)·K + j: it runs the shared layer with its own deltas (``model/relax.py``). The
+fit trains those deltas, one position at a time from the truncated-SVD start, so that the position
+maps layer i's input to layer i's output, by MSE normalised by the target's norm:
+
+    ‖f_cj(x) − h_{i+1}‖² / ‖h_{i+1}‖²,
+
+with x either
+- ``source``: the source's own h_i (teacher-forced), or
+- ``own``: the state the converted model itself hands the position, its earlier positions already
+  fitted (sequential), so that the fit sees the errors it must correct instead of compounding them.
+
+One pass of the source over the calibration windows writes the states entering the middle layers
+to files (memory-mapped, float32), so memory does not grow with the number of tokens; each position
+then reads only its input and its target. Only the position's own deltas move: the shared weights
+and every other position stay as they are. A fit that would raise a position's error on its windows
+is undone, so the fit never makes a position worse than its start.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .drop import layer_input, layer_output
+
+FIT_INPUTS = ("source", "own")
+
+
+class States:
+    """The hidden states [windows, window, hidden] entering some source layers, in files."""
+
+    def __init__(self, folder: Path, layers: list[int], shape: tuple[int, int, int]):
+        self.shape, self._files = shape, {}
+        n = math.prod(shape)
+        for i in layers:
+            path = folder / f"state-{i}.f32"
+            with open(path, "wb") as f:
+                f.truncate(4 * n)
+            self._files[i] = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32).view(shape)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self._files[layer]
+
+
+@torch.no_grad()
+def gather_states(model, family, layers: list[int], windows: torch.Tensor, folder: Path,
+                  batch_size: int = 4) -> States:
+    """One pass of the source over ``windows``: the state entering each of ``layers`` (the layer count:
+    the last layer's output), written to files in ``folder``."""
+    source_layers = family.layer_list(model)
+    n = len(source_layers)
+    states = States(folder, layers, (*windows.shape, model.config.hidden_size))
+    at = [0]
+
+    def keep(i, h):
+        states[i][at[0] : at[0] + h.shape[0]] = h.float().cpu()
+
+    handles = [source_layers[i].register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: keep(i, layer_input(args, kwargs)), with_kwargs=True) for i in layers if i < n]
+    if n in layers:
+        handles.append(source_layers[n - 1].register_forward_hook(lambda m, a, o: keep(n, layer_output(o))))
+    try:
+        for ids in windows.split(batch_size):
+            model(input_ids=ids.to(model.device), use_cache=False)
+            at[0] += ids.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return states
+
+
+@dataclass
+class PositionFit:
+    """One position's relative error ‖f(x) − h_{i+1}‖ / ‖h_{i+1}‖ on the calibration windows, at its SVD
+    start and after the fit, on the inputs it was fitted on."""
+
+    cycle: int
+    position: int
+    source_layer: int
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class PositionsReport:
+    """What a fit of the positions did, for the terminal and ``ztt.json``."""
+
+    method: str
+    inputs: str
+    data: str
+    tokens: int
+    windows: int
+    steps: int
+    lr: float
+    positions: list[PositionFit] = field(default_factory=list)
+    perplexity_before: float = float("nan")
+    perplexity_after: float = float("nan")
+    perplexity_windows: int = 0
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _slice_batch(value, full: int, n: int):
+    """A captured keyword argument for a batch of ``n`` instead of ``full`` windows."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() and value.shape[0] == full and n != full else value
+    if isinstance(value, tuple):
+        return tuple(_slice_batch(v, full, n) for v in value)
+    return value
+
+
+class _Call:
+    """A block position called by itself, with the arguments the model passes it."""
+
+    def __init__(self, slot, args: tuple, kwargs: dict, batch: int):
+        self.slot, self.args, self.kwargs, self.batch = slot, args, kwargs, batch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        kwargs = {k: _slice_batch(v, self.batch, n) for k, v in self.kwargs.items()}
+        return layer_output(self.slot(x, *_slice_batch(self.args, self.batch, n), **kwargs))
+
+
+def _calls(model, indices: list[int], probe: torch.Tensor) -> dict[int, _Call]:
+    """The positions at unrolled ``indices``, each with the arguments one forward pass gives it (a
+    family may give layers of different kinds different masks or position embeddings)."""
+    slots = model.family.layer_list(model.inner)
+    seen: dict[int, tuple] = {}
+
+    def capture(i):
+        def hook(module, args, kwargs):
+            seen.setdefault(i, (args[1:], dict(kwargs)))  # (returns None: the call goes on unchanged)
+        return hook
+
+    handles = [slots[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in indices]
+    try:
+        with torch.no_grad(), model.pool_disabled():
+            model(input_ids=probe, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: _Call(slots[i], *seen[i], probe.shape[0]) for i in indices}
+
+
+def _relative_error(call: _Call, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    err = total = 0.0
+    with torch.no_grad():
+        for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
+            out = call(x).float()
+            err += float(((out - y) ** 2).sum())
+            total += float((y * y).sum())
+    return math.sqrt(err / max(total, 1e-300))
+
+
+def _fit_one(model, call: _Call, j: int, cycle: int, inputs: torch.Tensor, targets: torch.Tensor,
+             steps: int, lr: float, batch_size: int, seed: int) -> None:
+    """Adam on position (cycle, j)'s deltas alone (its slice of A, B and the 1-D copies)."""
+    deltas = model.relax.positions[j]
+    params = [*deltas.A.values(), *deltas.B.values(), *deltas.d.values()]
+    saved = [p.detach().clone() for p in params]
+    with model.pool_disabled():
+        _adam(model, params, lambda x, y: call(x), inputs, targets, steps, lr, batch_size, seed)
+    with torch.no_grad():  # the other cycles' slices had no gradient; keep them bit for bit
+        for p, before in zip(params, saved):
+            keep = torch.ones(p.shape[0], dtype=torch.bool)
+            keep[cycle - 1] = False
+            p[keep] = before[keep]
+
+
+def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
+          batch_size: int, seed: int, before_step=lambda: None) -> None:
+    """``steps`` Adam steps on ``params`` alone (every other parameter of ``model`` frozen meanwhile),
+    each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² / ‖y‖²."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(steps):
+            pick = torch.randint(inputs.shape[0], (batch_size,), generator=order)
+            y = targets[pick]
+            loss = ((forward(inputs[pick], y).float() - y) ** 2).sum() / (y * y).sum().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            before_step()
+            optimizer.step()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def fit_positions(model, states: States, windows: torch.Tensor, inputs: str, steps: int, lr: float, data: str,
+                  batch_size: int = 4, seed: int = 0) -> PositionsReport:
+    """Fit every block position of the relaxed ``model`` (its depth the source's) in depth order, on
+    the source's ``states`` over ``windows``; ``inputs``: ``source`` or ``own`` (see the module)."""
+    start = time.perf_counter()
+    lay = model.config.layout
+    report = PositionsReport("per-position deltas, normalised hidden-state MSE from the SVD start", inputs, data,
+                             windows.numel(), windows.shape[0], steps, lr)
+    block = [s for s in lay.slots() if s.cycle is not None]
+    calls = _calls(model, [s.index for s in block], windows[:batch_size])
+    with tempfile.TemporaryDirectory(prefix="ztt-fit-") as tmp:
+        own = States(Path(tmp), [0, 1], states.shape) if inputs == "own" else None
+        if own is not None:
+            own[0].copy_(states[lay.head])  # the head is the source's own layers
+        for n, slot in enumerate(block):
+            i, call = slot.index, calls[slot.index]
+            x = states[i] if own is None else own[n % 2]
+            before = _relative_error(call, x, states[i + 1], batch_size)
+            deltas = model.relax.positions[slot.position]
+            start_at = {k: v.clone() for k, v in deltas.state_dict().items()}
+            _fit_one(model, call, slot.position, slot.cycle, x, states[i + 1], steps, lr, batch_size, seed + n)
+            after = _relative_error(call, x, states[i + 1], batch_size)
+            if after > before:  # never worse than its start (at an exact start, Adam's steps only jitter)
+                deltas.load_state_dict(start_at)
+                after = before
+            report.positions.append(PositionFit(slot.cycle, slot.position, i, before, after))
+            if own is not None:  # what the fitted position hands the next one
+                with torch.no_grad(), model.pool_disabled():
+                    for a in range(0, x.shape[0], batch_size):
+                        own[(n + 1) % 2][a : a + batch_size] = call(x[a : a + batch_size]).float()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# a grown model's added cycles
+
+
+class _Stop(Exception):
+    """Raised at the tail's first layer: the fit of the added cycles needs nothing after it."""
+
+
+def _tail_inputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """The state entering the tail (the model's first layer after the block), the pool off."""
+    lay = model.config.layout
+    first_tail = model.family.layer_list(model.inner)[lay.head + lay.block * lay.cycles]
+    seen = []
+
+    def stop(module, args, kwargs):
+        seen.append(layer_input(args, kwargs))
+        raise _Stop
+
+    handle = first_tail.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with model.pool_disabled():
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@dataclass
+class AddedCyclesFit:
+    """The fit of a grown model's added cycles: the relative error of the state entering the tail
+    against the source's state there (the span the drop removed), before and after."""
+
+    steps: int
+    lr: float
+    error_before: float
+    error_after: float
+    gates: list[list[float]]  # the added cycles' gates after the fit
+
+
+def _tail_error(model, windows: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    err = total = 0.0
+    with torch.no_grad():
+        for a in range(0, windows.shape[0], batch_size):
+            y = target[a : a + batch_size]
+            err += float(((_tail_inputs(model, windows[a : a + batch_size]).float() - y) ** 2).sum())
+            total += float((y * y).sum())
+    return math.sqrt(err / max(total, 1e-300))
+
+
+def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
+                     batch_size: int = 4, seed: int = 0) -> AddedCyclesFit:
+    """Fit a grown ``model``'s added cycles (cycles 2..C: their gates and deltas, all free) so that the
+    state entering its tail matches the source's there (``target`` [windows, window, hidden]), by MSE
+    normalised by the target's norm. Cycle 1 (the fitted drop), the head, the tail and every shared
+    weight stay as they are; a fit that would raise the error is undone."""
+    params = [model.gates.weight] + ([*model.relax.parameters()] if model.relax is not None else [])
+    saved = [p.detach().clone() for p in params]
+    before = _tail_error(model, windows, target, batch_size)
+
+    def only_added_cycles():  # cycle 1 is the fitted drop: only the added cycles move
+        for p in params:
+            if p.grad is not None:
+                p.grad[0] = 0
+
+    _adam(model, params, lambda ids, y: _tail_inputs(model, ids), windows, target, steps, lr, batch_size, seed,
+          before_step=only_added_cycles)
+    with torch.no_grad():
+        for p, start in zip(params, saved):
+            p[0] = start[0]
+    after = _tail_error(model, windows, target, batch_size)
+    if after > before:
+        with torch.no_grad():
+            for p, start in zip(params, saved):
+                p.copy_(start)
+        after = before
+    return AddedCyclesFit(steps, lr, before, after, model.gates.weight[1:].tolist())
