@@ -148,8 +148,8 @@ class ConvertOptions(BaseModel):
         "entering the tail matches the source's (--no-fit-added: they stay closed, the model is the fitted drop)"
     )
     fit_inputs: Literal["source", "own"] = added_option(
-        "source", description="a relaxed model's positions: fitted on the source's own states (teacher-forced) or "
-        "on the states the converted model hands each one, its earlier positions fitted (sequential)"
+        "own", description="a relaxed model's positions: fitted on the states the converted model hands each one, "
+        "its earlier positions fitted (sequential), or on the source's own states (teacher-forced)"
     )
     fit_steps: int = added_option(64, ge=1, description="Adam steps per relaxed position, or for a grown model's "
                                   "added cycles (4 windows each)")
