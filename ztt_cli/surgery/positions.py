@@ -26,6 +26,7 @@ import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -153,11 +154,12 @@ def _calls(model, indices: list[int], probe: torch.Tensor) -> dict[int, _Call]:
     return {i: _Call(slots[i], *seen[i], probe.shape[0]) for i in indices}
 
 
-def _relative_error(call: _Call, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+def _relative_error(forward, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    """‖forward(x) − y‖ / ‖y‖ over all the windows, in batches."""
     err = total = 0.0
     with torch.no_grad():
         for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
-            out = call(x).float()
+            out = forward(x).float()
             err += float(((out - y) ** 2).sum())
             total += float((y * y).sum())
     return math.sqrt(err / max(total, 1e-300))
@@ -278,16 +280,6 @@ class AddedCyclesFit:
     gates: list[list[float]]  # the added cycles' gates after the fit
 
 
-def _tail_error(model, windows: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
-    err = total = 0.0
-    with torch.no_grad():
-        for a in range(0, windows.shape[0], batch_size):
-            y = target[a : a + batch_size]
-            err += float(((_tail_inputs(model, windows[a : a + batch_size]).float() - y) ** 2).sum())
-            total += float((y * y).sum())
-    return math.sqrt(err / max(total, 1e-300))
-
-
 def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
                      batch_size: int = 4, seed: int = 0) -> AddedCyclesFit:
     """Fit a grown ``model``'s added cycles (cycles 2..C: their gates and deltas, all free) so that the
@@ -296,19 +288,20 @@ def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: 
     weight stay as they are; a fit that would raise the error is undone."""
     params = [model.gates.weight] + ([*model.relax.parameters()] if model.relax is not None else [])
     saved = [p.detach().clone() for p in params]
-    before = _tail_error(model, windows, target, batch_size)
+    tail_inputs = partial(_tail_inputs, model)
+    before = _relative_error(tail_inputs, windows, target, batch_size)
 
     def only_added_cycles():  # cycle 1 is the fitted drop: only the added cycles move
         for p in params:
             if p.grad is not None:
                 p.grad[0] = 0
 
-    _adam(model, params, lambda ids, y: _tail_inputs(model, ids), windows, target, steps, lr, batch_size, seed,
+    _adam(model, params, lambda ids, y: tail_inputs(ids), windows, target, steps, lr, batch_size, seed,
           before_step=only_added_cycles)
     with torch.no_grad():
         for p, start in zip(params, saved):
             p[0] = start[0]
-    after = _tail_error(model, windows, target, batch_size)
+    after = _relative_error(tail_inputs, windows, target, batch_size)
     if after > before:
         with torch.no_grad():
             for p, start in zip(params, saved):
