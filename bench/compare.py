@@ -424,8 +424,8 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {label} | not reached: {e['error']} | | | | | | | |")
                 continue
             lines.append(
-                f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | {ee_depth * (1 - e['compute_saved']):.1f} "
-                f"| {100 * e['compute_saved']:.1f}% | "
+                f"| {label} | {e['threshold']:.4g} | {e['mean_cycles']:.2f} | "
+                f"{ee_depth * (1 - e['compute_saved']):.1f} | {100 * e['compute_saved']:.1f}% | "
                 f"{e['tempest16']:.2f} | {e['docutils16']:.2f} | {100 * e['agreement']:.1f}% | "
                 f"{_rate(e, 1)} / {_rate(e, 8)} |"
             )

@@ -202,7 +202,7 @@ def test_options_offer_the_registered_signals():
     from ztt_cli.options import CalibrateOptions
 
     choices = typing.get_args(typing.get_args(CalibrateOptions.model_fields["signal"].annotation)[0])
-    assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation"}
+    assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation", "halting"}
 
 
 @pytest.mark.parametrize("cycles", [2, 3, 4])

@@ -118,7 +118,8 @@ def test_a_term_with_weight_0_is_not_computed(model, monkeypatch):
 
 
 def test_every_term_names_an_option_that_holds_its_weight():
-    assert [t.__name__ for t in TERMS] == ["ExitAware", "ExitObjective", "HiddenState"]  # the order they are added
+    # the order they are added
+    assert [t.__name__ for t in TERMS] == ["ExitAware", "ExitObjective", "HiddenState", "Halting"]
     for term in TERMS:
         field = FinetuneOptions.model_fields[term.weight_option]
         assert isinstance(field.default, float) and field.default >= 0, term.weight_option

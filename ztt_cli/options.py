@@ -199,6 +199,18 @@ class FinetuneOptions(BaseModel):
         "mse", description="the hidden-state term's distance: per-token MSE normalised by the target's norm, or "
         "1 - cosine"
     )
+    halting_weight: float = added_option(
+        0.0, ge=0, description="weight of the halting objective (PonderNet): the loss at each exit weighed by the "
+        "halting distribution the zero attention gives, plus --halting-beta × KL to a geometric prior of mean "
+        "--halting-cycles; replaces the exit objective, and the healed model exits by the rule it learned"
+    )
+    halting_cycles: float | None = added_option(
+        None, gt=1, description="the halting prior's mean cycles per token (between 1 and the layout's cycles)"
+    )
+    halting_speedup: float | None = added_option(
+        None, gt=1, description="or the compute speedup the prior's mean gives through the layout (layers run)"
+    )
+    halting_beta: float = added_option(1.0, ge=0, description="weight of the KL to the prior in the halting objective")
     lr: float = Field(2e-4, gt=0, description="peak learning rate of the weights")
     pool_lr: float | None = Field(None, gt=0, description="learning rate of the zero-token pool (default 100x --lr)")
     gate_lr: float | None = added_option(
@@ -226,6 +238,14 @@ class FinetuneOptions(BaseModel):
     grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
 
     _data = field_validator("data", mode="before")(lambda value: _data_spec(value))
+
+    @model_validator(mode="after")
+    def _halting_prior(self):
+        if self.halting_cycles is not None and self.halting_speedup is not None:
+            raise ValueError("halting_cycles and halting_speedup exclude each other")
+        if self.halting_weight > 0 and self.halting_cycles is None and self.halting_speedup is None:
+            raise ValueError("halting_weight needs the prior's mean depth: halting_cycles or halting_speedup")
+        return self
 
     @property
     def effective_pool_lr(self) -> float:

@@ -20,9 +20,10 @@ import torch
 class TokenExits:
     """The exit state of one forward pass over new tokens [B, T]."""
 
-    def __init__(self, cycles: int, block: int, threshold: float, signal: Callable[[TokenExits, int], torch.Tensor],
+    def __init__(self, config, threshold: float, signal: Callable[[TokenExits, int], torch.Tensor],
                  exit_map: torch.Tensor | None, zero: dict, cache=None):
-        self.cycles, self.block, self.threshold = cycles, block, threshold
+        self.cycles, self.block, self.threshold = config.cycles, config.block, threshold
+        self.halting_offsets = config.halting_offsets  # the model's, for the halting signal
         self.signal = signal  # a registered exit signal's score function (signals.py)
         self.exit_map = exit_map  # given: replay these decisions
         self.cycle: torch.Tensor | None = None  # [B, T] cycle each token exits after (C = full depth)

@@ -66,6 +66,7 @@ class ZTTConfig(PreTrainedConfig):
     zero_logit_log_n: bool = False  # add log(#visible keys) to the zero logit
     exit_signal: str = "zero-attention"
     exit_threshold: float = NEVER  # > 1: never exit early
+    halting_offsets: list[float] | None = None  # per cycle 1..C-1: the halting signal's logit offset (signals.py)
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -404,8 +405,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             policy.check(self.pool is not None and self._record.pool_on, exits=True)
             if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
                 cache = DynamicCache(config=self.inner.config)
-            self._record.exits = TokenExits(self.config.cycles, self.config.block, policy.threshold,
-                                            SIGNALS[policy.signal].score, exit_map, self._record.zero, cache)
+            self._record.exits = TokenExits(self.config, policy.threshold, SIGNALS[policy.signal].score, exit_map,
+                                            self._record.zero, cache)
         self._record.zero_cycles = self._zero_read(output_zero_attention, policy)
         out = self.inner(
             input_ids=input_ids,

@@ -111,3 +111,31 @@ def saturation(exits: TokenExits, cycle: int) -> Tensor:
     before, after = exits.cycle_input[cycle].float(), exits.cycle_output[cycle].float()
     norms = (before.norm(dim=-1) * after.norm(dim=-1)).clamp(min=1e-8)
     return (before * after).sum(-1) / norms
+
+
+def halting_rates(p0: Tensor, offsets=None) -> Tensor:
+    """λ_c = σ(logit(p0_c) + b_c): the probability of halting after cycle c, from the zero attention p0
+    ([..., C-1], mean over heads and the block's layers) and the model's per-cycle offsets b
+    (``config.halting_offsets``, set when healing with the halting objective starts; none: 0). The
+    offset sets the level of the rule without touching the attention (p0 also scales its layer's
+    attention output, and starts near 0), and its gradient reaches p0's logit undamped."""
+    import torch
+
+    logit = torch.logit(p0.float().clamp(1e-6, 1 - 1e-6))
+    if offsets is not None:
+        logit = logit + torch.tensor(offsets[: p0.shape[-1]], dtype=logit.dtype, device=logit.device)
+    return torch.sigmoid(logit)
+
+
+@signal("halting", needs_pool=True, differentiable=True)
+def halting(exits: TokenExits, cycle: int) -> Tensor:
+    """PonderNet's cumulative halting probability after cycle c, 1 − ∏_{j ≤ c} (1 − λ_j), with λ_j the
+    probability of halting after cycle j that the zero attention gives (:func:`halting_rates`). A
+    model healed with the halting objective exits where it reaches 0.5 (``HALT``)."""
+    import torch
+
+    p0 = torch.stack([zero_attention(exits, j) for j in range(1, cycle + 1)], dim=-1)  # [B, T, c]
+    return 1 - (1 - halting_rates(p0, exits.halting_offsets)).prod(-1)
+
+
+HALT = 0.5  # the halting rule's cut-off: the median of the learned halting distribution (PonderNet, ACT)

@@ -242,7 +242,7 @@ def _measure(model, device, opts: CalibrateOptions, folder: Path,
     by_cycle, targets, full_logits = signals_and_targets(model, windows)
     greedy = torch.cat([logits.argmax(-1) for logits in full_logits])
     qs = torch.linspace(0.02, 0.98, opts.candidates, dtype=torch.float64)
-    thresholds = sorted({float(x) for x in torch.quantile(by_cycle[1].double(), qs)}, reverse=True)
+    thresholds = sorted({float(x) for x in torch.quantile(by_cycle[1].double(), qs)} | _saved(model), reverse=True)
     correlation = spearman(by_cycle[1], targets[1])
     base = score_exits(model, windows, NEVER).perplexity
     rows = []
@@ -256,6 +256,14 @@ def _measure(model, device, opts: CalibrateOptions, folder: Path,
     _screen_wall(model, prompts, rows, opts)
     return CalibrationReport(opts.target_speedup, opts.speedup_metric, model.exit_policy.signal, describe(device),
                              opts.max_quality_loss, base, model.config.layout.speedup_bound, correlation, rows), prompts
+
+
+def _saved(model) -> set[float]:
+    """The threshold the checkpoint exits at now, when it calibrates the same signal: always a candidate,
+    so that a learned halting rule (0.5) or an earlier calibration is where the search starts from."""
+    config = model.config
+    same = config.exit_signal == model.exit_policy.signal and config.exit_threshold <= 1
+    return {float(config.exit_threshold)} if same else set()
 
 
 def _prompts(windows: torch.Tensor, opts: CalibrateOptions, device) -> list[torch.Tensor]:

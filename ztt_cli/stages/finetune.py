@@ -84,7 +84,12 @@ def card_section(card: Card) -> CardSection:
     for record in card.records("finetune"):
         m = record.get("metrics", {})
         val = f", validation perplexity {m['val_ppl']:.2f}" if "val_ppl" in m else ""
-        lines.append(f"`ztt finetune` on `{record['options'].get('data')}`: {m.get('steps')} steps, "
+        o = record["options"]
+        if o.get("halting_weight"):  # options recorded before the halting objective have none
+            prior = (f"{o['halting_cycles']:g} cycles" if o.get("halting_cycles")
+                     else f"{o['halting_speedup']:g}× compute")
+            val += f"; a halting rule learned towards {prior} per token on average"
+        lines.append(f"`ztt finetune` on `{o.get('data')}`: {m.get('steps')} steps, "
                      f"{m.get('tokens', 0):,} tokens{val}.")
     return CardSection(body=("", "## Healing", "", *lines) if lines else ())
 
@@ -295,7 +300,9 @@ class HealingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts),
                                                        provenance=self.provenance)
+        self.objective.setup(self.data.train[: opts.batch_size].to(ddp.device))  # e.g. where halting starts
         self.compared = self.objective.teacher_layers()
+        self.learned_policy = self.objective.exit_policy()  # the halting objective's rule, saved with the model
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))
         if ddp.world > 1:
@@ -437,6 +444,10 @@ class HealingRun:
             self.model.activation_checkpointing_disable()
         with atomic_dir(opts.out, opts.overwrite) as tmp:
             self.model.save_pretrained(tmp)
+            if self.learned_policy is not None:  # the saved default: the checkpoint exits by the rule it learned
+                config = json.loads((tmp / "config.json").read_text())
+                config.update(exit_signal=self.learned_policy.signal, exit_threshold=self.learned_policy.threshold)
+                write_json(tmp / "config.json", config)
             self.tokenizer.save_pretrained(tmp)
             metrics = {**result.metrics, "steps": result.steps, "tokens": result.tokens,
                        "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}

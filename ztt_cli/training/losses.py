@@ -17,6 +17,7 @@ at 0, are not even computed, and phase in as healing opens the added cycles."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.signals import SIGNALS
+from ..errors import ZTTError
+from ..model.signals import HALT, SIGNALS, ExitPolicy, halting_rates
 
 ZERO_ATTENTION = "zero-attention"  # the method's exit signal: the zero token's attention p0
 
@@ -39,17 +41,19 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "m
     return loss.view(ids.shape[0], -1) if reduction == "none" else loss
 
 
-def task_loss(logits, ids, teacher_logits, kd_weight: float, temperature: float):
+def task_loss(logits, ids, teacher_logits, kd_weight: float, temperature: float, reduction: str = "mean"):
     """(1 - w) * CE + w * T^2 * KL(teacher || student at T), over next-token positions.
 
-    Returns (loss, ce, kd) with ce and kd detached for logging."""
-    ce = next_token_loss(logits, ids)
+    Returns (loss, ce, kd) with ce and kd detached for logging; ``reduction="none"``: each per
+    position, [B, T-1]."""
+    ce = next_token_loss(logits, ids, reduction=reduction)
     if teacher_logits is None or kd_weight == 0:
         return ce, ce.detach(), None
     t = teacher_logits[:, :-1].float() / temperature
     log_p_teacher = t.log_softmax(-1)
     log_p_student = (logits[:, :-1].float() / temperature).log_softmax(-1)
-    kd = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean() * temperature**2
+    kd = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    kd = (kd if reduction == "none" else kd.mean()) * temperature**2
     return (1 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
 
 
@@ -88,8 +92,8 @@ class TaskLoss:
     kd_weight: float = 0.0
     temperature: float = 1.0
 
-    def __call__(self, logits, ids, teacher_logits):
-        return task_loss(logits, ids, teacher_logits, self.kd_weight, self.temperature)
+    def __call__(self, logits, ids, teacher_logits, reduction: str = "mean"):
+        return task_loss(logits, ids, teacher_logits, self.kd_weight, self.temperature, reduction)
 
 
 class Batch:
@@ -103,6 +107,7 @@ class Batch:
         self.exit_grad = False
         self._exited: dict[int, object] = {}
         self._exit_losses: dict[int, tuple] = {}
+        self._token_losses: dict[int, torch.Tensor] = {}
         self._exit_weights: list[tuple[int, torch.Tensor | None]] | None = None
 
     @property
@@ -144,6 +149,14 @@ class Batch:
             self._exit_losses[c] = self.task(self.exited(c).logits, self.ids, self.teacher_logits)
         return self._exit_losses[c]
 
+    def token_loss(self, c: int) -> torch.Tensor:
+        """The task loss per next-token position, [B, T-1], when the model exits after cycle ``c``
+        (``c`` = C: the full-depth output)."""
+        if c not in self._token_losses:
+            logits = self.full.logits if c == self.model.config.cycles else self.exited(c).logits
+            self._token_losses[c] = self.task(logits, self.ids, self.teacher_logits, reduction="none")[0]
+        return self._token_losses[c]
+
     def exit_metrics(self) -> dict[str, torch.Tensor]:
         """``exit{c}_ce`` for every exit some term computed."""
         metrics = {}
@@ -164,6 +177,7 @@ class Term:
     weight_option: ClassVar[str]
     metric: ClassVar[str | None] = None
     exit_grad: ClassVar[bool] = False
+    replaces: ClassVar[tuple[str, ...]] = ()  # the weight options of terms this one stands in for
 
     def __init__(self, weight: float):
         self.weight = weight
@@ -176,6 +190,10 @@ class Term:
     def teacher_layers(self) -> list[int]:
         """The source layers whose outputs the term needs from the teacher's pass (``Batch.teacher_states``)."""
         return []
+
+    def setup(self, model, ids: torch.Tensor) -> None:
+        """Once before training, on the checkpoint's weights, given the first training sequences (the
+        same on every process, and again when a run resumes)."""
 
     def watching(self, model) -> contextlib.AbstractContextManager:
         """A context around the full-depth pass, e.g. hooks that keep the outputs the term compares."""
@@ -195,6 +213,14 @@ class Term:
 
     def value(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        """Figures the last :meth:`value` worked out besides the value itself, logged with it."""
+        return {}
+
+    def exit_policy(self) -> ExitPolicy | None:
+        """The exit policy the healed model should run with, when the term trains one (None: leave it)."""
+        return None
 
 
 TERMS: list[type[Term]] = []  # in the order their weighted values are added to the loss
@@ -364,6 +390,138 @@ class HiddenState(Term):
                             for p, s in self.pairs]).mean()
 
 
+def halting_distribution(halts: torch.Tensor) -> torch.Tensor:
+    """PonderNet's halting distribution: from λ_c, the probability of halting after cycle c given that
+    cycle c ran ([..., C-1], cycles 1..C-1), p_c = λ_c·∏_{j<c}(1 − λ_j), with λ_C = 1: [..., C], summing to 1."""
+    running = torch.cumprod(1 - halts, dim=-1)  # not halted by the end of cycle c
+    before = torch.cat([torch.ones_like(halts[..., :1]), running[..., :-1]], dim=-1)
+    return torch.cat([halts * before, running[..., -1:]], dim=-1)
+
+
+def geometric_prior(rate: float, cycles: int) -> torch.Tensor:
+    """The geometric distribution of halting rate ``rate`` truncated at ``cycles`` (the rest of its
+    mass on the last cycle): [C], summing to 1."""
+    return halting_distribution(torch.full((cycles - 1,), rate, dtype=torch.float64)).float()
+
+
+def prior_rate(mean_cycles: float, cycles: int) -> float:
+    """The rate whose truncated geometric prior has mean ``mean_cycles`` (in (1, C)). Its mean is
+    Σ_{c<C} (1 − r)^c = (1 − (1 − r)^C) / r, falling from C at r → 0 to 1 at r = 1; found by bisection."""
+    low, high = 0.0, 1.0
+    for _ in range(100):
+        rate = (low + high) / 2
+        if (1 - (1 - rate) ** cycles) / rate > mean_cycles:
+            low = rate
+        else:
+            high = rate
+    return (low + high) / 2
+
+
+def halting_kl(p: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ prior) over the last dimension (the cycles), per token."""
+    p = p.float()
+    return (p * (p.clamp(min=1e-12).log() - prior.to(p.device).log())).sum(-1)
+
+
+def halting_mean(opts, layout) -> float:
+    """The prior's mean cycles per token: ``--halting-cycles``, or ``--halting-speedup`` through the
+    layout (layers run = depth / speedup); refused unless strictly between 1 and the layout's cycles."""
+    if opts.halting_cycles is not None:
+        mean, asked = opts.halting_cycles, f"--halting-cycles {opts.halting_cycles:g}"
+    else:
+        mean = layout.cycles_run(layout.depth / opts.halting_speedup)
+        asked = f"--halting-speedup {opts.halting_speedup:g}"
+    if not 1 < mean < layout.cycles:
+        raise ZTTError(
+            f"{asked} asks for {mean:.3g} cycles per token on average; this layout ({layout}) halts after 1 to "
+            f"{layout.cycles}", hint=f"choose --halting-cycles strictly between 1 and {layout.cycles}, or "
+            f"--halting-speedup strictly between 1 and {layout.speedup_bound:.3g}")
+    return mean
+
+
+@register
+class Halting(Term):
+    """PonderNet's halting objective. After each cycle c < C the zero attention p0 (mean over the
+    block's layers) is λ_c, the probability of halting there; the halting distribution p
+    (:func:`halting_distribution`) weighs the task loss at each exit, and a KL pulls p towards a
+    geometric prior whose mean is the requested average depth:
+
+        Σ_c p_c·L_c + β·KL(p ‖ Geometric),  L_C the full depth's loss,
+
+    per token. The healed model exits by the rule it learned: the ``halting`` signal (the
+    cumulative halting probability) at ``HALT`` = 0.5. It stands in for the exit objective, which
+    would pull p0 towards another target."""
+
+    weight_option = "halting_weight"
+    metric = "halting"
+    exit_grad = True
+    replaces = ("exit_objective_weight",)
+
+    def __init__(self, weight: float, mean_cycles: float, cycles: int, beta: float = 1.0):
+        super().__init__(weight)
+        self.mean_cycles, self.beta = mean_cycles, beta
+        self.rate = prior_rate(mean_cycles, cycles)
+        self.prior = geometric_prior(self.rate, cycles)
+        self._extra: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_options(cls, opts, **context) -> Term:
+        model = context["model"]
+        lay = model.config.layout
+        if lay.cycles < 2 or model.pool is None:
+            raise ZTTError("--halting-weight learns when to halt from the zero attention after each cycle: "
+                           + ("this layout has one cycle" if lay.cycles < 2 else "this model has no zero-token pool"),
+                           hint="leave out --halting-weight, or convert with --cycles 2 or more and the pool")
+        return cls(opts.halting_weight, halting_mean(opts, lay), lay.cycles, opts.halting_beta)
+
+    @torch.no_grad()
+    def setup(self, model, ids: torch.Tensor) -> None:
+        """The halting rule's offsets (``config.halting_offsets``), unless the model has learned a rule
+        before: per cycle, logit(r) less the median logit of p0 over ``ids``, so that training starts
+        with the median token halting at the prior's rate r. The zero attention starts near 0, where
+        its gradient would vanish; this starts the rule where the prior is instead."""
+        if model.config.halting_offsets is not None:
+            return
+        training = model.training
+        model.eval()
+        p0 = model(input_ids=ids).zero_attention[:, : model.config.cycles - 1].mean(2)  # [B, C-1, T]
+        model.train(training)
+        median = torch.logit(p0.float().clamp(1e-6, 1 - 1e-6)).transpose(1, 2).flatten(0, 1).median(0).values
+        rate = math.log(self.rate / (1 - self.rate))
+        model.config.halting_offsets = [round(rate - float(m), 6) for m in median]
+
+    def applies(self, batch: Batch) -> bool:
+        return batch.full.zero_attention is not None
+
+    def value(self, batch: Batch) -> torch.Tensor:
+        cycles = batch.model.config.cycles
+        p0 = batch.full.zero_attention[:, : cycles - 1].mean(2).transpose(1, 2)[:, :-1]  # [B, T-1, C-1]: next tokens
+        p = halting_distribution(halting_rates(p0, batch.model.config.halting_offsets))
+        losses = torch.stack([batch.token_loss(c) for c in range(1, cycles + 1)], dim=-1)  # [B, T-1, C]
+        kl = halting_kl(p, self.prior).mean()
+        depth = torch.arange(1, cycles + 1, device=p.device, dtype=p.dtype)
+        self._extra = {"halting_kl": kl.detach(), "halting_cycles": (p * depth).sum(-1).mean().detach()}
+        return (p * losses).sum(-1).mean() + self.beta * kl
+
+    def extra_metrics(self) -> dict[str, torch.Tensor]:
+        return self._extra
+
+    def note(self, model) -> str | None:
+        lay = model.config.layout
+        return (f"the halting objective: a geometric prior of mean {self.mean_cycles:.3g} cycles per token "
+                f"({lay.depth / lay.layers_run(self.mean_cycles):.2f}× compute); the healed model exits where its "
+                f"cumulative halting probability reaches {HALT}")
+
+    def exit_policy(self) -> ExitPolicy:
+        return ExitPolicy("halting", HALT)
+
+
+def _name(term: type[Term]) -> str:
+    """A term's name in a line: its class name in words (``ExitObjective``: the exit objective)."""
+    words = "".join(f" {ch.lower()}" if ch.isupper() else ch for ch in term.__name__).strip()
+    return words if words.endswith("objective") else f"{words} objective"
+
+
 class HealingObjective(nn.Module):
     """One forward computes every term, so DDP sees one forward and one backward per micro-batch."""
 
@@ -372,6 +530,7 @@ class HealingObjective(nn.Module):
         self.model = model
         self.task = task
         self.terms = list(terms)
+        self.replaced: list[str] = []  # lines: which terms asked for stand aside for another
 
     @classmethod
     def from_options(cls, model, opts, distill: bool = True, provenance: dict | None = None) -> HealingObjective:
@@ -379,17 +538,34 @@ class HealingObjective(nn.Module):
         ``provenance``: the checkpoint's ``ztt.json`` (which source layers its positions stand for).
         Terms whose weight is 0 are left out."""
         task = TaskLoss(opts.kd_weight if distill else 0.0, opts.kd_temperature)
-        terms = [term.from_options(opts, model=model, provenance=provenance) for term in TERMS
-                 if getattr(opts, term.weight_option) > 0]
-        return cls(model, task, terms)
+        asked = [term for term in TERMS if getattr(opts, term.weight_option) > 0]
+        replaced = {option: term for term in asked for option in term.replaces}
+        terms = [term.from_options(opts, model=model, provenance=provenance) for term in asked
+                 if term.weight_option not in replaced]
+        objective = cls(model, task, terms)
+        objective.replaced = [f"the {_name(replaced[t.weight_option])} replaces the {_name(t)}: "
+                              f"--{t.weight_option.replace('_', '-')} is not used" for t in asked
+                              if t.weight_option in replaced]
+        return objective
+
+    def setup(self, ids: torch.Tensor) -> None:
+        """Once before training (see :meth:`Term.setup`)."""
+        for term in self.terms:
+            term.setup(self.model, ids)
 
     def teacher_layers(self) -> list[int]:
         """The source layers whose outputs the terms need from the teacher's pass."""
         return sorted({i for term in self.terms for i in term.teacher_layers()})
 
     def notes(self) -> list[str]:
-        """What the terms say about themselves on this model (see :meth:`Term.note`)."""
-        return [note for term in self.terms if (note := term.note(self.model)) is not None]
+        """What the terms say about themselves on this model (see :meth:`Term.note`), and which terms
+        asked for stand aside for another (``Term.replaces``)."""
+        return [*self.replaced,
+                *(note for term in self.terms if (note := term.note(self.model)) is not None)]
+
+    def exit_policy(self) -> ExitPolicy | None:
+        """The exit policy a term trained for the healed model (see :meth:`Term.exit_policy`), if any."""
+        return next((policy for term in self.terms if (policy := term.exit_policy()) is not None), None)
 
     def forward(self, ids: torch.Tensor, teacher_logits: torch.Tensor | None = None,
                 teacher_states: dict[int, torch.Tensor] | None = None):
@@ -409,6 +585,7 @@ class HealingObjective(nn.Module):
             loss = loss + term.weight * value
             if term.metric is not None:
                 logged[term.metric] = value.detach()
+            logged.update(term.extra_metrics())
         metrics.update(batch.exit_metrics())
         metrics.update(logged)
         if self.model.gates is not None:  # how far healing has opened each added cycle
