@@ -156,12 +156,28 @@ def decode_rate(model, prompts: torch.Tensor, new_tokens: int, reps: int) -> flo
 
 def quality(model, windows: dict[str, torch.Tensor], reference: torch.Tensor, threshold: float | None = None) -> dict:
     """Perplexities, and on Tempest-16 the agreement with the source, mean cycles and compute saved
-    (per-token exits at ``threshold``, default the checkpoint's)."""
+    (per-token exits at ``threshold``, default the checkpoint's); the mean cycles on every text."""
     scores = {name: score_exits(model, w, threshold, reference if name == "tempest16" else None)
               for name, w in windows.items()}
     t = scores["tempest16"]
     return {**{name: s.perplexity for name, s in scores.items()}, "agreement": t.agreement,
-            "mean_cycles": t.mean_cycles, "compute_saved": 1 - 1 / t.compute_speedup}
+            "mean_cycles": t.mean_cycles, "compute_saved": 1 - 1 / t.compute_speedup,
+            "cycles_by_text": {name: s.mean_cycles for name, s in scores.items()}}
+
+
+def samples16(cfg: dict, tokenizer) -> torch.Tensor:
+    """16 windows of 512 tokens sampled from the source (``texts: [samples16]``), seed 1: text the
+    source itself writes, a third held-out text beside Tempest-16 and Docutils-16 (cached)."""
+    from ztt_cli.io.samples import sampling_for, source_samples
+
+    folder = sources.find_source(cfg["source"]).folder
+    model = load_checkpoint(folder) if (folder / "ztt.json").is_file() else None
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    sampling = sampling_for(model, sources.weights_sha256(folder), 512, seed=1)
+    return source_samples(model, tokenizer.all_special_ids, 16 * 512, sampling)
 
 
 def speed(model, prompts: torch.Tensor, cfg: dict) -> dict:
@@ -336,6 +352,8 @@ def main() -> None:
 
     tok = sources.load_tokenizer(sources.find_source(cfg["source"]).folder)
     windows = {"tempest16": tempest16(tok), "docutils16": docutils16(tok)}
+    if "samples16" in cfg.get("texts", []):
+        windows["samples16"] = samples16(cfg, tok)
     max_batch = max(cfg["decode"]["batches"])
     prompts = windows["tempest16"][:max_batch, : cfg["decode"]["prompt_tokens"]]
 
@@ -429,7 +447,32 @@ def markdown(r: dict) -> str:
                 f"{e['tempest16']:.2f} | {e['docutils16']:.2f} | {100 * e['agreement']:.1f}% | "
                 f"{_rate(e, 1)} / {_rate(e, 8)} |"
             )
+    lines += depth_by_text(r)
     return "\n".join(lines) + "\n"
+
+
+def depth_by_text(r: dict) -> list[str]:
+    """How far each exiting model's depth moves between texts: the mean cycles per token on every
+    text, and the spread (largest less smallest, over their mean). Rows that exit nowhere (full
+    depth), or were measured before depths were recorded per text, are left out."""
+    cycles = {n: Layout.parse(v["layout"]).cycles for n, v in r["variants"].items()}
+    rows = [(n, v["after"], cycles[n]) for n, v in r["variants"].items()]
+    if r.get("early_exit"):
+        variant = r["config"]["early_exit"]["variant"]
+        rows += [(f"{variant}, {label}", e, cycles[variant]) for label, e in r["early_exit"].items()
+                 if "error" not in e]
+    rows = [(n, q["cycles_by_text"]) for n, q, full in rows
+            if q.get("cycles_by_text") and min(q["cycles_by_text"].values()) < full - 1e-9]
+    if not rows:
+        return []
+    texts = list(rows[0][1])
+    lines = ["", "Mean cycles per token on each text, and their spread ((max − min) / mean):", "",
+             "| model | " + " | ".join(texts) + " | spread |", "|---|" + "---|" * (len(texts) + 1)]
+    for name, by_text in rows:
+        values = [by_text[t] for t in texts]
+        spread = (max(values) - min(values)) / (sum(values) / len(values))
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in values) + f" | {100 * spread:.1f}% |")
+    return lines
 
 
 def plot(r: dict, path: Path) -> None:

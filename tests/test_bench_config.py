@@ -139,3 +139,34 @@ def test_overhead_tables_and_docs_block(tmp_path):
     assert (text.startswith("before\n<!-- overhead -->\n`python bench/overhead.py`")
             and text.endswith("<!-- /overhead -->\nafter\n"))
     assert "old" not in text
+
+
+def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
+    """A profile can plot variants another profile measured (``points:``), its early-exit table gives
+    layers per token, and the depth of each exiting model on every text comes with its spread."""
+    compare = _compare_module()
+    cfg = yaml.safe_load((BENCH / "compare-cpu-halting.yaml").read_text())
+    borrowed = compare.borrowed_points(cfg)
+    assert list(borrowed) == cfg["points"]["variants"] and {v["from"] for v in borrowed.values()} == {"cpu-fit-ztt"}
+    halting = _row(58.0, "4/11×2/4", 19, True)
+    halting["after"].update(mean_cycles=1.5, cycles_by_text={"tempest16": 1.5, "docutils16": 1.4, "samples16": 1.6})
+    full = _row(57.0, "4/11×2/4", 19, True)
+    full["after"].update(mean_cycles=2.0, cycles_by_text={"tempest16": 2.0, "docutils16": 2.0, "samples16": 2.0})
+    names = [v["name"] for v in cfg["variants"]]
+    report = {
+        "profile": "cpu-halting", "config": cfg, "complete": False, "points": borrowed,
+        "variants": {names[0]: full, names[2]: halting},
+        "early_exit": {"calibrated 1.22× compute": {
+            "threshold": 0.3, "tempest16": 59.0, "docutils16": 104.0, "agreement": 0.55, "mean_cycles": 1.5,
+            "compute_saved": 0.1833, "cycles_by_text": {"tempest16": 1.5, "docutils16": 1.8, "samples16": 1.2},
+            "done": True}},
+        "meta": {"device": "cpu", "machine": "x86_64, 2 threads", "torch": "2.13.0", "date": "2026-12-06"},
+    }
+    table = compare.write_outputs(report, tmp_path)
+    assert "Also plotted, as measured by another profile at the same healing budget: drop block influence, fitted " \
+           "(cpu-fit-ztt, 95.6 M): 57.48 / 102.39" in table
+    assert "| calibrated 1.22× compute | 0.3 | 1.50 | 24.5 | 18.3% |" in table  # 30 layers × (1 − 0.1833)
+    assert f"| {names[2]} | 1.500 | 1.400 | 1.600 | 13.3% |" in table
+    assert f"| {names[0]}, calibrated 1.22× compute | 1.500 | 1.800 | 1.200 | 40.0% |" in table
+    assert f"| {names[0]} | 2.000" not in table  # full depth on every text: no row
+    assert (tmp_path / "compare-cpu-halting.png").stat().st_size > 1000
