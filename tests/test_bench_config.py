@@ -154,12 +154,13 @@ def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
     full["after"].update(mean_cycles=2.0, cycles_by_text={"tempest16": 2.0, "docutils16": 2.0, "samples16": 2.0})
     names = [v["name"] for v in cfg["variants"]]
     report = {
-        "profile": "cpu-halting", "config": cfg, "complete": False, "points": borrowed,
+        "profile": "cpu-halting", "config": cfg, "complete": False, "points": borrowed, "source_layers": 30,
         "variants": {names[0]: full, names[2]: halting},
         "early_exit": {"calibrated 1.22× compute": {
             "threshold": 0.3, "tempest16": 59.0, "docutils16": 104.0, "agreement": 0.55, "mean_cycles": 1.5,
             "compute_saved": 0.1833, "cycles_by_text": {"tempest16": 1.5, "docutils16": 1.8, "samples16": 1.2},
             "done": True}},
+        "corpora": {"docutils": "docutils==0.21.2 sha256 abc"},
         "meta": {"device": "cpu", "machine": "x86_64, 2 threads", "torch": "2.13.0", "date": "2026-12-06"},
     }
     table = compare.write_outputs(report, tmp_path)
