@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ztt_cli.cli import app
+from ztt_cli.errors import ZTTError
 from ztt_cli.io.data import prepare
 from ztt_cli.io.sources import load_tokenizer
 from ztt_cli.options import ConvertOptions, FinetuneOptions
@@ -446,3 +447,49 @@ def test_trainable_new_on_a_model_with_nothing_added_is_refused(workdir, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--trainable new" in lines[0] and "hint:" in lines[0], result.stderr
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+def test_trainable_seam_trains_the_layers_next_to_the_removed_span_and_the_lm_head(workdir, tmp_path):
+    """--trainable seam on a drop: the kept layers on either side of the removed span, the LM head and
+    the final norm train; every other layer stays as it was, and the optimizer holds nothing for it."""
+    from ztt_cli.stages.finetune import _optimizer_groups, seam_layers
+
+    ckpt = tmp_path / "drop"
+    convert(ConvertOptions(source=str(workdir / "src-llama"), out=ckpt, drop=2, select="contiguous", fit=False))
+    provenance = json.loads((ckpt / "ztt.json").read_text())
+    dropped = provenance["stages"][0]["metrics"]["dropped_layers"]
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    kept = [i for i in range(len(model.layers) + len(dropped)) if i not in dropped]
+    seam = seam_layers(model, provenance)
+    assert seam == [k for k, i in enumerate(kept) if i + 1 == min(dropped) or i - 1 == max(dropped)]
+    assert 0 < len(seam) < len(model.layers)
+    finetune(opts(workdir, tmp_path / "seam", family="llama", checkpoint=ckpt, steps=3, trainable="seam"))
+    before, after = weights(ckpt), weights(tmp_path / "seam")
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    in_layer = {k: int(k.split("layers.")[1].split(".")[0]) for k in before if "layers." in k}
+    assert {in_layer[k] for k in moved if k in in_layer} == set(seam)
+    assert any(k not in in_layer for k in moved)  # the LM head (here tied to the embeddings) or the final norm
+    _, grouping = _optimizer_groups(model, opts(workdir, tmp_path / "x", trainable="seam"), provenance)
+    held = [name for g in grouping for name in g["params"]]
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in held if "layers." in n} == set(seam)
+
+
+def test_trainable_seam_around_the_shared_block_and_refused_where_nothing_changed(workdir):
+    from ztt_cli.stages.finetune import _trainable, seam_layers
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "ztt-gpt2")  # 2/1×2/2: nothing removed, one block
+    lay = model.config.layout
+    assert seam_layers(model, {"stages": [{"metrics": {}}]}) == [lay.head - 1, lay.head + lay.block]
+    plain = tiny_ztt_plain(workdir)
+    with pytest.raises(ZTTError, match="keeps every source layer, once") as e:
+        _trainable(plain, "seam", {"stages": [{"metrics": {}}]})
+    assert "--trainable all" in e.value.hint
+
+
+def tiny_ztt_plain(workdir):
+    """A no-share conversion: every source layer its own, once, no pool."""
+    out = workdir / "plain"
+    if not out.exists():
+        convert(ConvertOptions(source=str(workdir / "src-gpt2"), out=out, head=0, block=6, cycles=1, tail=0,
+                               pool=False))
+    return AutoModelForCausalLM.from_pretrained(out)

@@ -223,9 +223,10 @@ class FinetuneOptions(BaseModel):
     batch_size: int = Field(4, ge=1, description="sequences per micro-batch and process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
-    trainable: Literal["all", "block", "block+pool", "pool", "new"] = Field(
+    trainable: Literal["all", "block", "block+pool", "pool", "new", "seam"] = Field(
         "all", description="what is trained (all, block and block+pool include a grown model's residual gates); "
-        "new: only what a conversion added (pool, gates, deltas) and the norms and biases"
+        "new: only what a conversion added (pool, gates, deltas) and the norms and biases; seam: what it added, "
+        "the layers next to what it removed or shared, the LM head and the final norm"
     )
     log_every: int = Field(10, ge=1, description="steps between log lines")
     eval_every: int = Field(50, ge=1, description="steps between validation passes")

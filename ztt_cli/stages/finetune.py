@@ -131,14 +131,47 @@ TRAINED_WEIGHTS = {"all": ("block", "unshared", "other"), "block": ("block",), "
 # the added groups each choice trains: a grown model's residual gates and a relaxed model's deltas
 # train with the block; ``new`` trains only what a conversion added, and every 1-D parameter
 TRAINED_ADDED = {"all": ("pool", "gates", "relax"), "block": ("gates", "relax"),
-                 "block+pool": ("pool", "gates", "relax"), "pool": ("pool",), "new": ("pool", "gates", "relax")}
+                 "block+pool": ("pool", "gates", "relax"), "pool": ("pool",), "new": ("pool", "gates", "relax"),
+                 "seam": ("pool", "gates", "relax")}
 
 
-def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
+def seam_layers(model: ZTTForCausalLM, provenance: dict | None) -> list[int]:
+    """The unique layers (indices into ``model.layers``) next to where the conversion changed the
+    stack: the kept layers on either side of each run of removed source layers (a drop, a grown
+    model's first cycle), or, where nothing was removed, the head's last and the tail's first layer
+    around the shared block."""
+    stages = (provenance or {}).get("stages") or [{}]
+    dropped = set(stages[0].get("metrics", {}).get("dropped_layers") or [])
+    if dropped:
+        n = (provenance or {}).get("source", {}).get("layers", len(model.layers) + len(dropped))
+        kept = [i for i in range(n) if i not in dropped]
+        return [k for k, i in enumerate(kept) if i - 1 in dropped or i + 1 in dropped]
+    lay = model.config.layout
+    if lay.cycles == 1 and model.pool is None:
+        return []  # every source layer kept, once: nothing changed
+    return [i for i in (lay.head - 1, lay.head + lay.block) if 0 <= i < len(model.layers)]
+
+
+def _seam_weights(model: ZTTForCausalLM, provenance: dict | None) -> list:
+    """What ``--trainable seam`` trains of the weights: the seam layers, the LM head and the final norm
+    (the 1-D parameters outside the layers), in the model's parameter order."""
+    seam = seam_layers(model, provenance)
+    if not seam:
+        raise ZTTError("--trainable seam trains the layers next to what the conversion removed or shared; this "
+                       "checkpoint keeps every source layer, once", hint="choose --trainable all")
+    chosen = {id(p) for i in seam for p in model.layers[i].parameters()}
+    chosen |= {id(p) for p in model.get_output_embeddings().parameters()}
+    chosen |= {id(p) for p in model.parameter_groups()["other"] if p.dim() == 1}
+    return [p for p in model.parameters() if id(p) in chosen]
+
+
+def _trainable(model: ZTTForCausalLM, what: str, provenance: dict | None = None) -> dict[str, list]:
     """The trained parameters by optimizer group (weights, pool, gates, relax), each in the model's
     parameter order; everything else is frozen, and the optimizer keeps state only for what trains.
     ``new``: the zero-token pool, the gates and the deltas, and of the weights only the 1-D ones
-    (norms, biases): the shared and unshared matrices and the embeddings stay the source's."""
+    (norms, biases): the shared and unshared matrices and the embeddings stay the source's.
+    ``seam``: what the conversion added, and the layers next to what it removed or shared
+    (:func:`seam_layers`, read from ``provenance``), with the LM head and the final norm."""
     groups = model.parameter_groups()
     if what in ("pool", "block+pool") and not groups["pool"]:
         raise ZTTError(f"--trainable {what} needs a zero-token pool; this checkpoint has none",
@@ -147,8 +180,11 @@ def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
         raise ZTTError("--trainable new trains what a conversion added (zero-token pool, residual gates, "
                        "relaxation deltas); this checkpoint has none", hint="choose --trainable all")
     role = {id(p): name for name, params in groups.items() for p in params}
-    trained = {"weights": [p for p in model.parameters() if role[id(p)] in TRAINED_WEIGHTS.get(what, ())
-                           or (what == "new" and role[id(p)] in TRAINED_WEIGHTS["all"] and p.dim() == 1)]}
+    if what == "seam":
+        trained = {"weights": _seam_weights(model, provenance)}
+    else:
+        trained = {"weights": [p for p in model.parameters() if role[id(p)] in TRAINED_WEIGHTS.get(what, ())
+                               or (what == "new" and role[id(p)] in TRAINED_WEIGHTS["all"] and p.dim() == 1)]}
     trained.update({g: groups[g] if g in TRAINED_ADDED[what] else [] for g in ("pool", "gates", "relax")})
     ids = {id(p) for params in trained.values() for p in params}
     for p in model.parameters():
@@ -156,10 +192,11 @@ def _trainable(model: ZTTForCausalLM, what: str) -> dict[str, list]:
     return trained
 
 
-def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions) -> tuple[list[dict], list[dict]]:
+def _optimizer_groups(model: ZTTForCausalLM, opts: FinetuneOptions,
+                      provenance: dict | None = None) -> tuple[list[dict], list[dict]]:
     """AdamW's parameter groups (empty ones left out) and, for trainer.json, each group's name and
     the names of its parameters in order: what the optimizer state's indices refer to."""
-    trained = _trainable(model, opts.trainable)
+    trained = _trainable(model, opts.trainable, provenance)
     names = {}
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
@@ -294,7 +331,7 @@ class HealingRun:
         self.model.to(ddp.device).train()
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        groups, self.grouping = _optimizer_groups(self.model, opts)
+        groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
