@@ -154,12 +154,16 @@ def _calls(model, indices: list[int], probe: torch.Tensor) -> dict[int, _Call]:
     return {i: _Call(slots[i], *seen[i], probe.shape[0]) for i in indices}
 
 
-def _relative_error(forward, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
-    """‖forward(x) − y‖ / ‖y‖ over all the windows, in batches."""
+def _relative_error(forward, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+                    outputs: torch.Tensor | None = None) -> float:
+    """‖forward(x) − y‖ / ‖y‖ over all the windows, in batches; ``outputs``: also written there."""
     err = total = 0.0
     with torch.no_grad():
-        for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
-            out = forward(x).float()
+        for a in range(0, inputs.shape[0], batch_size):
+            y = targets[a : a + batch_size]
+            out = forward(inputs[a : a + batch_size]).float()
+            if outputs is not None:
+                outputs[a : a + batch_size] = out
             err += float(((out - y) ** 2).sum())
             total += float((y * y).sum())
     return math.sqrt(err / max(total, 1e-300))
@@ -222,19 +226,18 @@ def fit_positions(model, states: States, windows: torch.Tensor, inputs: str, ste
         for n, slot in enumerate(block):
             i, call = slot.index, calls[slot.index]
             x = states[i] if own is None else own[n % 2]
-            before = _relative_error(call, x, states[i + 1], batch_size)
+            with model.pool_disabled():  # as the fit sees it, and as it hands its output on
+                before = _relative_error(call, x, states[i + 1], batch_size)
             deltas = model.relax.positions[slot.position]
             start_at = {k: v.clone() for k, v in deltas.state_dict().items()}
             _fit_one(model, call, slot.position, slot.cycle, x, states[i + 1], steps, lr, batch_size, seed + n)
-            after = _relative_error(call, x, states[i + 1], batch_size)
-            if after > before:  # never worse than its start (at an exact start, Adam's steps only jitter)
-                deltas.load_state_dict(start_at)
-                after = before
+            handed = own[(n + 1) % 2] if own is not None else None  # what the fitted position hands the next one
+            with model.pool_disabled():
+                after = _relative_error(call, x, states[i + 1], batch_size, handed)
+                if after > before:  # never worse than its start (at an exact start, Adam's steps only jitter)
+                    deltas.load_state_dict(start_at)
+                    after = _relative_error(call, x, states[i + 1], batch_size, handed)
             report.positions.append(PositionFit(slot.cycle, slot.position, i, before, after))
-            if own is not None:  # what the fitted position hands the next one
-                with torch.no_grad(), model.pool_disabled():
-                    for a in range(0, x.shape[0], batch_size):
-                        own[(n + 1) % 2][a : a + batch_size] = call(x[a : a + batch_size]).float()
     report.seconds = time.perf_counter() - start
     return report
 
