@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 import ztt_cli  # noqa: E402,F401  registers the ztt model type
-from ztt_cli.model.architecture import NOT_ATTENTION_ONLY, per_layer_lists  # noqa: E402
+from ztt_cli.model.architecture import NOT_ATTENTION_ONLY, family_for, per_layer_lists  # noqa: E402
 from ztt_cli.model.errors import ZTTError  # noqa: E402
 from ztt_cli.model.modeling import ZTTConfig, ZTTForCausalLM  # noqa: E402
 from ztt_cli.testing import tiny_model  # noqa: E402
@@ -62,6 +62,25 @@ SIZES = {
 }
 
 
+# a hybrid (layers with and without attention) alternates: layer without attention, attention layer, ...
+HYBRID_SIZES = {"attn_layer_period": 2, "attn_layer_offset": 1, "attn_layer_indices": list(range(1, LAYERS, 2))}
+
+
+def _attention_kind(kind) -> bool:
+    return isinstance(kind, str) and "attention" in kind and "linear" not in kind
+
+
+def _alternating(kinds) -> list[str] | None:
+    """A hybrid's per-layer list of layer kinds, cut to alternate its first kind without attention and
+    its first attention kind (so that a two-layer block cycles over both); None for any other list."""
+    kinds = list(kinds)
+    if not all(isinstance(k, str) for k in kinds):
+        return None
+    other = next((k for k in kinds if not _attention_kind(k)), None)
+    attention = next((k for k in kinds if _attention_kind(k)), None)
+    return None if other is None or attention is None else [other, attention] * (LAYERS // 2)
+
+
 def model_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
@@ -78,7 +97,10 @@ def shrunk_config(model_type: str):
         if hasattr(config, name) and getattr(config, name) is not None:
             setattr(config, name, value)
     for name in lists:
-        setattr(config, name, list(getattr(config, name))[:LAYERS])
+        setattr(config, name, _alternating(getattr(config, name)) or list(getattr(config, name))[:LAYERS])
+    for name, value in HYBRID_SIZES.items():  # hybrids that place attention by rule, not by list
+        if hasattr(config, name):
+            setattr(config, name, value)
     if getattr(config, "qk_rope_head_dim", None) and hasattr(config, "head_dim"):  # multi-head latent attention
         config.head_dim = config.qk_rope_head_dim
     for name, value in list(vars(config).items()):  # lists of layer indices (e.g. which layers are sparse)
@@ -131,7 +153,12 @@ def checks(source) -> None:
     ref = source(ids).logits
     assert torch.allclose(plain(ids).logits, ref, atol=1e-5, rtol=1e-4), (
         "parity: no-share logits differ from the source")
-    cycled = _ztt(source, dict(head=1, block=(depth - 2) // 2, cycles=2, tail=1), pool=True)
+    family = family_for(source)
+    if all(family.attends(layer) for layer in family.layer_list(source)):
+        layout = dict(head=1, block=(depth - 2) // 2, cycles=2, tail=1)
+    else:  # a hybrid (alternating, see shrunk_config): a block of one layer without attention and one with
+        layout = dict(head=0, block=2, cycles=2, tail=(depth - 4))
+    cycled = _ztt(source, layout, pool=True)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with_cache = cycled.generate(ids[:1], use_cache=True, **kwargs)
     without = cycled.generate(ids[:1], use_cache=False, **kwargs)
@@ -145,7 +172,6 @@ def checks(source) -> None:
 def fit_check(source) -> str:
     """Whether a drop's least-squares map folds into this family (``convert --fit``): 'folds' when
     the fold check passes and the fit lowers the error at the gap, else why not."""
-    from ztt_cli.model.architecture import family_for
     from ztt_cli.surgery.drop import keep_layers
     from ztt_cli.surgery.fit import apply_drop_fit, fit_drop
 

@@ -44,7 +44,7 @@ NOT_PER_LAYER = ("architectures",)
 NOT_ATTENTION_ONLY = "a state-space or hybrid model"
 # arguments an attention module may pass to the attention function that change what it computes and
 # that the zero-token attention does not implement
-UNSUPPORTED_ARGUMENTS = {"s_aux": "attention sinks", "softcap": "attention-logit softcapping"}
+UNSUPPORTED_ARGUMENTS: dict[str, str] = {}  # (softcapping and sinks are implemented: attention.py)
 PLAIN = (int, float, str, bool, type(None))
 
 
@@ -148,11 +148,20 @@ class Family:
         """What makes a (possibly shared) layer behave, for its next call, as the layer at unrolled
         position ``slot`` (its KV-cache slot) that reproduces layer ``attribute``."""
         values = _position_attributes(type(layer), config, slot, attribute)
-        targets = [(layer.get_submodule(path), name, value) for (path, name), value in values.items()]
+        modules = dict(layer.named_modules())
+        targets = [(modules[path], name, value) for (path, name), value in values.items() if path in modules]
         return Pointer(targets)
 
     def point_at(self, layer: nn.Module, slot: int, attribute: int, config) -> None:
         self.pointer(layer, slot, attribute, config)()
+
+    def attends(self, layer: nn.Module) -> bool:
+        """Whether a decoder layer has the family's attention (a hybrid's other layers do not)."""
+        return _find_attention(layer) == self.attention
+
+    def attends_at(self, layer: nn.Module, slot: int, attribute: int, config) -> bool:
+        """Whether the family's layer at unrolled position ``slot`` (reproducing ``attribute``) has attention."""
+        return self.attends(_position_layer(type(layer), config, slot, attribute))
 
 
 def _position_attributes(cls: type, config, slot: int, attribute: int) -> dict[tuple[str, str], object]:
@@ -160,6 +169,13 @@ def _position_attributes(cls: type, config, slot: int, attribute: int) -> dict[t
     ``attribute`` built from a config whose layer ``attribute`` is what the position is (its
     per-layer list entries), with the KV index set to ``slot``."""
     varying = _index_dependent(cls, config)
+    built = _plain_attributes(_position_layer(cls, config, slot, attribute))
+    return {key: (slot if key[1] == KV_INDEX else built[key]) for key in varying if key in built}
+
+
+def _position_layer(cls: type, config, slot: int, attribute: int) -> nn.Module:
+    """The family's layer ``attribute`` (on the meta device) built from a config whose layer
+    ``attribute`` is what position ``slot`` is (its per-layer list entries)."""
     own = copy.deepcopy(config)
     n = config.num_hidden_layers
     for name in per_layer_lists(config):  # layer `attribute` as position `slot` is, in a config long enough
@@ -167,8 +183,7 @@ def _position_attributes(cls: type, config, slot: int, attribute: int) -> dict[t
         values[attribute] = getattr(config, name)[slot]
         setattr(own, name, values)
     own.num_hidden_layers = max(n, attribute + 1)
-    built = _plain_attributes(build_layer(cls, own, attribute))
-    return {key: (slot if key[1] == KV_INDEX else built[key]) for key in varying if key in built}
+    return build_layer(cls, own, attribute)
 
 
 _DEPENDENT: dict[tuple[type, str], set[tuple[str, str]]] = {}
@@ -185,10 +200,13 @@ def _index_dependent(cls: type, config) -> set[tuple[str, str]]:
 
 
 def _compare_builds(cls: type, config) -> set[tuple[str, str]]:
-    builds = [_plain_attributes(build_layer(cls, config, i)) for i in range(max(2, config.num_hidden_layers))]
+    layers = [build_layer(cls, config, i) for i in range(max(2, config.num_hidden_layers))]
+    builds = [_plain_attributes(layer) for layer in layers]
     first = builds[0]
     varying = {key for key in first if any(b.get(key) != first[key] for b in builds[1:])}
-    return varying | {key for key in first if key[1] in ALWAYS_SET}
+    hybrid = len({_find_attention(layer) for layer in layers}) > 1
+    # a hybrid's layers differ in kind (attention or not): the conventional names of every kind
+    return varying | {key for b in (builds if hybrid else [first]) for key in b if key[1] in ALWAYS_SET}
 
 
 def derive_family(model: nn.Module) -> Family:
@@ -201,25 +219,24 @@ def derive_family(model: nn.Module) -> Family:
     if layers is None:
         raise _refuse(model_type, f"no ModuleList of its {config.num_hidden_layers} decoder layers")
     decoder_layers = model.get_submodule(layers)
-    for i, layer in enumerate(decoder_layers):
-        if not any("attention" in type(m).__name__.lower() for m in layer.modules()):
-            raise _refuse(model_type, f"its layer {i} ({type(layer).__name__}) has no attention: "
-                                      f"{NOT_ATTENTION_ONLY}")
-    attention = _find_attention(decoder_layers[0])
-    if attention is None:
-        found = next(type(m).__name__ for m in decoder_layers[0].modules() if "attention" in type(m).__name__.lower())
+    attending = [layer for layer in decoder_layers if _find_attention(layer) is not None]
+    if not attending:  # no layer to hold a zero token: say what the first layer has instead
+        first = decoder_layers[0]
+        found = next((type(m).__name__ for m in first.modules() if "attention" in type(m).__name__.lower()), None)
+        if found is None:
+            raise _refuse(model_type, f"its layer 0 ({type(first).__name__}) has no attention: {NOT_ATTENTION_ONLY}")
         raise _refuse(model_type, f"its attention ({found}) does not call the attention interface, through which "
                                   "the zero token enters")
-    missing = [i for i, layer in enumerate(decoder_layers) if _find_attention(layer) != attention]
-    if missing:
-        raise _refuse(model_type,
-                      f"its layer {missing[0]} has no attention module at '{attention}': {NOT_ATTENTION_ONLY}")
-    source = _forward_source(type(decoder_layers[0].get_submodule(attention)))
+    attention = _find_attention(attending[0])
+    elsewhere = [i for i, layer in enumerate(decoder_layers) if _find_attention(layer) not in (None, attention)]
+    if elsewhere:
+        raise _refuse(model_type, f"its layer {elsewhere[0]} has its attention elsewhere than at '{attention}'")
+    source = _forward_source(type(attending[0].get_submodule(attention)))
     for argument, feature in UNSUPPORTED_ARGUMENTS.items():
         if re.search(rf"\b{argument}\s*=", source):
             raise _refuse(model_type, f"its attention uses {feature} ({argument}), which the zero-token attention "
                                       "does not implement")
-    if not any(key[1] == KV_INDEX for key in _plain_attributes(decoder_layers[0])):
+    if not any(key[1] == KV_INDEX for key in _plain_attributes(attending[0])):
         raise _refuse(model_type, f"its attention module does not keep its index as '{KV_INDEX}'")
     return Family(model_type, layers, attention)
 

@@ -85,15 +85,23 @@ def zero_token_attention_eager(
     dropout: float = 0.0,
     entry: ZeroToken | None = None,
     want_p0: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference implementation. Returns (out [B, H, T, D], p0 [B, H, T]); ``entry`` and
     ``want_p0`` are the fast path's (see :func:`zero_token_attention_sdpa`) and change nothing here.
+
+    ``softcap`` (Gemma 2): every logit, the zero token's too, becomes cap·tanh(logit / cap) before
+    the mask. ``sinks`` [H] (gpt-oss): the family's per-head sink logit, value zero, joins the same
+    softmax uncapped; p0 stays the zero token's own probability.
 
     With ``zero_key=None`` it is plain eager attention (p0 is None)."""
     n_heads, q_len, kv_len = query.shape[1], query.shape[2], key.shape[2]
     groups = n_heads // key.shape[1]
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     logits = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        logits = _capped(logits, softcap)
     if mask is None and q_len > 1:
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
     if mask is not None:
@@ -101,11 +109,20 @@ def zero_token_attention_eager(
     if zero_key is not None:
         n_visible = visible_keys(mask, q_len, kv_len, query.device)
         zero_logit = _zero_logit(query, zero_key, zero_bias, scaling, log_n, n_visible)
+        zero_logit = zero_logit if softcap is None else _capped(zero_logit, softcap)
         logits = torch.cat([zero_logit.unsqueeze(-1), logits], dim=-1)
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.to(logits.dtype).view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)], dim=-1)
     probs = logits.softmax(dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     p0, probs = (probs[..., 0], probs[..., 1:]) if zero_key is not None else (None, probs)
+    probs = probs if sinks is None else probs[..., :-1]
     probs = F.dropout(probs, p=dropout, training=dropout > 0)  # transformers passes 0 outside training
     return torch.matmul(probs, v), p0
+
+
+def _capped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logit softcapping as the families compute it: cap·tanh(logits / cap)."""
+    return torch.tanh(logits / softcap) * softcap
 
 
 def _group_onehot(n_heads: int, groups: int, device, dtype) -> torch.Tensor:
@@ -151,9 +168,10 @@ class _MaskTerms:
 _mask_terms = _MaskTerms()
 
 
-def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool):
+def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken, want_p0: bool, sinks=None):
     """Inference shortcut: plain flash attention plus its log-sum-exp, p0 = sigmoid(s0 - LSE). Its
-    terms are memoised on ``zero`` (a slot's kept entry); p0 is None unless ``want_p0``.
+    terms are memoised on ``zero`` (a slot's kept entry); p0 is None unless ``want_p0``. With the
+    family's ``sinks`` the three (regular keys, zero token, sink) share one normaliser.
 
     Exact, and as fast as plain attention plus a matrix-vector product, but the LSE carries no
     gradient: only used when nothing needs one, on CPU (whose flash kernel returns the LSE)."""
@@ -178,21 +196,36 @@ def _zero_token_attention_lse(query, key, value, mask, scaling, zero: ZeroToken,
     if empty is not None:  # rows with no visible key: only the zero token is left
         lse = lse.masked_fill(empty, float("-inf"))
     lse = lse if lse.dtype == query.dtype else lse.to(query.dtype)
-    t = lse.sub(torch.linalg.vecdot(query, z)).sub_(b)  # LSE - s0 (before log n) [B, H, T]
-    if zero.log_n:
-        if n_visible is not None:
-            t = t.sub_(n_visible.clamp(min=1).log().to(t.dtype))
-        elif q_len == 1 and not torch.compiler.is_compiling():
-            t = t.sub_(_log_count(kv_len))
-        else:
-            t = t.sub_(visible_keys(None, q_len, kv_len, query.device).log().to(t.dtype))
+    if sinks is not None:
+        s0 = _minus_log_n(torch.linalg.vecdot(query, z).add_(b).neg_(), zero, n_visible, q_len, kv_len, query).neg_()
+        return _with_sinks(out, lse, s0, sinks, want_p0)
+    t = _minus_log_n(lse.sub(torch.linalg.vecdot(query, z)).sub_(b), zero, n_visible, q_len, kv_len, query)
     keep = torch.sigmoid(t)  # 1 - p0
     p0 = torch.sigmoid(t.neg_()) if want_p0 else None
     return out.mul_(keep.unsqueeze(-1)), p0
 
 
+def _minus_log_n(t, zero: ZeroToken, n_visible, q_len: int, kv_len: int, query):
+    """``t`` less log(number of visible keys) where the zero logit carries it (in place)."""
+    if not zero.log_n:
+        return t
+    if n_visible is not None:
+        return t.sub_(n_visible.clamp(min=1).log().to(t.dtype))
+    if q_len == 1 and not torch.compiler.is_compiling():
+        return t.sub_(_log_count(kv_len))
+    return t.sub_(visible_keys(None, q_len, kv_len, query.device).log().to(t.dtype))
+
+
+def _with_sinks(out, lse, s0, sinks, want_p0: bool):
+    """Regular keys (LSE), zero token (s0) and the family's sink: out·P(regular keys), p0 = P(zero token)."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    total = torch.stack([lse, s0, sink], dim=-1).logsumexp(dim=-1)
+    p0 = (s0 - total).exp() if want_p0 else None
+    return out.mul_((lse - total).exp().unsqueeze(-1)), p0
+
+
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _lse_applies(*tensors, dropout: float) -> bool:
@@ -209,70 +242,94 @@ def zero_token_attention_sdpa(
     zero_bias: torch.Tensor,
     log_n: bool = False,
     dropout: float = 0.0,
-    *, entry: ZeroToken | None = None, want_p0: bool = True,
+    *, entry: ZeroToken | None = None, want_p0: bool = True, softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fused SDPA path, as the eager reference; on the CPU without gradients the LSE shortcut (below)."""
-    if _lse_applies(query, key, value, zero_key, zero_bias, dropout=dropout):
+    """Fused SDPA path, as the eager reference; on the CPU without gradients the LSE shortcut (below).
+    The family's ``sinks`` are one more key (logit on the query's one-hot channels, value zero);
+    softcapping, which no fused kernel computes, falls back to the reference."""
+    if softcap is not None:
+        return zero_token_attention_eager(query, key, value, mask, scaling, zero_key, zero_bias, log_n, dropout,
+                                          softcap=softcap, sinks=sinks)
+    if _lse_applies(query, key, value, zero_key, zero_bias, sinks, dropout=dropout):
         entry = entry or ZeroToken(zero_key, zero_bias, log_n)
-        return _zero_token_attention_lse(query, key, value, mask, scaling, entry, want_p0)
+        return _zero_token_attention_lse(query, key, value, mask, scaling, entry, want_p0, sinks)
     batch, n_heads, q_len, head_dim = query.shape
     n_kv, kv_len = key.shape[1], key.shape[2]
     groups = n_heads // n_kv
     extra = groups + int(log_n)  # query/key channels added; >= 1, so the p0 value channel fits too
     dtype, device = query.dtype, query.device
-
     # query: [q, onehot(head in group), log n]
     q_extra = [_group_onehot(n_heads, groups, device, dtype)[None, :, None, :].expand(batch, -1, q_len, -1)]
     if log_n:
         n = visible_keys(mask, q_len, kv_len, device).clamp(min=1).log().to(dtype)
         q_extra.append(n.unsqueeze(-1).expand(batch, n_heads, q_len, 1))
     q = torch.cat([query, *q_extra], dim=-1)
-
-    # zero key: [z, b / scale, 1 / scale]; regular keys padded with zeros
-    zk = [zero_key, zero_bias.view(n_kv, groups) / scaling]
-    if log_n:
-        zk.append(torch.full((n_kv, 1), 1.0 / scaling, device=device, dtype=dtype))
-    zk = torch.cat(zk, dim=-1).to(dtype)[None, :, None, :].expand(batch, -1, 1, -1)
-    k = torch.cat([zk, F.pad(key, (0, extra))], dim=2)
-
-    # values: regular [v, 0], zero token [0, 1, 0...]: output channel head_dim is p0
-    zv = torch.zeros(batch, n_kv, 1, head_dim + extra, device=device, dtype=dtype)
-    zv[..., head_dim] = 1
-    v = torch.cat([zv, F.pad(value, (0, extra))], dim=2)
-
+    # zero key [z, b / scale, 1 / scale] (and the sink's), then the regular keys padded with zeros;
+    # values: zero token [0, 1, 0...] (output channel head_dim is p0), sink 0, regular [v, 0]
+    front_k, front_v = _front_keys(zero_key, zero_bias, sinks, scaling, log_n, batch, head_dim + extra, dtype)
+    k = torch.cat([front_k, F.pad(key, (0, extra))], dim=2)
+    v = torch.cat([front_v, F.pad(value, (0, extra))], dim=2)
+    front = front_k.shape[2]
     is_causal = False
     if mask is None and q_len > 1:
         if q_len == kv_len:
-            # a dummy query in front keeps the (T+1)x(T+1) causal pattern square: query i then
-            # sees the zero token plus keys 0..i, and the flash kernel stays available
-            q = torch.cat([q.new_zeros(batch, n_heads, 1, q.shape[-1]), q], dim=2)
+            # dummy queries in front keep the causal pattern square: query i then sees the zero
+            # token (and sink) plus keys 0..i, and the flash kernel stays available
+            q = torch.cat([q.new_zeros(batch, n_heads, front, q.shape[-1]), q], dim=2)
             is_causal = True
         else:
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()[None, None]
     if mask is not None:
-        first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
+        first = (mask.new_ones(*mask.shape[:-1], front) if mask.dtype == torch.bool
+                 else mask.new_zeros(*mask.shape[:-1], front))
         mask = torch.cat([first, mask], dim=-1)
 
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, enable_gqa=groups > 1
     )
     if is_causal:
-        out = out[:, :, 1:]
+        out = out[:, :, front:]
     return out[..., :head_dim], out[..., head_dim]
 
 
+def _front_keys(zero_key, zero_bias, sinks, scaling: float, log_n: bool, batch: int, width: int, dtype):
+    """The keys and values placed before the regular ones: the zero token's, and the sink's where the
+    family has sinks (its logit on the group one-hot channels, nothing on the log n channel)."""
+    n_kv, head_dim = zero_key.shape
+    groups, device = zero_bias.shape[0] // n_kv, zero_key.device
+    zk = [zero_key, zero_bias.view(n_kv, groups) / scaling]
+    if log_n:
+        zk.append(torch.full((n_kv, 1), 1.0 / scaling, device=device, dtype=dtype))
+    keys = [torch.cat(zk, dim=-1).to(dtype)]
+    if sinks is not None:
+        sink = torch.zeros(n_kv, width, device=device, dtype=dtype)
+        sink[:, head_dim : head_dim + groups] = sinks.to(dtype).view(n_kv, groups) / scaling
+        keys.append(sink)
+    k = torch.stack(keys, dim=1)[None].expand(batch, -1, -1, -1)
+    v = torch.zeros(batch, n_kv, len(keys), width, device=device, dtype=dtype)
+    v[:, :, 0, head_dim] = 1
+    return k, v
+
+
 def _zero_token_interface(impl: Callable, plain: Callable) -> Callable:
-    """Adapt an implementation to transformers' attention-interface signature."""
+    """Adapt an implementation to transformers' attention-interface signature. A family's softcapping
+    or sinks reach the zero-token implementation; without a zero token the reference computes them."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, ztt_zero=None, ztt_kv=None,
-                  **kwargs):
+                  softcap=None, s_aux=None, **kwargs):
         if ztt_kv is not None:  # early exit: copied keys/values for tokens that skipped this cycle
             key, value = ztt_kv(key, value, query.shape[2])
-        if ztt_zero is None:
+        if ztt_zero is None and softcap is None and s_aux is None:
             return plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if ztt_zero is None:
+            out, _ = zero_token_attention_eager(query, key, value, attention_mask, scaling, None, None,
+                                                dropout=dropout, softcap=softcap, sinks=s_aux)
+            return out.transpose(1, 2).contiguous(), None
         out, p0 = impl(query, key, value, attention_mask, scaling, ztt_zero.key, ztt_zero.bias, ztt_zero.log_n,
-                       dropout, entry=ztt_zero, want_p0=ztt_zero.sink is not None)  # p0 only when someone reads it
+                       dropout, entry=ztt_zero, want_p0=ztt_zero.sink is not None,  # p0 only when someone reads it
+                       softcap=softcap, sinks=s_aux)
         if ztt_zero.sink is not None:
             ztt_zero.sink(p0)
         return out.transpose(1, 2).contiguous(), None

@@ -8,7 +8,8 @@ that layer at its unrolled index (KV-cache slot, per-index attributes) and, for
 block positions, hands its attention call the zero-token pool entry of its cycle.
 
 The unique layers live in ``self.layers`` as [head..., block..., tail...]; the
-pool in ``self.pool`` (key [C, K, n_kv_heads, head_dim], bias [C, K, n_heads]).
+pool in ``self.pool`` (key [C, K, n_kv_heads, head_dim], bias [C, K, n_heads]; K: the block's
+attention layers, all of them but in a hybrid model, whose other layers have no zero token).
 
 A *grown* model (``config.grown``) gives every block position a residual gate g
 (``self.gates``, [C, K]): ``h <- h + g·(f(h) - h)``. g = 1 reproduces the layer, g = 0
@@ -37,9 +38,10 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architecture import Family, family_for, per_layer_lists, remap_layers
+from .architecture import KV_INDEX, Family, family_for, per_layer_lists, remap_layers
 from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
+from .errors import LayoutError
 from .exits import TokenExits
 from .layout import Layout
 from .relax import PositionDeltas, Relaxation
@@ -145,14 +147,12 @@ class _ForwardRecord:
     def put(self, cycle: int, position: int, p0: torch.Tensor) -> None:
         self.zero[(cycle, position)] = p0  # keyed, so a checkpointed recompute overwrites
 
-    def zero_attention(self, layout: Layout, cycles: int | None = None) -> torch.Tensor | None:
+    def zero_attention(self, block: int, cycles: int) -> torch.Tensor | None:
+        """[B, C, K, T] over the block's ``block`` attention layers (K: all of the block, but in a hybrid)."""
         if not self.zero:
             return None
-        rows = [
-            torch.stack([self.zero[(c, j)].mean(1) for j in range(layout.block)], dim=1)
-            for c in range(1, (cycles or layout.cycles) + 1)
-        ]
-        return torch.stack(rows, dim=1)  # [B, C, K, T]
+        rows = [torch.stack([self.zero[(c, j)].mean(1) for j in range(block)], dim=1) for c in range(1, cycles + 1)]
+        return torch.stack(rows, dim=1)
 
 
 class ExitStats:
@@ -199,14 +199,21 @@ class LayerSlot(nn.Module):
         # (a drop): used by this slot alone, run as the family runs it
         one_cycle = model.config.cycles == 1 and model.pool is None and model.gates is None and model.relax is None
         self._plain = self.cycle is None or one_cycle
+        # in a hybrid, a block layer without attention has no zero token (and no keys or values to copy)
+        self._attends = self.cycle is None or self.position in model.zero_positions
+        self.zero_index = model.zero_positions.index(self.position) if self.cycle and self._attends else None
         point = family.pointer(layer, self.index, self.attribute, model.inner.config)
+        if model._hybrid:  # a hybrid's model loop reads a layer's kind off the layer list (Nemotron-H's block_type)
+            for module, name, value in point.targets:
+                if module is layer and name != KV_INDEX and not hasattr(self, name):
+                    setattr(self, name, value)
         if self._plain:
             point()
         else:
             self._point = point
             # bound methods and partials, not closures: a deep copy of the model rebinds them to its own
             self._kv_hook = self._copied_kv
-            self._sink = partial(model._record.put, self.cycle, self.position)
+            self._sink = partial(model._record.put, self.cycle, self.zero_index)
 
     def _copied_kv(self, key, value, q_len):
         return self._refs[2]._record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
@@ -228,13 +235,15 @@ class LayerSlot(nn.Module):
         gates = model.gates
         if gates is not None and gates.closed(self.cycle, self.position):
             return self._closed(model, exits, hidden_states)
-        if exits is not None:
+        if exits is not None and self._attends:
             if exits.all_exited:  # a decoding step whose tokens have all exited: run nothing
                 exits.skip(self.cycle, self.position, self.index)
                 return self._end_of_cycle(exits, hidden_states)
             kwargs["ztt_kv"] = self._kv_hook
+        # (a layer without attention runs even then, on the frozen states: its recurrent state then
+        # sees what an uncached replay of the same exits feeds it, and its output is dropped below)
         self._point()
-        if model.pool is not None and record.pool_on:
+        if model.pool is not None and record.pool_on and self._attends:
             kwargs["ztt_zero"] = self._zero_token(model)
         if model.relax is not None:
             out = model.relax.run(layer, self.position, self.cycle, (hidden_states, *args), kwargs)
@@ -243,7 +252,9 @@ class LayerSlot(nn.Module):
         if gates is not None:  # lerp: exactly f(h) at g = 1, exactly h at g = 0
             out = torch.lerp(hidden_states, out, gates.weight[self.cycle - 1, self.position].to(out.dtype))
         if exits is not None:
-            if exits.any_exited:
+            if exits.all_exited:
+                out = hidden_states
+            elif exits.any_exited:
                 out = torch.where(exits.active_mask, out, hidden_states)  # exited tokens stay
             out = self._end_of_cycle(exits, out)
         return out
@@ -251,7 +262,7 @@ class LayerSlot(nn.Module):
     def _zero_token(self, model: ZTTForCausalLM) -> ZeroToken:
         """This position's pool entry: built per call where it may need a gradient or is being
         traced, kept otherwise (rebuilt when the pool's tensors change: a step, a load, a move)."""
-        pool, c, j, log_n = model.pool, self.cycle - 1, self.position, model.config.zero_logit_log_n
+        pool, c, j, log_n = model.pool, self.cycle - 1, self.zero_index, model.config.zero_logit_log_n
         if (torch.is_grad_enabled() and pool.key.requires_grad) or torch.compiler.is_compiling():
             return ZeroToken(pool.key[c, j], pool.bias[c, j], log_n, self._sink)
         sink = self._sink if self.cycle <= model._record.zero_cycles else None  # nobody reads p0: not computed
@@ -264,9 +275,9 @@ class LayerSlot(nn.Module):
         """A position whose gate is 0: nothing runs. Its zero attention is NaN (not computed), so the
         zero-attention signal never exits a token after a closed cycle."""
         record = model._record
-        if model.pool is not None and record.pool_on:
+        if model.pool is not None and record.pool_on and self._attends:
             shape = (hidden.shape[0], model.pool.bias.shape[-1], hidden.shape[1])
-            record.put(self.cycle, self.position, hidden.new_full(shape, float("nan")))
+            record.put(self.cycle, self.zero_index, hidden.new_full(shape, float("nan")))
         if exits is None:
             return hidden
         exits.pass_through(self.cycle, self.position)
@@ -276,6 +287,45 @@ class LayerSlot(nn.Module):
         if self.position == self._refs[2].config.block - 1:
             exits.end_of_cycle(self.cycle, hidden)
         return hidden
+
+
+def attending_positions(model: ZTTForCausalLM, slots: list, family: Family, hybrid: bool) -> list[int]:
+    """The block positions whose layer has the family's attention. In a hybrid, every unrolled position
+    must be of its layer's kind (a cycled layer keeps it), and the block needs an attention layer."""
+    config, layout = model.config, model.config.layout
+    if not hybrid:
+        return list(range(layout.block))
+    kind = {True: "an attention layer", False: "a layer without attention"}
+    for slot in slots:
+        layer = model.layers[slot.unique]
+        here = family.attends_at(layer, slot.index, slot.attribute, model.inner.config)
+        if family.attends(layer) != here:
+            raise LayoutError(
+                f"unrolled position {slot.index} would run {kind[not here]} where the source has {kind[here]}: "
+                "a shared layer keeps its kind, so the block's pattern of attention and other layers must repeat",
+                hint="choose {head} and {block} so that every cycle of the block meets the same pattern",
+                fields=("head", "block"))
+    block = model.layers[layout.head : layout.head + layout.block]
+    positions = [j for j, layer in enumerate(block) if family.attends(layer)]
+    if not positions and (config.pool or config.cycles > 1):
+        raise LayoutError(
+            f"the shared block (source layers {layout.head}..{layout.head + layout.block - 1}) has no attention "
+            "layer: the zero token and early exit live in the block's attention layers",
+            hint="choose {head} and {block} so that the block holds one of the source's attention layers",
+            fields=("head", "block"))
+    return positions
+
+
+class _BlockView:
+    """The model's config as the exits read it, with the block's attention layers as its block."""
+
+    def __init__(self, config: ZTTConfig, block: int):
+        self._config, self.block = config, block
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # (copying looks up hooks before the config is set)
+            raise AttributeError(name)
+        return getattr(self._config, name)
 
 
 class ZTTPreTrainedModel(PreTrainedModel):
@@ -319,13 +369,17 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         self.inner = source
         self.family = family  # the source family's conventions (architecture.py): its layer list, attention
         self.layers = nn.ModuleList(unique)
+        self._hybrid = hybrid = not all(family.attends(layer) for layer in family.layer_list(source))
+        slots = layout.slots(config.grown)
+        # the block positions whose layer has attention: where the zero token lives (all, but in a hybrid)
+        self.zero_positions = attending_positions(self, slots, family, hybrid)
         n_heads = text_config.num_attention_heads
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
         # the width of queries and keys: multi-head latent attention (DeepSeek) has its own
         head_dim = (getattr(text_config, "qk_head_dim", None) or getattr(text_config, "head_dim", None)
                     or text_config.hidden_size // n_heads)
         self.pool = (
-            ZeroTokenPool(layout.cycles, layout.block, n_kv, n_heads, head_dim, config.pool_key_std,
+            ZeroTokenPool(layout.cycles, len(self.zero_positions), n_kv, n_heads, head_dim, config.pool_key_std,
                           config.pool_bias_init)
             if config.pool
             else None
@@ -336,7 +390,9 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         self._record = _ForwardRecord()
         self._exit_policy: ExitPolicy | None = None  # set by exiting(); None: the checkpoint's
         self.exit_stats = ExitStats(layout.cycles)
-        slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in layout.slots(config.grown)]
+        # the exits' view of the block: its attention layers (all of it, but in a hybrid)
+        self._exit_config = config if not hybrid else _BlockView(config, len(self.zero_positions))
+        slots = [LayerSlot(self.layers[s.unique], s, family, self) for s in slots]
         family.set_layer_list(self.inner, nn.ModuleList(slots))
         self.post_init()
 
@@ -405,7 +461,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             policy.check(self.pool is not None and self._record.pool_on, exits=True)
             if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
                 cache = DynamicCache(config=self.inner.config)
-            self._record.exits = TokenExits(self.config, policy.threshold, SIGNALS[policy.signal].score, exit_map,
+            self._record.exits = TokenExits(self._exit_config, policy.threshold, SIGNALS[policy.signal].score, exit_map,
                                             self._record.zero, cache)
         self._record.zero_cycles = self._zero_read(output_zero_attention, policy)
         out = self.inner(
@@ -421,7 +477,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         )
         skipped = self._record.exits is not None and self._record.exits.skipped_any
         zero = (None if skipped or not output_zero_attention
-                else self._record.zero_attention(self.config.layout, cycles=exit_after))
+                else self._record.zero_attention(len(self.zero_positions), exit_after or self.config.cycles))
         exits, self._record.exits = self._record.exits, None
         exit_cycles = exits.cycle if exits is not None else None
         exit_signals = exits.signal_table() if exits is not None else None
