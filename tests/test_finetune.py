@@ -493,3 +493,70 @@ def tiny_ztt_plain(workdir):
         convert(ConvertOptions(source=str(workdir / "src-gpt2"), out=out, head=0, block=6, cycles=1, tail=0,
                                pool=False))
     return AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_top_k_distillation_at_the_whole_vocabulary_is_full_distillation():
+    from ztt_cli.training.losses import SparseLogits, task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 9, 50, generator=g), torch.randn(2, 9, 50, generator=g)
+    ids = torch.randint(50, (2, 9), generator=g)
+    top = teacher.topk(50, dim=-1)
+    full = task_loss(logits, ids, teacher, 0.4, 2.0)
+    sparse = task_loss(logits, ids, SparseLogits(top.values, top.indices), 0.4, 2.0)
+    torch.testing.assert_close(sparse[0], full[0])
+    few = teacher.topk(5, dim=-1)
+    kd = task_loss(logits, ids, SparseLogits(few.values, few.indices), 1.0, 1.0)[2]
+    assert 0 < kd < task_loss(logits, ids, teacher, 1.0, 1.0)[2] * 10
+
+
+def test_teacher_top_k_heals_from_cached_logits_without_the_teacher(workdir, tmp_path, monkeypatch):
+    """--teacher-top-k: the teacher's top-k logits are computed once, cached, and read again by the next
+    run (the teacher is not run then); the teacher is not kept while healing."""
+    from ztt_cli.stages import finetune as stage
+
+    runs = []
+    original = stage.top_k_logits
+
+    def counted(teacher, *args, **kwargs):
+        forwards = []
+        handle = teacher.register_forward_hook(lambda *a: forwards.append(1))
+        try:
+            found = original(teacher, *args, **kwargs)
+        finally:
+            handle.remove()
+        runs.append(len(forwards))
+        return found
+
+    monkeypatch.setattr(stage, "top_k_logits", counted)
+    run = stage.HealingRun(opts(workdir, tmp_path / "a", steps=3, teacher_top_k=8))
+    with run:
+        run.setup()
+        assert run.teacher is None and run.teacher_top is not None and run.teacher_top.shape[2] == 8
+        while not run.done:
+            run.step()
+            run.validate_and_save()
+    run.finish()
+    assert math.isfinite([r for r in log_of(tmp_path / "a") if r["event"] == "step"][-1]["kd"])
+    finetune(opts(workdir, tmp_path / "b", steps=3, teacher_top_k=8))
+    assert runs[0] > 0 and runs[1] == 0  # the second run read the cache
+    assert_same_weights(tmp_path / "a", tmp_path / "b", atol=0)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"no_teacher": True}, "distils nothing"),
+    ({"hidden_weight": 1.0}, "keeps only its logits"),
+    ({"teacher_top_k": 10_000}, "above the vocabulary"),
+])
+def test_teacher_top_k_refusals(workdir, tmp_path, extra, message):
+    with pytest.raises(ZTTError, match=message):
+        finetune(opts(workdir, tmp_path / "x", steps=1, **{"teacher_top_k": 8, **extra}))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_teacher_in_bf16(workdir, tmp_path):
+    from ztt_cli.stages.finetune import HealingRun
+
+    with HealingRun(opts(workdir, tmp_path / "bf", steps=1, teacher_dtype="bf16")) as run:
+        run.setup()
+        assert next(run.teacher.parameters()).dtype == torch.bfloat16

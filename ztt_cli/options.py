@@ -184,6 +184,13 @@ class FinetuneOptions(BaseModel):
     seed: int = Field(0, description="seed for the data split, order and dropout")
     teacher: str | None = Field(None, description="teacher model (default: the source recorded in ztt.json)")
     no_teacher: bool = Field(False, description="no distillation: cross-entropy only")
+    teacher_dtype: Literal["auto", "fp32", "bf16", "fp16"] = added_option(
+        "auto", description="the teacher's dtype (auto: as its weights are stored); bf16 or fp16 halve its memory"
+    )
+    teacher_top_k: int | None = added_option(
+        None, ge=1, description="distil from the teacher's k largest logits per token, computed once before healing "
+        "and cached on disk (the teacher is not kept in memory while healing)"
+    )
     kd_weight: float = Field(0.5, ge=0, le=1, description="weight w of the distillation term")
     kd_temperature: float = Field(1.0, gt=0, description="distillation temperature T")
     exit_aware_weight: float = Field(0.25, ge=0, description="weight of the loss at exits after cycles 1..C-1")

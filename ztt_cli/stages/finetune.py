@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..errors import ZTTError
 from ..events import Event, Progress, silent
 from ..io import sources
-from ..io.checkpoint import atomic_dir, load_checkpoint, write_json
+from ..io.checkpoint import atomic_dir, load_checkpoint, torch_dtype, write_json
 from ..io.data import batch_indices, prepare
 from ..io.provenance import (
     PROVENANCE,
@@ -42,6 +42,7 @@ from ..options import FinetuneOptions
 from ..training.distributed import setup_distributed
 from ..training.losses import HealingObjective, layer_outputs, next_token_loss
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
+from ..training.teacher import top_k_logits
 
 if TYPE_CHECKING:
     from ..model.modeling import ZTTForCausalLM
@@ -111,7 +112,8 @@ def _source_model(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
                        hint="pass --teacher MODEL or --no-teacher")
     progress(Event.status(f"loading the teacher {ref}"))
     src = sources.find_source(ref)
-    teacher = sources.load_model(src.folder, "auto")
+    dtype = "auto" if opts.teacher_dtype == "auto" else torch_dtype(opts.teacher_dtype)
+    teacher = sources.load_model(src.folder, dtype)
     if teacher.config.vocab_size != model.config.text_config.vocab_size:
         raise ZTTError(
             f"teacher '{ref}' has a vocabulary of {teacher.config.vocab_size}, the student "
@@ -124,6 +126,19 @@ def _source_model(opts: FinetuneOptions, provenance: dict, model: ZTTForCausalLM
 
 def _distils(opts: FinetuneOptions) -> bool:
     return not (opts.no_teacher or opts.kd_weight == 0)
+
+
+def _refuse_teacher_options(opts: FinetuneOptions) -> None:
+    """Options that ask the teacher for what the run leaves it without."""
+    if opts.hidden_weight > 0 and opts.no_teacher:
+        raise ZTTError("--hidden-weight compares hidden states with the teacher's, and --no-teacher leaves none",
+                       hint="leave out --no-teacher, or --hidden-weight")
+    if opts.teacher_top_k is not None and not _distils(opts):
+        raise ZTTError("--teacher-top-k caches the teacher's logits for distillation, and this run distils nothing",
+                       hint="leave out --teacher-top-k, or --no-teacher (and give --kd-weight above 0)")
+    if opts.teacher_top_k is not None and opts.hidden_weight > 0:
+        raise ZTTError("--hidden-weight compares hidden states with the teacher's, and --teacher-top-k keeps only "
+                       "its logits", hint="leave out --teacher-top-k, or --hidden-weight")
 
 
 # the roles (``ZTTForCausalLM.parameter_groups``) whose weights each --trainable choice trains
@@ -300,14 +315,29 @@ class HealingRun:
         self.progress(Event.status(f"reading {opts.data}"))
         self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field,
                             samples=self._sample)
-        if opts.hidden_weight > 0 and opts.no_teacher:
-            raise ZTTError("--hidden-weight compares hidden states with the teacher's, and --no-teacher leaves none",
-                           hint="leave out --no-teacher, or --hidden-weight")
+        _refuse_teacher_options(opts)
         self.teacher = self._source_model()[0] if _distils(opts) or opts.hidden_weight > 0 else None
+        self.teacher_top = None  # the teacher's cached top-k logits, in its place (--teacher-top-k)
+        if self.teacher is not None and opts.teacher_top_k is not None:
+            self.teacher_top = self._top_k()
+            self.teacher = None
         # the teacher's layers whose outputs a loss term compares (the hidden-state term)
         self.teacher_layers = family_for(self.teacher).layer_list(self.teacher) if self.teacher is not None else None
         if self.teacher is None:
-            self._source = None  # loaded for sampling only: not kept through training
+            self._source = None  # loaded for sampling or its top-k logits only: not kept through training
+
+    def _top_k(self):
+        """The teacher's top-k logits over the training blocks, computed once (rank 0) and cached."""
+        teacher, sha = self._source_model()
+        if self.opts.teacher_top_k > teacher.config.vocab_size:
+            raise ZTTError(f"--teacher-top-k {self.opts.teacher_top_k} is above the vocabulary of "
+                           f"{teacher.config.vocab_size}", hint=f"choose {teacher.config.vocab_size} or fewer")
+        self.progress(Event.status(f"the teacher's top-{self.opts.teacher_top_k} logits"))
+        ddp = self.ddp
+        return top_k_logits(teacher, sha, self.data.train, self.opts.teacher_top_k, self.opts.batch_size, ddp.device,
+                            wait=dist.barrier if ddp.world > 1 else (lambda: None), main=ddp.main,
+                            progress=lambda done, total: self.progress(
+                                Event("progress", "the teacher's top-k logits", step=done, total=total)))
 
     def _source_model(self):
         if self._source is None:
@@ -399,7 +429,9 @@ class HealingRun:
                                 ddp.rank, ddp.world, opts.seed)
             ids = self.data.train[idx].to(ddp.device)
             teacher_logits, teacher_states = None, None
-            if self.teacher is not None:
+            if self.teacher_top is not None:
+                teacher_logits = self.teacher_top.rows(idx, ddp.device)
+            elif self.teacher is not None:
                 with torch.no_grad(), self.autocast, layer_outputs(self.teacher_layers, self.compared) as states:
                     teacher_logits = self.teacher(input_ids=ids).logits
                 teacher_states = dict(states)

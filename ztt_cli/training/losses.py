@@ -41,17 +41,30 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "m
     return loss.view(ids.shape[0], -1) if reduction == "none" else loss
 
 
+@dataclass(frozen=True)
+class SparseLogits:
+    """The teacher's k largest logits per position and their token ids, [B, T, k] each (``teacher.py``)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
 def task_loss(logits, ids, teacher_logits, kd_weight: float, temperature: float, reduction: str = "mean"):
-    """(1 - w) * CE + w * T^2 * KL(teacher || student at T), over next-token positions.
+    """(1 - w) * CE + w * T^2 * KL(teacher || student at T), over next-token positions. With the
+    teacher's top-k logits (:class:`SparseLogits`), the teacher's distribution is renormalised over
+    its k tokens and the student's log-probabilities (over the whole vocabulary) are read there.
 
     Returns (loss, ce, kd) with ce and kd detached for logging; ``reduction="none"``: each per
     position, [B, T-1]."""
     ce = next_token_loss(logits, ids, reduction=reduction)
     if teacher_logits is None or kd_weight == 0:
         return ce, ce.detach(), None
-    t = teacher_logits[:, :-1].float() / temperature
+    sparse = isinstance(teacher_logits, SparseLogits)
+    t = (teacher_logits.values if sparse else teacher_logits)[:, :-1].float() / temperature
     log_p_teacher = t.log_softmax(-1)
     log_p_student = (logits[:, :-1].float() / temperature).log_softmax(-1)
+    if sparse:
+        log_p_student = log_p_student.gather(-1, teacher_logits.indices[:, :-1].long())
     kd = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
     kd = (kd if reduction == "none" else kd.mean()) * temperature**2
     return (1 - kd_weight) * ce + kd_weight * kd, ce.detach(), kd.detach()
