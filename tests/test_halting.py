@@ -80,8 +80,9 @@ def test_the_halting_term_is_the_formula():
     offsets = torch.tensor(model.config.halting_offsets)
     with torch.no_grad():
         p0 = model(input_ids=ids).zero_attention[:, :2].mean(2).transpose(1, 2)  # [B, T, 2]
-    median_rate = torch.sigmoid(torch.logit(p0) + offsets).flatten(0, 1).median(0).values
-    torch.testing.assert_close(median_rate, torch.full((2,), prior_rate(1.6, 3)), atol=1e-4, rtol=0)
+    halting_share = (torch.sigmoid(torch.logit(p0.double()) + offsets) >= 0.5).double().flatten(0, 1).mean(0)
+    torch.testing.assert_close(halting_share, torch.full((2,), prior_rate(1.6, 3), dtype=torch.float64), atol=0.04,
+                               rtol=0)  # the prior's share of tokens at λ ≥ 0.5 after each cycle (30 tokens)
     loss, metrics = objective(ids, teacher)
 
     def task(logits):  # per position
@@ -95,7 +96,8 @@ def test_the_halting_term_is_the_formula():
     lam = torch.sigmoid(torch.logit(full.zero_attention[:, :2].mean(2).transpose(1, 2)[:, :-1]) + offsets)
     p = torch.stack([lam[..., 0], (1 - lam[..., 0]) * lam[..., 1], (1 - lam[..., 0]) * (1 - lam[..., 1])], -1)
     prior = geometric_prior(prior_rate(1.6, 3), 3)
-    kl = (p * (p.log() - prior.log())).sum(-1).mean()
+    marginal = p.flatten(0, 1).mean(0)
+    kl = (marginal * (marginal.log() - prior.log())).sum()
     halting = (p * losses).sum(-1).mean() + 0.2 * kl
     ce = F.cross_entropy(full.logits[:, :-1].reshape(-1, full.logits.shape[-1]), ids[:, 1:].reshape(-1))
     p_t = F.softmax(teacher[:, :-1], -1)
@@ -217,8 +219,8 @@ def test_healing_learns_the_prior_depth_and_the_checkpoint_exits_by_the_rule(wor
     assert before > 2.5 and abs(after - 1.5) < 0.2, (before, after)
     assert "halting_cycles" in result.metrics and math.isfinite(result.metrics["halting"])
     with torch.no_grad():
-        out = model(input_ids=ids)  # the saved rule is in force: tokens exit
-    assert out.exit_cycles is not None and out.exit_cycles.float().mean() < 3
+        out = model(input_ids=ids)  # the saved rule is in force: tokens exit, about as deep as the prior asks
+    assert out.exit_cycles is not None and abs(out.exit_cycles.float().mean() - 1.5) < 0.3, out.exit_cycles
     assert "a halting rule learned towards 1.5 cycles per token on average" in (folder / "README.md").read_text()
 
 

@@ -17,7 +17,6 @@ at 0, are not even computed, and phase in as healing opens the added cycles."""
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -455,13 +454,17 @@ def halting_mean(opts, layout) -> float:
 @register
 class Halting(Term):
     """PonderNet's halting objective. After each cycle c < C the zero attention p0 (mean over the
-    block's layers) is λ_c, the probability of halting there; the halting distribution p
-    (:func:`halting_distribution`) weighs the task loss at each exit, and a KL pulls p towards a
-    geometric prior whose mean is the requested average depth:
+    block's layers) gives λ_c, the probability of halting there (:func:`halting_rates`); the halting
+    distribution p (:func:`halting_distribution`) weighs the task loss at each exit, per token, and
+    a KL pulls the batch's marginal halting distribution towards a geometric prior whose mean is the
+    requested average depth:
 
-        Σ_c p_c·L_c + β·KL(p ‖ Geometric),  L_C the full depth's loss,
+        mean over tokens of Σ_c p_c·L_c  +  β·KL(mean over tokens of p ‖ Geometric),
 
-    per token. The healed model exits by the rule it learned: the ``halting`` signal (the
+    L_C the full depth's loss. PonderNet puts the KL on each token's p; with the median rule at
+    inference that makes every token halt alike (each λ pulled to the prior's rate, all on the same
+    side of 0.5), whereas on the marginal the tokens share the budget: those whose exit costs least
+    halt early. The healed model exits by the rule it learned: the ``halting`` signal (the
     cumulative halting probability) at ``HALT`` = 0.5. It stands in for the exit objective, which
     would pull p0 towards another target."""
 
@@ -490,18 +493,19 @@ class Halting(Term):
     @torch.no_grad()
     def setup(self, model, ids: torch.Tensor) -> None:
         """The halting rule's offsets (``config.halting_offsets``), unless the model has learned a rule
-        before: per cycle, logit(r) less the median logit of p0 over ``ids``, so that training starts
-        with the median token halting at the prior's rate r. The zero attention starts near 0, where
-        its gradient would vanish; this starts the rule where the prior is instead."""
+        before: per cycle, minus the (1 − r)-quantile of logit p0 over ``ids``, so that training starts
+        with the share r of tokens that the prior halts there (its rate) at λ ≥ 0.5, where the rule
+        halts them. The zero attention starts near 0, where its gradient would vanish; this starts
+        the rule where the prior is instead."""
         if model.config.halting_offsets is not None:
             return
         training = model.training
         model.eval()
         p0 = model(input_ids=ids).zero_attention[:, : model.config.cycles - 1].mean(2)  # [B, C-1, T]
         model.train(training)
-        median = torch.logit(p0.float().clamp(1e-6, 1 - 1e-6)).transpose(1, 2).flatten(0, 1).median(0).values
-        rate = math.log(self.rate / (1 - self.rate))
-        model.config.halting_offsets = [round(rate - float(m), 6) for m in median]
+        logits = torch.logit(p0.double().clamp(1e-6, 1 - 1e-6)).transpose(1, 2).flatten(0, 1)  # [tokens, C-1]
+        quantile = torch.quantile(logits, 1 - self.rate, dim=0)
+        model.config.halting_offsets = [round(-float(q), 6) for q in quantile]
 
     def applies(self, batch: Batch) -> bool:
         return batch.full.zero_attention is not None
@@ -511,7 +515,7 @@ class Halting(Term):
         p0 = batch.full.zero_attention[:, : cycles - 1].mean(2).transpose(1, 2)[:, :-1]  # [B, T-1, C-1]: next tokens
         p = halting_distribution(halting_rates(p0, batch.model.config.halting_offsets))
         losses = torch.stack([batch.token_loss(c) for c in range(1, cycles + 1)], dim=-1)  # [B, T-1, C]
-        kl = halting_kl(p, self.prior).mean()
+        kl = halting_kl(p.flatten(0, -2).mean(0), self.prior)  # the batch's marginal against the prior
         depth = torch.arange(1, cycles + 1, device=p.device, dtype=p.dtype)
         self._extra = {"halting_kl": kl.detach(), "halting_cycles": (p * depth).sum(-1).mean().detach()}
         return (p * losses).sum(-1).mean() + self.beta * kl
