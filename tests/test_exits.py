@@ -5,6 +5,7 @@ import torch
 
 from ztt_cli.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot
+from ztt_cli.model.signals import ExitPolicy
 
 from .fixtures import token_ids, ztt_model
 
@@ -66,7 +67,7 @@ def greedy_with_cache(model, prompt, steps, threshold):
 @pytest.mark.parametrize("family,layout,signal", [
     ("llama", LAYOUT, "zero-attention"), ("llama", DEEP, "zero-attention"),
     ("gpt2", DEEP, "saturation"), ("opt", LAYOUT, "saturation"), ("qwen2", DEEP, "zero-attention"),
-    ("mistral", DEEP, "zero-attention"),
+    ("mistral", DEEP, "zero-attention"), ("llama", DEEP, "confidence"), ("gpt2", LAYOUT, "confidence"),
 ])
 @torch.no_grad()
 def test_cached_decoding_with_exits_equals_the_uncached_replay(family, layout, signal):
@@ -202,7 +203,7 @@ def test_options_offer_the_registered_signals():
     from ztt_cli.options import CalibrateOptions
 
     choices = typing.get_args(typing.get_args(CalibrateOptions.model_fields["signal"].annotation)[0])
-    assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation", "halting"}
+    assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation", "halting", "confidence"}
 
 
 @pytest.mark.parametrize("cycles", [2, 3, 4])
@@ -257,3 +258,30 @@ def test_zero_attention_is_computed_only_for_the_cycles_read(signal, output_zero
     reference = model(ids, exit_threshold=1.0)  # the exits taken do not depend on what is computed beside them
     assert torch.equal(out.exit_cycles, reference.exit_cycles)
     torch.testing.assert_close(out.logits, reference.logits, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_a_signal_can_read_the_logits_through_the_logit_lens():
+    """``exits.logits(cycle)``: the cycle's output through the final norm and the LM head, the tail
+    skipped; the ``confidence`` signal is its largest probability."""
+    model, _ = ztt_model("llama", DEEP, pool=False)
+    ids = token_ids(length=10)
+    seen = {}
+    import ztt_cli.model.exits as exits_mod
+
+    original = exits_mod.TokenExits.end_of_cycle
+
+    def spy(self, cycle, hidden):
+        original(self, cycle, hidden)
+        if cycle in self.signals:
+            seen[cycle] = (self.signals[cycle], self.logits(cycle), hidden)
+
+    exits_mod.TokenExits.end_of_cycle = spy
+    try:
+        model(ids, exit_map=torch.full(ids.shape, 3), exit_policy=ExitPolicy("confidence", 0.5))
+    finally:
+        exits_mod.TokenExits.end_of_cycle = original
+    signal, logits, hidden = seen[1]
+    lens = model.inner.lm_head(model.inner.model.norm(hidden))
+    torch.testing.assert_close(logits, lens)
+    torch.testing.assert_close(signal, lens.softmax(-1).amax(-1))

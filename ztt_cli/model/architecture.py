@@ -155,6 +155,12 @@ class Family:
     def point_at(self, layer: nn.Module, slot: int, attribute: int, config) -> None:
         self.pointer(layer, slot, attribute, config)()
 
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm the decoder applies after its last layer: the one direct child of the decoder whose
+        class is a norm (``norm``, ``ln_f``, ``final_layer_norm``, …); None where there is not exactly one."""
+        found = [m for m in model.get_decoder().children() if "norm" in type(m).__name__.lower()]
+        return found[0] if len(found) == 1 else None
+
     def attends(self, layer: nn.Module) -> bool:
         """Whether a decoder layer has the family's attention (a hybrid's other layers do not)."""
         return _find_attention(layer) == self.attention

@@ -21,10 +21,13 @@ class TokenExits:
     """The exit state of one forward pass over new tokens [B, T]."""
 
     def __init__(self, config, threshold: float, signal: Callable[[TokenExits, int], torch.Tensor],
-                 exit_map: torch.Tensor | None, zero: dict, cache=None):
+                 exit_map: torch.Tensor | None, zero: dict, cache=None,
+                 lens: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.cycles, self.block, self.threshold = config.cycles, config.block, threshold
         self.halting_offsets = config.halting_offsets  # the model's, for the halting signal
         self.signal = signal  # a registered exit signal's score function (signals.py)
+        self.lens = lens  # hidden state -> logits through the final norm and the LM head (the tail skipped)
+        self._logits: dict[int, torch.Tensor] = {}
         self.exit_map = exit_map  # given: replay these decisions
         self.cycle: torch.Tensor | None = None  # [B, T] cycle each token exits after (C = full depth)
         self.zero = zero  # the forward record's p0 per (cycle, layer)
@@ -71,6 +74,15 @@ class TokenExits:
         if self.exit_map is None:
             exit_now = (score >= self.threshold) & (self.cycle == self.cycles)
             self.cycle = torch.where(exit_now, torch.full_like(self.cycle, cycle), self.cycle)
+
+    def logits(self, cycle: int) -> torch.Tensor:
+        """The logit lens after ``cycle``: its output through the final norm and the LM head, the tail
+        skipped, [B, T, V] (computed once per cycle, for a signal that reads the logits)."""
+        if self.lens is None:
+            raise ValueError("this model's family has no final norm that the logit lens could use")
+        if cycle not in self._logits:
+            self._logits[cycle] = self.lens(self.cycle_output[cycle])
+        return self._logits[cycle]
 
     def signal_table(self) -> torch.Tensor:
         """[B, C-1, T]: the signal of each cycle c < C, NaN where it was not computed."""

@@ -406,6 +406,13 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits read straight off a hidden state: the final norm and the LM head, no tail."""
+        norm = self.family.final_norm(self.inner)
+        if norm is None:
+            raise ValueError(f"{self.family.model_type} has no single final norm for the logit lens")
+        return self.get_output_embeddings()(norm(hidden))
+
     def set_output_embeddings(self, value):
         self.inner.set_output_embeddings(value)
 
@@ -462,7 +469,7 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             if cache is None and (use_cache or (use_cache is None and getattr(self.inner.config, "use_cache", False))):
                 cache = DynamicCache(config=self.inner.config)
             self._record.exits = TokenExits(self._exit_config, policy.threshold, SIGNALS[policy.signal].score, exit_map,
-                                            self._record.zero, cache)
+                                            self._record.zero, cache, self.logit_lens)
         self._record.zero_cycles = self._zero_read(output_zero_attention, policy)
         out = self.inner(
             input_ids=input_ids,

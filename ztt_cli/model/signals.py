@@ -113,6 +113,13 @@ def saturation(exits: TokenExits, cycle: int) -> Tensor:
     return (before * after).sum(-1) / norms
 
 
+@signal("confidence")
+def confidence(exits: TokenExits, cycle: int) -> Tensor:
+    """The largest next-token probability after cycle c, read through the logit lens (the final norm
+    and the LM head on the cycle's output, the tail skipped): near 1 when the model is already sure."""
+    return exits.logits(cycle).float().softmax(-1).amax(-1)
+
+
 def halting_rates(p0: Tensor, offsets=None) -> Tensor:
     """λ_c = σ(logit(p0_c) + b_c): the probability of halting after cycle c, from the zero attention p0
     ([..., C-1], mean over heads and the block's layers) and the model's per-cycle offsets b
