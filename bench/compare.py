@@ -294,17 +294,27 @@ def build_report(cfg: dict, state: State, wall_s: float) -> dict:
 
 
 def borrowed_points(cfg: dict) -> dict:
-    """The variants ``points:`` names, as measured in bench/results/compare-FROM.json (layout, parameters,
-    after healing), each marked with the profile it comes from."""
-    spec = cfg.get("points")
-    if not spec:
-        return {}
-    measured = json.loads((RESULTS / f"compare-{spec['from']}.json").read_text())["variants"]
-    missing = [n for n in spec["variants"] if n not in measured]
-    if missing:
-        raise SystemExit(f"compare-{spec['from']}.json has no measured {', '.join(missing)}")
-    return {n: {"from": spec["from"], "layout": measured[n]["layout"], "params": measured[n]["params"],
-                "after": measured[n]["after"]} for n in spec["variants"]}
+    """What ``points:`` names (one spec or a list), as measured in bench/results/compare-FROM.json: its
+    ``variants`` (layout, parameters, after healing), and with ``early_exit: true`` its early-exit rows
+    (but full depth), each marked with the profile it comes from."""
+    specs = cfg.get("points") or []
+    found = {}
+    for spec in [specs] if isinstance(specs, dict) else specs:
+        report = json.loads((RESULTS / f"compare-{spec['from']}.json").read_text())
+        measured = report["variants"]
+        missing = [n for n in spec.get("variants", []) if n not in measured]
+        if missing:
+            raise SystemExit(f"compare-{spec['from']}.json has no measured {', '.join(missing)}")
+        for n in spec.get("variants", []):
+            found[n] = {"from": spec["from"], "layout": measured[n]["layout"], "params": measured[n]["params"],
+                        "after": measured[n]["after"]}
+        if spec.get("early_exit"):
+            variant = report["config"]["early_exit"]["variant"]
+            for label, e in (report.get("early_exit") or {}).items():
+                if "error" not in e and label != "full depth":
+                    found[f"{variant}, {label}"] = {"from": spec["from"], "layout": measured[variant]["layout"],
+                                                    "params": measured[variant]["params"], "after": e}
+    return found
 
 
 def write_outputs(report: dict, results: Path, readme: Path | None = None) -> str:
@@ -454,24 +464,28 @@ def markdown(r: dict) -> str:
 def depth_by_text(r: dict) -> list[str]:
     """How far each exiting model's depth moves between texts: the mean cycles per token on every
     text, and the spread (largest less smallest, over their mean). Rows that exit nowhere (full
-    depth), or were measured before depths were recorded per text, are left out."""
+    depth), or were measured before depths were recorded per text, are left out; borrowed points
+    (``points:``) are in, marked with their profile."""
     cycles = {n: Layout.parse(v["layout"]).cycles for n, v in r["variants"].items()}
     rows = [(n, v["after"], cycles[n]) for n, v in r["variants"].items()]
     if r.get("early_exit"):
         variant = r["config"]["early_exit"]["variant"]
         rows += [(f"{variant}, {label}", e, cycles[variant]) for label, e in r["early_exit"].items()
                  if "error" not in e]
+    rows += [(f"{n} ({v['from']})", v["after"], Layout.parse(v["layout"]).cycles)
+             for n, v in (r.get("points") or {}).items()]
     rows = [(n, q["cycles_by_text"]) for n, q, full in rows
             if q.get("cycles_by_text") and min(q["cycles_by_text"].values()) < full - 1e-9]
     if not rows:
         return []
-    texts = list(rows[0][1])
+    texts = list(dict.fromkeys(t for _, by_text in rows for t in by_text))
     lines = ["", "Mean cycles per token on each text, and their spread ((max − min) / mean):", "",
              "| model | " + " | ".join(texts) + " | spread |", "|---|" + "---|" * (len(texts) + 1)]
     for name, by_text in rows:
-        values = [by_text[t] for t in texts]
+        values = list(by_text.values())
         spread = (max(values) - min(values)) / (sum(values) / len(values))
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in values) + f" | {100 * spread:.1f}% |")
+        cells = [f"{by_text[t]:.3f}" if t in by_text else "–" for t in texts]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * spread:.1f}% |")
     return lines
 
 

@@ -146,13 +146,18 @@ def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
     layers per token, and the depth of each exiting model on every text comes with its spread."""
     compare = _compare_module()
     cfg = yaml.safe_load((BENCH / "compare-cpu-halting.yaml").read_text())
+    assert [spec["from"] for spec in cfg["points"]] == ["cpu-fit-ztt", "cpu-fit-exit"]
+    drops = cfg["points"][0]["variants"]
+    cfg["points"] = [cfg["points"][0], {"from": "cpu-grow", "early_exit": True}]  # measured profiles only
     borrowed = compare.borrowed_points(cfg)
-    assert list(borrowed) == cfg["points"]["variants"] and {v["from"] for v in borrowed.values()} == {"cpu-fit-ztt"}
+    assert list(borrowed)[:3] == drops and {v["from"] for v in borrowed.values()} == {"cpu-fit-ztt", "cpu-grow"}
+    assert "ZTT grown, calibrated 1.1× wall" in borrowed and "ZTT grown, full depth" not in borrowed
     halting = _row(58.0, "4/11×2/4", 19, True)
     halting["after"].update(mean_cycles=1.5, cycles_by_text={"tempest16": 1.5, "docutils16": 1.4, "samples16": 1.6})
     full = _row(57.0, "4/11×2/4", 19, True)
     full["after"].update(mean_cycles=2.0, cycles_by_text={"tempest16": 2.0, "docutils16": 2.0, "samples16": 2.0})
     names = [v["name"] for v in cfg["variants"]]
+    cfg["early_exit"] = {"variant": names[0], "calibrate_compute": [1.22]}
     report = {
         "profile": "cpu-halting", "config": cfg, "complete": False, "points": borrowed, "source_layers": 30,
         "variants": {names[0]: full, names[2]: halting},
