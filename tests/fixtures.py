@@ -140,3 +140,19 @@ def cli(*args):
     from ztt_cli.cli import app
 
     return CliRunner().invoke(app, [*map(str, args)], env={"COLUMNS": "200"})
+
+
+def greedy_with_cache(model, prompt, steps: int, threshold: float | None = None):
+    """Greedy decoding through the KV cache, one token at a time: the ids, the exit cycle of every token
+    fed through the cache (None without early exit) and the logits of each step."""
+    import torch
+
+    out = model(prompt, use_cache=True, exit_threshold=threshold)
+    ids, cycles, logits = prompt, [out.exit_cycles], [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        out = model(nxt, cache=out.cache, use_cache=True, exit_threshold=threshold)
+        cycles.append(out.exit_cycles)
+        logits.append(out.logits[:, -1])
+    return ids, torch.cat(cycles, dim=1) if cycles[0] is not None else None, torch.stack(logits, dim=1)

@@ -7,7 +7,7 @@ from ztt_cli.host_reads import HostReads
 from ztt_cli.model.modeling import LayerSlot
 from ztt_cli.model.signals import ExitPolicy
 
-from .fixtures import token_ids, ztt_model
+from .fixtures import greedy_with_cache, token_ids, ztt_model
 
 LAYOUT = (1, 2, 2, 1)
 DEEP = (0, 2, 3, 0)  # three cycles: copies come from cycle 1 or 2
@@ -49,19 +49,6 @@ def test_threshold_above_one_is_full_depth_and_zero_exits_after_cycle_one(family
     zero = model(ids, exit_threshold=0.0)
     assert zero.exit_cycles.eq(1).all()
     torch.testing.assert_close(zero.logits, model(ids, exit_after=1).logits, atol=1e-6, rtol=0)
-
-
-def greedy_with_cache(model, prompt, steps, threshold):
-    """Greedy decoding through the KV cache, one token at a time; the exit cycle of every token."""
-    out = model(prompt, use_cache=True, exit_threshold=threshold)
-    ids, cycles, logits = prompt, [out.exit_cycles], [out.logits[:, -1]]
-    for _ in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        out = model(nxt, cache=out.cache, use_cache=True, exit_threshold=threshold)
-        cycles.append(out.exit_cycles)
-        logits.append(out.logits[:, -1])
-    return ids, torch.cat(cycles, dim=1), torch.stack(logits, dim=1)
 
 
 @pytest.mark.parametrize("family,layout,signal", [

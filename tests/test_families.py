@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import families as census  # noqa: E402
 
+from .fixtures import greedy_with_cache  # noqa: E402
+
 RECORDED = json.loads(census.RESULTS.read_text())["families"]
 
 
@@ -110,20 +112,6 @@ def test_a_hybrid_layout_without_attention_in_the_block_is_refused_in_one_line(o
     assert "keeps its kind" in refused.value.message and "\n" not in refused.value.message
 
 
-def _greedy_with_cache(model, prompt, steps, threshold=None):
-    import torch
-
-    out = model(prompt, use_cache=True, exit_threshold=threshold)
-    ids, cycles, logits = prompt, [out.exit_cycles], [out.logits[:, -1]]
-    for _ in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        out = model(nxt, cache=out.cache, use_cache=True, exit_threshold=threshold)
-        cycles.append(out.exit_cycles)
-        logits.append(out.logits[:, -1])
-    return ids, cycles, torch.stack(logits, dim=1)
-
-
 @pytest.mark.parametrize("model_type", ["qwen3_next", "lfm3"])
 def test_a_cycled_hybrid_decodes_through_the_cache_as_without(model_type, one_thread):
     """A block of a layer without attention (linear attention, convolution) and an attention layer,
@@ -135,12 +123,11 @@ def test_a_cycled_hybrid_decodes_through_the_cache_as_without(model_type, one_th
     assert model.pool.key.shape[:2] == (2, 1)  # the zero token: in the block's attention layer only
     prompt = torch.randint(3, census.VOCAB - 1, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ids, _, cached = _greedy_with_cache(model, prompt, 8)
+        ids, _, cached = greedy_with_cache(model, prompt, 8)
         full = model(ids[:, :-1]).logits[:, prompt.shape[1] - 1 :]
         torch.testing.assert_close(full, cached[:, :-1], atol=1e-5, rtol=0)
         signal = model(ids, exit_map=torch.full(ids.shape, 2), exit_threshold=0.5).exit_signals[:, 0]
-        ids, cycles, cached = _greedy_with_cache(model, prompt, 8, float(signal.median()))
-        cycles = torch.cat(cycles, dim=1)
+        ids, cycles, cached = greedy_with_cache(model, prompt, 8, float(signal.median()))
         assert cycles.min() == 1 and cycles.max() == 2, "want a mix of exits"
         replay = model(ids[:, :-1], exit_map=cycles[:, :-1]).logits[:, prompt.shape[1] - 1 :]
     torch.testing.assert_close(replay, cached[:, :-1], atol=1e-5, rtol=0)

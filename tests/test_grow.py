@@ -127,7 +127,8 @@ def test_deepen_starts_at_the_source():
 def test_exit_map_replay_is_exact_on_a_grown_model(gates):
     """Cached decoding with exits equals its uncached replay, also when a closed cycle lies between
     a token's last computed cycle and an open one (its copies come from the cycle before)."""
-    from .test_exits import cycle1_signal, greedy_with_cache
+    from .fixtures import greedy_with_cache
+    from .test_exits import cycle1_signal
 
     model, _ = grown_model("llama", (0, 2, 3, 0), dropped=(0, 5, 2, 3))
     model.gates.weight.copy_(torch.tensor(gates)[:, None].expand(3, 2))

@@ -27,8 +27,7 @@ from ztt_cli.training.losses import (
     prior_rate,
 )
 
-from .fixtures import corpus, save_source, token_ids, ztt_model
-from .test_exits import greedy_with_cache
+from .fixtures import corpus, greedy_with_cache, save_source, token_ids, ztt_model
 
 LAYOUT = (1, 1, 3, 2)  # three cycles: halting after cycle 1, 2 or 3
 
