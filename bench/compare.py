@@ -253,7 +253,8 @@ def run_early_exit(cfg: dict, state: State, work: Path, windows: dict, reference
             shutil.copytree(healed, copy)
             try:
                 report = calibrate(CalibrateOptions(checkpoint=copy, data=cfg["heal"]["data"], target_speedup=target,
-                                                    speedup_metric=metric, device=cfg.get("device", "cpu")))
+                                                    speedup_metric=metric, device=cfg.get("device", "cpu"),
+                                                    **ee.get("calibrate", {})))
                 state.put({"threshold": report.chosen.threshold, "calibration": report.to_json()["chosen"],
                            "calibrated_on": report.device}, "early_exit", label)
             except CalibrationError as e:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ztt_cli.model.layout import Layout
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -30,6 +30,7 @@ def test_compare_config(path):
         FinetuneOptions(checkpoint=".", out=".", **{**cfg["heal"], **v.get("heal", {})})
     if "early_exit" in cfg:
         assert cfg["early_exit"]["variant"] in names
+        CalibrateOptions(checkpoint=".", data="d", target_speedup=1.1, **cfg["early_exit"].get("calibrate", {}))
 
 
 def _compare_module():
