@@ -496,7 +496,7 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1.3]})
     variants = r["variants"]
     names = list(variants)
     x = range(len(names))
@@ -530,8 +530,8 @@ def plot(r: dict, path: Path) -> None:
     markers = "osD^vP*X<>"
     for i, ((sx, ppl), labels) in enumerate(points.items()):  # a legend, not labels: points sit close together
         b.plot(sx, ppl, markers[i % len(markers)], markersize=8, label=" = ".join(labels))
-    if points:
-        b.legend(fontsize=7, loc="best")
+    if points:  # beside the axes: with many points a legend inside hides some
+        b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     b.set_xlabel(f"compute saved against the source's {source_depth} layers (%)")
     layers = b.secondary_xaxis("top", functions=(lambda s: source_depth * (1 - s / 100),
                                                  lambda n: 100 * (1 - n / source_depth)))
