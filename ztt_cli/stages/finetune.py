@@ -40,7 +40,7 @@ from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..model.architecture import family_for
 from ..options import FinetuneOptions
 from ..training.distributed import setup_distributed
-from ..training.losses import HealingObjective, layer_outputs, next_token_loss
+from ..training.losses import HealingObjective, layer_outputs, next_token_loss, removed_layers
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
 from ..training.teacher import top_k_logits
 
@@ -155,8 +155,7 @@ def seam_layers(model: ZTTForCausalLM, provenance: dict | None) -> list[int]:
     stack: the kept layers on either side of each run of removed source layers (a drop, a grown
     model's first cycle), or, where nothing was removed, the head's last and the tail's first layer
     around the shared block."""
-    stages = (provenance or {}).get("stages") or [{}]
-    dropped = set(stages[0].get("metrics", {}).get("dropped_layers") or [])
+    dropped = removed_layers(provenance)
     if dropped:
         n = (provenance or {}).get("source", {}).get("layers", len(model.layers) + len(dropped))
         kept = [i for i in range(n) if i not in dropped]

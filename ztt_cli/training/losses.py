@@ -317,6 +317,12 @@ class ExitObjective(Term):
         return batch.over_exits(at)
 
 
+def removed_layers(provenance: dict | None) -> set[int]:
+    """The source layers the conversion removed (a drop, a grown model's first cycle), from ``ztt.json``."""
+    stages = (provenance or {}).get("stages") or [{}]
+    return set(stages[0].get("metrics", {}).get("dropped_layers") or [])
+
+
 def hidden_pairs(config, provenance: dict) -> list[tuple[int, int]]:
     """(unrolled position, source layer) pairs whose outputs the hidden-state term compares.
 
@@ -326,8 +332,7 @@ def hidden_pairs(config, provenance: dict) -> list[tuple[int, int]]:
     the source layer it replaced."""
     lay = config.layout
     n = provenance.get("source", {}).get("layers", lay.depth)
-    stages = provenance.get("stages") or [{}]
-    dropped = set(stages[0].get("metrics", {}).get("dropped_layers") or [])
+    dropped = removed_layers(provenance)
     kept = [i for i in range(n) if i not in dropped]
     if config.grown:
         before_tail = kept[len(kept) - lay.tail] - 1 if lay.tail else n - 1
