@@ -90,6 +90,8 @@ def card_section(card: Card) -> CardSection:
             prior = (f"{o['halting_cycles']:g} cycles" if o.get("halting_cycles")
                      else f"{o['halting_speedup']:g}× compute")
             val += f"; a halting rule learned towards {prior} per token on average"
+            if "halting_cutoff" in m:  # recorded since the cut-off is fitted at the end of healing
+                val += f", exiting where its cumulative halting probability reaches {m['halting_cutoff']:.3g}"
         lines.append(f"`ztt finetune` on `{o.get('data')}`: {m.get('steps')} steps, "
                      f"{m.get('tokens', 0):,} tokens{val}.")
     return CardSection(body=("", "## Healing", "", *lines) if lines else ())
@@ -368,7 +370,6 @@ class HealingRun:
                                                        provenance=self.provenance)
         self.objective.setup(self.data.train[: opts.batch_size].to(ddp.device))  # e.g. where halting starts
         self.compared = self.objective.teacher_layers()
-        self.learned_policy = self.objective.exit_policy()  # the halting objective's rule, saved with the model
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))
         if ddp.world > 1:
@@ -499,6 +500,9 @@ class HealingRun:
         wall = time.perf_counter() - self.start_time
         if self.stopped:
             return FinetuneResult(None, self.steps, self.tokens, wall, self.last_metrics, stopped_early=True)
+        self.learned = getattr(self.objective, "module", self.objective).exit_policy()  # under DDP: the wrapped one's
+        if self.learned is not None:  # e.g. the halting rule's cut-off, fitted on the last batches
+            self.last_metrics["halting_cutoff"] = self.learned.threshold
         result = FinetuneResult(self.opts.out, self.steps, self.tokens, wall, self.last_metrics)
         if self.ddp.main:
             self._write_final(result)
@@ -510,15 +514,15 @@ class HealingRun:
         opts = self.opts
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_disable()
+        metrics = {**result.metrics, "steps": result.steps, "tokens": result.tokens,
+                   "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}
         with atomic_dir(opts.out, opts.overwrite) as tmp:
             self.model.save_pretrained(tmp)
-            if self.learned_policy is not None:  # the saved default: the checkpoint exits by the rule it learned
+            if self.learned is not None:  # the saved default: the checkpoint exits by the rule it learned
                 config = json.loads((tmp / "config.json").read_text())
-                config.update(exit_signal=self.learned_policy.signal, exit_threshold=self.learned_policy.threshold)
+                config.update(exit_signal=self.learned.signal, exit_threshold=self.learned.threshold)
                 write_json(tmp / "config.json", config)
             self.tokenizer.save_pretrained(tmp)
-            metrics = {**result.metrics, "steps": result.steps, "tokens": result.tokens,
-                       "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}
             write_json(tmp / PROVENANCE, self.provenance)
             append_stage(tmp, "finetune", opts, metrics, weights_sha256=sources.weights_sha256(tmp))
             write_model_card(tmp, name=opts.out.name)

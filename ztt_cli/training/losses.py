@@ -456,6 +456,23 @@ def halting_mean(opts, layout) -> float:
     return mean
 
 
+def halting_cutoff(cumulative: torch.Tensor, mean_cycles: float) -> float:
+    """The cut-off on the cumulative halting probability (``cumulative``: [tokens, C-1], after cycles
+    1..C-1) at which the halting rule (exit after the first cycle whose value reaches it) runs these
+    tokens ``mean_cycles`` cycles on average, as near as their values allow; found by bisection, since
+    the rule's depth, 1 + the cycles still below the cut-off, grows with it."""
+    cumulative = cumulative.double()
+
+    def depth(cut: float) -> float:
+        return 1 + float((cumulative < cut).sum(-1).double().mean())
+
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if depth(mid) < mean_cycles else (low, mid)
+    return high if abs(depth(high) - mean_cycles) <= abs(depth(low) - mean_cycles) else low
+
+
 @register
 class Halting(Term):
     """PonderNet's halting objective. After each cycle c < C the zero attention p0 (mean over the
@@ -470,13 +487,17 @@ class Halting(Term):
     inference that makes every token halt alike (each λ pulled to the prior's rate, all on the same
     side of 0.5), whereas on the marginal the tokens share the budget: those whose exit costs least
     halt early. The healed model exits by the rule it learned: the ``halting`` signal (the
-    cumulative halting probability) at ``HALT`` = 0.5. It stands in for the exit objective, which
-    would pull p0 towards another target."""
+    cumulative halting probability) at a cut-off fitted on the last healing batches so that the rule
+    runs them the prior's mean depth (:func:`halting_cutoff`). PonderNet's and ACT's cut-off, 0.5,
+    runs the median depth instead, and when every token's distribution is near the prior that is one
+    cycle for any prior mean below 1.5. It stands in for the exit objective, which would pull p0
+    towards another target."""
 
     weight_option = "halting_weight"
     metric = "halting"
     exit_grad = True
     replaces = ("exit_objective_weight",)
+    RECENT_TOKENS = 4096  # tokens of the last batches the rule's cut-off is fitted on
 
     def __init__(self, weight: float, mean_cycles: float, cycles: int, beta: float = 1.0):
         super().__init__(weight)
@@ -484,6 +505,7 @@ class Halting(Term):
         self.rate = prior_rate(mean_cycles, cycles)
         self.prior = geometric_prior(self.rate, cycles)
         self._extra: dict[str, torch.Tensor] = {}
+        self._recent: list[torch.Tensor] = []  # the last batches' cumulative halting probabilities [tokens, C-1]
 
     @classmethod
     def from_options(cls, opts, **context) -> Term:
@@ -518,12 +540,20 @@ class Halting(Term):
     def value(self, batch: Batch) -> torch.Tensor:
         cycles = batch.model.config.cycles
         p0 = batch.full.zero_attention[:, : cycles - 1].mean(2).transpose(1, 2)[:, :-1]  # [B, T-1, C-1]: next tokens
-        p = halting_distribution(halting_rates(p0, batch.model.config.halting_offsets))
+        halts = halting_rates(p0, batch.model.config.halting_offsets)
+        self._remember(1 - torch.cumprod(1 - halts.detach(), dim=-1))
+        p = halting_distribution(halts)
         losses = torch.stack([batch.token_loss(c) for c in range(1, cycles + 1)], dim=-1)  # [B, T-1, C]
         kl = halting_kl(p.flatten(0, -2).mean(0), self.prior)  # the batch's marginal against the prior
         depth = torch.arange(1, cycles + 1, device=p.device, dtype=p.dtype)
         self._extra = {"halting_kl": kl.detach(), "halting_cycles": (p * depth).sum(-1).mean().detach()}
         return (p * losses).sum(-1).mean() + self.beta * kl
+
+    def _remember(self, cumulative: torch.Tensor) -> None:
+        """Keeps the cumulative halting probabilities of the last ``RECENT_TOKENS`` tokens trained on."""
+        self._recent.append(cumulative.flatten(0, -2).float().cpu())
+        while sum(len(x) for x in self._recent[1:]) >= self.RECENT_TOKENS:
+            self._recent.pop(0)
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return self._extra
@@ -532,10 +562,13 @@ class Halting(Term):
         lay = model.config.layout
         return (f"the halting objective: a geometric prior of mean {self.mean_cycles:.3g} cycles per token "
                 f"({lay.depth / lay.layers_run(self.mean_cycles):.2f}× compute); the healed model exits where its "
-                f"cumulative halting probability reaches {HALT}")
+                "cumulative halting probability reaches the cut-off that runs the last healing batches that deep")
 
     def exit_policy(self) -> ExitPolicy:
-        return ExitPolicy("halting", HALT)
+        """The ``halting`` signal at the cut-off fitted on the last batches trained on (before any: ``HALT``)."""
+        if not self._recent:
+            return ExitPolicy("halting", HALT)
+        return ExitPolicy("halting", halting_cutoff(torch.cat(self._recent), self.mean_cycles))
 
 
 def _name(term: type[Term]) -> str:
