@@ -44,7 +44,7 @@ from ztt_cli.io.checkpoint import load_checkpoint, write_json
 from ztt_cli.io.texts import docutils16, tempest16
 from ztt_cli.model.layout import Layout
 from ztt_cli.model.signals import NEVER, ExitPolicy
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import CalibrationError, calibrate, score_exits
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import Interrupted, can_resume, finetune

@@ -31,7 +31,7 @@ from ztt_cli.io import sources
 from ztt_cli.io.data import prepare
 from ztt_cli.io.texts import tempest16
 from ztt_cli.model.signals import NEVER
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import (
     CalibrationError,
     calibrate,

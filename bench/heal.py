@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 import ztt_cli  # noqa: F401
 from ztt_cli.io import sources
 from ztt_cli.io.texts import tempest16
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
 from ztt_cli.training.quality import exit_signal_correlation, perplexity

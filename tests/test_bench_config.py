@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ztt_cli.model.layout import Layout
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages import CalibrateOptions, ConvertOptions, FinetuneOptions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

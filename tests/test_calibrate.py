@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from ztt_cli.options import ConvertOptions
+from ztt_cli.stages import ConvertOptions
 from ztt_cli.stages.convert import convert
 
 from .fixtures import cli as run

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from ztt_cli.errors import OutputExistsError
 from ztt_cli.io.sources import weights_sha256
 from ztt_cli.model.modeling import ZTTForCausalLM
-from ztt_cli.options import ConvertOptions
+from ztt_cli.stages import ConvertOptions
 from ztt_cli.stages.convert import convert
 
 from .fixtures import FAMILIES, save_source, source_model, token_ids

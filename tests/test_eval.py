@@ -10,7 +10,7 @@ import torch
 
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.io.sources import load_tokenizer
-from ztt_cli.options import ConvertOptions, EvalOptions
+from ztt_cli.stages import ConvertOptions, EvalOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.eval import TaskReport, evaluate, recovery, resolve_tasks
 

@@ -187,7 +187,7 @@ def test_options_offer_the_registered_signals():
     import typing
 
     from ztt_cli.model.signals import SIGNALS
-    from ztt_cli.options import CalibrateOptions
+    from ztt_cli.stages import CalibrateOptions
 
     choices = typing.get_args(typing.get_args(CalibrateOptions.model_fields["signal"].annotation)[0])
     assert set(choices) == set(SIGNALS) == {"zero-attention", "saturation", "halting", "confidence"}

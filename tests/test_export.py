@@ -12,7 +12,7 @@ import torch
 
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.model.unroll import NotPlainError, to_plain
-from ztt_cli.options import ConvertOptions
+from ztt_cli.stages import ConvertOptions
 from ztt_cli.stages.convert import convert
 
 from .fixtures import FAMILIES, grown_model, save_source, token_ids, ztt_model

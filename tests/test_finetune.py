@@ -19,7 +19,7 @@ from ztt_cli.cli import app
 from ztt_cli.errors import ZTTError
 from ztt_cli.io.data import prepare
 from ztt_cli.io.sources import load_tokenizer
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import (
     TrainingStopped,

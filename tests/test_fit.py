@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from ztt_cli.errors import LayoutError, UnsupportedArchitectureError, ZTTError
 from ztt_cli.model.architecture import family_for
 from ztt_cli.model.unroll import to_plain
-from ztt_cli.options import ConvertOptions
+from ztt_cli.stages import ConvertOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.surgery.fit import Gap, gaps
 

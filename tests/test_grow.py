@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from ztt_cli.model.layout import Layout
 from ztt_cli.model.modeling import ZTTForCausalLM
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 
 from .fixtures import (
@@ -141,7 +141,7 @@ def test_exit_map_replay_is_exact_on_a_grown_model(gates):
 
 
 def test_gates_round_trip_through_save_and_both_exports(tmp_path):
-    from ztt_cli.options import ExportOptions
+    from ztt_cli.stages import ExportOptions
     from ztt_cli.stages.export import export
 
     model, _ = grown_model("llama", GROWN, added_gate=0.3)

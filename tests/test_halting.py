@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ztt_cli.errors import ZTTError
 from ztt_cli.io.checkpoint import load_checkpoint
 from ztt_cli.model.signals import HALT, ExitPolicy, halting_rates
-from ztt_cli.options import CalibrateOptions, ConvertOptions, FinetuneOptions
+from ztt_cli.stages import CalibrateOptions, ConvertOptions, FinetuneOptions
 from ztt_cli.stages.calibrate import calibrate
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from ztt_cli.errors import ZTTError
 from ztt_cli.model.architecture import family_for
 from ztt_cli.model.layout import Layout
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
 from ztt_cli.training.losses import HealingObjective, hidden_distance, hidden_pairs, layer_outputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ztt_cli.options import FinetuneOptions
+from ztt_cli.stages import FinetuneOptions
 from ztt_cli.training.losses import TERMS, ExitAware, ExitObjective, HealingObjective
 
 from .fixtures import token_ids, ztt_model

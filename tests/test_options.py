@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ztt_cli.io.checkpoint import torch_dtype
-from ztt_cli.options import ConvertOptions, ExportOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, ExportOptions, FinetuneOptions
 
 
 @pytest.mark.parametrize("given,short,torch_name", [("fp32", "fp32", "float32"), ("float32", "fp32", "float32"),

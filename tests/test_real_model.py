@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ztt_cli.io.texts import tempest16
-from ztt_cli.options import ConvertOptions
+from ztt_cli.stages import ConvertOptions
 from ztt_cli.stages.convert import convert
 from ztt_cli.training.quality import perplexity
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ztt_cli.errors import ZTTError
-from ztt_cli.options import ConvertOptions, FinetuneOptions
+from ztt_cli.stages import ConvertOptions, FinetuneOptions
 from ztt_cli.stages.convert import convert
 
 from .fixtures import FAMILIES, grown_model, source_model, token_ids, tokenizer
@@ -83,7 +83,7 @@ def test_on_a_grown_model_the_added_cycle_waits_for_its_gate():
 
 
 def test_relaxed_checkpoints_round_trip_and_train_their_deltas(tmp_path):
-    from ztt_cli.options import ExportOptions
+    from ztt_cli.stages import ExportOptions
     from ztt_cli.stages.export import export
     from ztt_cli.stages.finetune import _optimizer_groups, finetune
 

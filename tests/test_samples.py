@@ -14,9 +14,8 @@ from ztt_cli.io import samples as sampling_module
 from ztt_cli.io.data import DataError, Part, parse_spec, prepare
 from ztt_cli.io.samples import Sampling, sample_batch, source_samples
 from ztt_cli.io.specs import parse_tokens
-from ztt_cli.options import ConvertOptions, FinetuneOptions
 from ztt_cli.recipe import load, slot
-from ztt_cli.stages import stage
+from ztt_cli.stages import ConvertOptions, FinetuneOptions, stage
 from ztt_cli.stages.convert import convert
 from ztt_cli.stages.finetune import finetune
 

@@ -28,9 +28,9 @@ from ..io.checkpoint import atomic_dir, check_output, load_checkpoint, write_jso
 from ..io.data import prepare
 from ..io.provenance import Card, CardSection, append_stage, write_model_card
 from ..model.signals import NEVER, ExitPolicy
-from ..options import CalibrateOptions
 from ..training.losses import next_token_loss
 from ..training.quality import signals_and_targets, spearman
+from . import CalibrateOptions
 
 
 class CalibrationError(ZTTError):

@@ -23,13 +23,13 @@ from ..model.architecture import family_for, remap_layers
 from ..model.layout import Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
-from ..options import ConvertOptions
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
 from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position
 from ..surgery.init import load_block
 from ..surgery.positions import States, fit_added_cycles, fit_positions, gather_states
 from ..surgery.strategies import GROW
 from ..training.quality import perplexity
+from . import ConvertOptions
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..io import sources
 from ..io.checkpoint import check_writable, load_checkpoint, write_json
 from ..io.provenance import Card, CardSection, append_stage, now, versions
 from ..model.signals import ExitPolicy
-from ..options import EvalOptions
+from . import EvalOptions
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 SPEC_TASKS = {"text": "ztt_text_ppl", "mc": "ztt_mc"}  # --tasks text:PATH / mc:PATH

@@ -28,8 +28,8 @@ from ..io.provenance import PROVENANCE, Card, CardSection, append_stage, read_pr
 from ..io.texts import calibration_text, token_windows
 from ..model.signals import FULL_DEPTH
 from ..model.unroll import NotPlainError, to_plain
-from ..options import ExportOptions
 from ..training.quality import perplexity
+from . import ExportOptions
 
 MODEL_CODE = Path(__file__).resolve().parent.parent / "model"
 ENTRY_MODULE = "modeling_ztt.py"  # unique: transformers caches remote code by module name

@@ -38,11 +38,11 @@ from ..io.provenance import (
 )
 from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..model.architecture import family_for
-from ..options import FinetuneOptions
 from ..training.distributed import setup_distributed
 from ..training.losses import HealingObjective, layer_outputs, next_token_loss, removed_layers
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
 from ..training.teacher import top_k_logits
+from . import FinetuneOptions
 
 if TYPE_CHECKING:
     from ..model.modeling import ZTTForCausalLM

@@ -12,7 +12,7 @@ from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import load_checkpoint
 from ..model.signals import ExitPolicy
-from ..options import GenerateOptions
+from . import GenerateOptions
 
 
 @dataclass

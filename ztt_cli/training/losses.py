@@ -5,7 +5,7 @@ Each term is a class registered in ``TERMS`` that names the ``FinetuneOptions`` 
 its weight and computes its value from a shared :class:`Batch` (ids, teacher logits, the
 full-depth output, and the exited outputs per cycle, each computed once, on first use). A
 term whose weight is 0 is not built, so it costs nothing. A new term is a class here plus its
-weight option in ``options.py``.
+weight option in ``FinetuneOptions`` (``ztt_cli.stages``).
 
 On a grown model (residual gates on the added cycles) each exit's terms are weighted by how
 open the cycles after it are: mean |g| over their gates, at most 1, not differentiated. While

@@ -2,7 +2,8 @@
 state, the RNG and the options it was started with, saved atomically; and the checks that
 decide whether a run may resume (the same options, the same parameter groups) or must start
 over. ``trainer.json`` names each optimizer group and its parameters, in order: what the
-optimizer state's indices in ``trainer.safetensors`` refer to."""
+optimizer state's indices in ``trainer.safetensors`` refer to. ``opts`` below are the run's
+``FinetuneOptions`` (defined with the stage's record in ``ztt_cli.stages``, a floor above)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from .. import __version__
 from ..errors import OutputExistsError, ZTTError
 from ..io.checkpoint import atomic_dir, check_writable, write_json
 from ..io.provenance import now
-from ..options import FinetuneOptions
 
 RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}
 # trainer.json's format: 2 names each optimizer group and its parameters (the optimizer state in
@@ -94,7 +94,7 @@ def _differing_option(saved: dict, mine: dict) -> str | None:
     return None
 
 
-def can_resume(opts: FinetuneOptions) -> bool:
+def can_resume(opts) -> bool:
     """Whether an interrupted run for ``opts.out`` exists and was started with these options."""
     meta = partial_dir(opts.out) / "checkpoint" / "trainer.json"
     if not meta.is_file():
@@ -102,7 +102,7 @@ def can_resume(opts: FinetuneOptions) -> bool:
     return _differing_option(json.loads(meta.read_text())["options"], opts.model_dump(mode="json")) is None
 
 
-def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
+def _check_resume(opts, run_dir: Path) -> None:
     meta_path = run_dir / "checkpoint" / "trainer.json"
     if not meta_path.is_file():
         raise ZTTError(f"nothing to resume: no checkpoint in '{run_dir}'", hint="start the run without --resume")
@@ -119,7 +119,7 @@ def _check_resume(opts: FinetuneOptions, run_dir: Path) -> None:
         )
 
 
-def check_run_folders(opts: FinetuneOptions, run_dir: Path) -> None:
+def check_run_folders(opts, run_dir: Path) -> None:
     """Validate --out / --resume / --overwrite before any work."""
     if opts.out.exists() and not opts.overwrite:
         raise OutputExistsError(f"'{opts.out}' already exists",
