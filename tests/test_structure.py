@@ -109,3 +109,20 @@ def test_only_a_saved_checkpoint_changes_the_exit_policy_in_a_config():
              for path in sorted(root.rglob("*.py")) for i, line in enumerate(path.read_text().splitlines(), 1)
              if written.search(line)]
     assert not found, found
+
+
+def test_a_stage_is_its_module_and_its_entry_in_the_registry():
+    """A new stage touches two files: its module in ``stages/``, and the registry, which holds its
+    options model, its record and its name in the list of stage modules; each stage module is a
+    command, and each command's options are defined in the registry."""
+    import ztt_cli.stages as registry
+
+    commands = {c.name: c for c in (*registry.STAGES, registry.GENERATE)}
+    assert set(registry._stage_modules()) == set(commands)
+    modules = {p.stem for p in (PACKAGE / "stages").glob("*.py")} - {"__init__"}
+    assert modules == set(commands)
+    for command in commands.values():
+        assert command.options.__module__ == "ztt_cli.stages", command.name
+        assert callable(command.function())
+    for stage in registry.STAGES:  # the contract of a pipeline stage
+        assert callable(stage.module().summary_line) and callable(stage.module().card_section), stage.name
