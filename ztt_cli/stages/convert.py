@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
 from ..io.data import CALIBRATION, prepare
+from ..io.lazy import LazySource, open_lazy, write_weights
 from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
 from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..io.sources import SourceModel
@@ -25,9 +27,9 @@ from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
 from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position
-from ..surgery.init import load_block
+from ..surgery.init import load_block, mean_state
 from ..surgery.positions import States, fit_added_cycles, fit_positions, gather_states
-from ..surgery.strategies import GROW
+from ..surgery.strategies import GROW, source_layers
 from ..training.quality import perplexity
 from . import ConvertOptions
 
@@ -175,6 +177,17 @@ class _Source:
     model: torch.nn.Module
     windows: torch.Tensor | None
     params: int
+    lazy: LazySource | None = None  # the source read on demand: a streamed conversion (:func:`_streams`)
+
+
+def _streams(opts: ConvertOptions) -> bool:
+    """Whether the output is the source's own tensors (as they are, or averaged by an init strategy)
+    and the build's seeded ones: a drop without fit, or a shared block by a fixed init strategy
+    without fit, relaxation or growth. Then the source is read lazily, the block influence runs one
+    layer at a time and the output is written shard by shard (the same bytes as the in-memory path)."""
+    if opts.relax_rank or opts.init == GROW or opts.fit:
+        return False
+    return opts.fit is False if opts.drop is not None else opts.init != "auto"
 
 
 def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
@@ -190,11 +203,15 @@ def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Lay
         progress(Event.status("reading calibration text"))
         windows = _calibration_windows(opts, tokenizer, getattr(config, "max_position_embeddings", None))
     progress(Event.status("loading source weights"))
-    model = sources.load_model(src.folder, torch_dtype(opts.dtype))
+    lazy = open_lazy(src.folder, torch_dtype(opts.dtype)) if _streams(opts) else None
+    if isinstance(lazy, str):  # what the lazy reader cannot reproduce: load it whole
+        progress(Event.status(f"loading the whole source ({lazy})"))
+        lazy = None
+    model = lazy.model if lazy is not None else sources.load_model(src.folder, torch_dtype(opts.dtype))
     if opts.relax_rank:
         _check_rank(opts.relax_rank, family.layer_list(model)[0])
     params = sum(p.numel() for p in model.parameters())
-    return _Source(src, config, family, tokenizer, model, windows, params), layout
+    return _Source(src, config, family, tokenizer, model, windows, params, lazy), layout
 
 
 def _check_rank(rank: int, layer: torch.nn.Module) -> None:
@@ -397,10 +414,71 @@ def _provenance(opts: ConvertOptions, source: _Source, result: ConvertResult) ->
     }
 
 
+def _write(opts: ConvertOptions, source: _Source, result: ConvertResult, save: Callable[[Path], None],
+           progress: Progress) -> ConvertResult:
+    """Write the checkpoint atomically: the weights and config by ``save``, then the tokenizer,
+    provenance and card."""
+    progress(Event.status(f"writing {opts.out}"))
+    with atomic_dir(opts.out, opts.overwrite) as tmp:
+        save(tmp)
+        source.tokenizer.save_pretrained(tmp)
+        result.weights_sha256 = sources.weights_sha256(tmp)
+        write_json(tmp / PROVENANCE, _provenance(opts, source, result))
+        write_model_card(tmp, name=opts.out.name, dtype=opts.dtype)
+    return result
+
+
+def _origins(ztt: ZTTForCausalLM, lazy: LazySource, layout: Layout, layers: list, init: str) -> dict[str, list[str]]:
+    """Each output tensor's checkpoint keys: the source tensor it is, or for a shared block layer the
+    source layers its init strategy takes (averaged if several); none for what the build made (the pool)."""
+    origins = {key: [lazy.key_of(t)] for key, t in ztt.state_dict(keep_vars=True).items() if lazy.key_of(t)}
+    if init != "lower":  # lower: each block layer is the source layer it was built around
+        names = {id(m): name for name, m in ztt.named_modules()}
+        plan = source_layers(layout, len(layers), init)
+        for u in range(layout.head, layout.head + layout.block):
+            for name in ztt.layers[u].state_dict(keep_vars=True):
+                origins[f"{names[id(ztt.layers[u])]}.{name}"] = [
+                    lazy.key_of(layers[i].state_dict(keep_vars=True)[name]) for i in plan[u]]
+    return origins
+
+
+def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | None, max_shard: int,
+                      progress: Progress) -> ConvertResult:
+    """:func:`convert` on a lazily read source: the block influence with one layer resident at a
+    time, the output built on the meta device and written shard by shard from the source's tensors."""
+    n_layers, lazy = source.config.num_hidden_layers, source.lazy
+    removal = _Removal([], None)
+    if opts.drop is not None:
+        with lazy.offloaded():
+            removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
+        layout = _one_cycle(n_layers - opts.drop)
+    layers = list(source.family.layer_list(source.model))
+    ztt = _build(opts, source, layout)
+    init = "lower" if opts.drop is not None else opts.init
+    origins = _origins(ztt, lazy, layout, layers, init)
+
+    def tensor(key: str, value: torch.Tensor) -> torch.Tensor:
+        keys = origins.get(key, [])
+        if not value.is_meta and len(keys) <= 1:  # resident (embeddings, norm, head) or built (the pool)
+            return value
+        if not keys:
+            raise RuntimeError(f"no source tensor for '{key}'")
+        return mean_state([{key: lazy.read(k, value)} for k in keys])[key]
+
+    result = ConvertResult(
+        out=opts.out, source=source.ref, layout=layout, init=init, init_scores={}, source_layers=n_layers,
+        source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
+        dropped=removal.dropped, block_influence=removal.influence,
+    )
+    return _write(opts, source, result, lambda tmp: write_weights(ztt, tmp, max_shard, tensor), progress)
+
+
 def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     check_output(opts.out, opts.overwrite)
     max_shard = parse_size(opts.shard_size)
     source, layout = _load_source(opts, progress)
+    if source.lazy is not None:
+        return _convert_streamed(opts, source, layout, max_shard, progress)
     n_layers = source.config.num_hidden_layers
     with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:  # the source's states a fit reads
         removal = _Removal([], None)
@@ -428,11 +506,4 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
         dropped=removal.dropped, block_influence=removal.influence, fit=fit,
     )
-    progress(Event.status(f"writing {opts.out}"))
-    with atomic_dir(opts.out, opts.overwrite) as tmp:
-        ztt.save_pretrained(tmp, max_shard_size=max_shard)
-        source.tokenizer.save_pretrained(tmp)
-        result.weights_sha256 = sources.weights_sha256(tmp)
-        write_json(tmp / PROVENANCE, _provenance(opts, source, result))
-        write_model_card(tmp, name=opts.out.name, dtype=opts.dtype)
-    return result
+    return _write(opts, source, result, lambda tmp: ztt.save_pretrained(tmp, max_shard_size=max_shard), progress)

@@ -4,6 +4,8 @@ family, what ``ztt convert --drop`` and ``--init grow`` start from)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..errors import LayoutError
@@ -35,9 +37,11 @@ def block_influence(model, family, windows: torch.Tensor) -> list[float]:
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    # the logits are not read: where the model allows it, only the last position's are computed
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
         for ids in windows.split(4):
-            model(input_ids=ids.to(model.device), use_cache=False)
+            model(input_ids=ids.to(model.device), use_cache=False, **last)
             count += ids.numel()
     finally:
         for h in handles:

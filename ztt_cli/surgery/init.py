@@ -14,7 +14,7 @@ from ..model.relax import PositionDeltas, as_out_in, delta_key
 from .strategies import INIT_STRATEGIES, source_layers
 
 
-def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if len(states) == 1:
         return states[0]
     return {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
@@ -34,7 +34,7 @@ def load_block(ztt, layout: Layout, layers: list[nn.Module], init: str, score: C
         plan = source_layers(layout, len(layers), strategy)[layout.head : layout.head + layout.block]
         for j, ids in enumerate(plan):
             states = [own[i] if i in own else layers[i].state_dict() for i in ids]
-            ztt.layers[layout.head + j].load_state_dict(_mean_state(states))
+            ztt.layers[layout.head + j].load_state_dict(mean_state(states))
 
     scores: dict[str, float] = {}
     if init == "auto":
