@@ -102,8 +102,8 @@ def _tensor_files(folder: Path) -> dict[str, Path] | None:
             with safe_open(str(path), "pt") as f:
                 keys = list(f.keys())
         except Exception as e:
-            raise CheckpointError(f"cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
-                                  hint=CORRUPT) from None
+            raise CheckpointError(f"cannot read the weights in '{path}' ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]})", hint=CORRUPT) from None
         if not index.is_file():
             names.update((key, path) for key in keys)
     return names
@@ -148,7 +148,8 @@ class LazySource:
             with safe_open(str(path), "pt") as f:
                 tensor = f.get_tensor(key)
         except Exception as e:
-            raise CheckpointError(f"cannot read '{key}' from '{path}' ({type(e).__name__})", hint=CORRUPT) from None
+            raise CheckpointError(f"cannot read the weights in '{path}' ('{key}': {type(e).__name__})",
+                                  hint=CORRUPT) from None
         if tuple(tensor.shape) != tuple(like.shape):
             raise CheckpointError(f"'{key}' in '{path}' has shape {tuple(tensor.shape)}, the model's config says "
                                   f"{tuple(like.shape)}", hint=CORRUPT)
