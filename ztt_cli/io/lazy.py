@@ -28,10 +28,10 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..model.architecture import family_for
+from .sources import CORRUPT
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
-CORRUPT = "the safetensors files may be truncated or corrupt; re-download or re-export them"
 
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

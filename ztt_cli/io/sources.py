@@ -29,6 +29,9 @@ class SourceModel:
     sha256: str  # of the source weights as given (the .gguf, or the safetensors files)
 
 
+CORRUPT = "the safetensors files may be truncated or corrupt; re-download or re-export them"
+
+
 def looks_like_path(ref: str) -> bool:
     if ref.startswith(("/", "./", "../", "~")) or ref.endswith((".gguf", ".safetensors")):
         return True
@@ -131,7 +134,7 @@ def load_model(folder: Path, dtype):
     except Exception as e:
         raise CheckpointError(
             f"cannot read the weights in '{folder}': {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}",
-            hint="the safetensors files may be truncated or corrupt; re-download or re-export them",
+            hint=CORRUPT,
         ) from None
 
 

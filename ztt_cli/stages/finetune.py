@@ -38,6 +38,7 @@ from ..io.provenance import (
 )
 from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..model.architecture import family_for
+from ..model.signals import ExitPolicy
 from ..training.distributed import setup_distributed
 from ..training.losses import HealingObjective, layer_outputs, next_token_loss, removed_layers
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
@@ -500,17 +501,17 @@ class HealingRun:
         wall = time.perf_counter() - self.start_time
         if self.stopped:
             return FinetuneResult(None, self.steps, self.tokens, wall, self.last_metrics, stopped_early=True)
-        self.learned = getattr(self.objective, "module", self.objective).exit_policy()  # under DDP: the wrapped one's
-        if self.learned is not None:  # e.g. the halting rule's cut-off, fitted on the last batches
-            self.last_metrics["halting_cutoff"] = self.learned.threshold
+        learned = getattr(self.objective, "module", self.objective).exit_policy()  # under DDP: the wrapped one's
+        if learned is not None:  # e.g. the halting rule's cut-off, fitted on the last batches
+            self.last_metrics["halting_cutoff"] = learned.threshold
         result = FinetuneResult(self.opts.out, self.steps, self.tokens, wall, self.last_metrics)
         if self.ddp.main:
-            self._write_final(result)
+            self._write_final(result, learned)
         if self.ddp.world > 1:
             dist.barrier()
         return result
 
-    def _write_final(self, result: FinetuneResult) -> None:
+    def _write_final(self, result: FinetuneResult, learned: ExitPolicy | None) -> None:
         opts = self.opts
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_disable()
@@ -518,9 +519,9 @@ class HealingRun:
                    "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}
         with atomic_dir(opts.out, opts.overwrite) as tmp:
             self.model.save_pretrained(tmp)
-            if self.learned is not None:  # the saved default: the checkpoint exits by the rule it learned
+            if learned is not None:  # the saved default: the checkpoint exits by the rule it learned
                 config = json.loads((tmp / "config.json").read_text())
-                config.update(exit_signal=self.learned.signal, exit_threshold=self.learned.threshold)
+                config.update(exit_signal=learned.signal, exit_threshold=learned.threshold)
                 write_json(tmp / "config.json", config)
             self.tokenizer.save_pretrained(tmp)
             write_json(tmp / PROVENANCE, self.provenance)

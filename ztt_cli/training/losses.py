@@ -551,7 +551,7 @@ class Halting(Term):
 
     def _remember(self, cumulative: torch.Tensor) -> None:
         """Keeps the cumulative halting probabilities of the last ``RECENT_TOKENS`` tokens trained on."""
-        self._recent.append(cumulative.flatten(0, -2).float().cpu())
+        self._recent.append(cumulative.flatten(0, -2).float())  # stays on the device: no host sync per step
         while sum(len(x) for x in self._recent[1:]) >= self.RECENT_TOKENS:
             self._recent.pop(0)
 
@@ -568,7 +568,7 @@ class Halting(Term):
         """The ``halting`` signal at the cut-off fitted on the last batches trained on (before any: ``HALT``)."""
         if not self._recent:
             return ExitPolicy("halting", HALT)
-        return ExitPolicy("halting", halting_cutoff(torch.cat(self._recent), self.mean_cycles))
+        return ExitPolicy("halting", halting_cutoff(torch.cat(self._recent).cpu(), self.mean_cycles))
 
 
 def _name(term: type[Term]) -> str:
