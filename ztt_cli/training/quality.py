@@ -17,7 +17,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     losses = []
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(model.device)
-        loss = next_token_loss(model(input_ids=batch).logits, batch, reduction="none")
+        loss = next_token_loss(model(input_ids=batch, use_cache=False).logits, batch, reduction="none")
         losses.extend(loss.mean(1).tolist())
     return math.exp(sum(losses) / len(losses))
 
