@@ -52,6 +52,7 @@ def _provenance(out: Path) -> dict:
     for stage in prov["stages"]:
         stage.pop("time")
         stage["options"].pop("out")
+        (stage["metrics"].get("fit") or {}).pop("seconds", None)  # how long the fit took
     return prov
 
 
@@ -81,11 +82,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+FITTED = {  # the drop fitted to the source's activations (the default for --drop), streamed as well
+    "llama-fitted": ("llama", dict(drop=2, fit=True)),
+    "gpt2-fitted-contiguous": ("gpt2", dict(drop=2, select="contiguous", tail=1, fit=True)),
+    "qwen2-fitted": ("qwen2", dict(drop=2, fit=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(FITTED))
 def test_a_streamed_drop_is_the_in_memory_drop(case, tmp_path, monkeypatch, calib_file):
-    family, options = CASES[case]
+    family, options = {**CASES, **FITTED}[case]
     src = _save(family, tmp_path / "src")
-    options = dict(source=str(src), fit=False, calib_data=calib_file, calib_tokens=32, **options)
+    options = dict(source=str(src), calib_data=calib_file, calib_tokens=32, fit_tokens=256, fit_window=32,
+                   **{"fit": False, **options})
     assert_same_checkpoint(_convert(tmp_path, "memory", False, monkeypatch, **options),
                            _convert(tmp_path, "streamed", True, monkeypatch, **options))
 
@@ -225,31 +234,32 @@ CHILD = textwrap.dedent("""
     from ztt_cli.stages import ConvertOptions
     from ztt_cli.stages.convert import convert
     src, out, calib = map(Path, sys.argv[1:4])
-    convert(ConvertOptions(source=str(src), out=out, drop=2, fit=False, calib_data=calib, calib_tokens=64,
-                           shard_size="16MB"))
+    convert(ConvertOptions(source=str(src), out=out, drop=2, fit=sys.argv[4] == "fit", calib_data=calib,
+                           calib_tokens=64, fit_tokens=1024, fit_window=64, shard_size="16MB"))
     print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """)
 
 
-def _peak_kib(src: Path, out: Path, calib: Path) -> int:
+def _peak_kib(src: Path, out: Path, calib: Path, fit: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(calib)], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(calib), fit], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return int(run.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
-def test_streaming_memory_does_not_grow_with_depth(tmp_path):
-    """Peak resident memory (VmHWM, in a child process) of a streamed drop from an 8-layer and a
-    32-layer source of 12.6 MB layers: 24 more layers (300 MB) may cost less than one layer plus
-    8 MB (allocator slack); loading the source whole would cost all 24."""
+@pytest.mark.parametrize("fit", ["plain", "fit"])
+def test_streaming_memory_does_not_grow_with_depth(fit, tmp_path):
+    """Peak resident memory (VmHWM, in a child process) of a streamed drop, plain or fitted, from an
+    8-layer and a 32-layer source of 12.6 MB layers: 24 more layers (300 MB) may cost less than one
+    layer plus 8 MB (allocator slack); loading the source whole would cost all 24."""
     calib = tmp_path / "calib.txt"
     calib.write_text(corpus(300, seed=1))
     layer = _deep_source(tmp_path / "src8", 8)
     _deep_source(tmp_path / "src32", 32)
-    shallow = _peak_kib(tmp_path / "src8", tmp_path / "out8", calib)
-    deep = _peak_kib(tmp_path / "src32", tmp_path / "out32", calib)
+    shallow = _peak_kib(tmp_path / "src8", tmp_path / "out8", calib, fit)
+    deep = _peak_kib(tmp_path / "src32", tmp_path / "out32", calib, fit)
     grown = (deep - shallow) * 1024
     print(f"peak: 8 layers {shallow / 1024:.0f} MiB, 32 layers {deep / 1024:.0f} MiB; one layer "
           f"{layer / 2**20:.1f} MiB")

@@ -185,9 +185,11 @@ def _streams(opts: ConvertOptions) -> bool:
     and the build's seeded ones: a drop without fit, or a shared block by a fixed init strategy
     without fit, relaxation or growth. Then the source is read lazily, the block influence runs one
     layer at a time and the output is written shard by shard (the same bytes as the in-memory path)."""
-    if opts.relax_rank or opts.init == GROW or opts.fit:
+    if opts.relax_rank or opts.init == GROW:
         return False
-    return opts.fit is False if opts.drop is not None else opts.init != "auto"
+    if opts.drop is not None:  # a fit on text the source samples would decode with one layer resident
+        return not (_fits(opts) and opts.fit_data is not None and "source-samples" in opts.fit_data)
+    return opts.init != "auto" and not opts.fit
 
 
 def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
@@ -272,6 +274,10 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
                               "layers the block shares, and each is kept as its own position's delta",
                               hint="give {relax_rank} r (the rank the maps are kept at), or leave out {fit}",
                               fields=("fit", "relax_rank"))
+    if source.lazy is not None:  # streamed: the layers the maps fold into stay resident, folded in place
+        for gap in gaps(removal.dropped):
+            if gap.into is not None:
+                source.lazy.materialise(source.family.layer_list(source.model)[gap.into])
     windows, data = _fit_windows(opts, source, progress)  # on the full source: its own activations
     progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
     removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data)
@@ -454,6 +460,9 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
         layout = _one_cycle(n_layers - opts.drop)
     layers = list(source.family.layer_list(source.model))
     ztt = _build(opts, source, layout)
+    if removal.fit is not None:
+        with lazy.offloaded():
+            _fit_grown(opts, removal, ztt, layout, progress)
     init = "lower" if opts.drop is not None else opts.init
     origins = _origins(ztt, lazy, layout, layers, init)
 
@@ -468,7 +477,7 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores={}, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
-        dropped=removal.dropped, block_influence=removal.influence,
+        dropped=removal.dropped, block_influence=removal.influence, fit=removal.record(),
     )
     return _write(opts, source, result, lambda tmp: write_weights(ztt, tmp, max_shard, tensor), progress)
 
