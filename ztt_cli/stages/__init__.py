@@ -261,6 +261,10 @@ class FinetuneOptions(BaseModel):
     overwrite: bool = Field(False, description="replace --out (and discard an unfinished run for it)")
     precision: Precision = Field("fp32", description="bf16 autocast (GPUs) or fp32 (bfloat16, float32 also accepted)")
     grad_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+    sharding: Literal["ddp", "fsdp"] = added_option(
+        "ddp", description="under torchrun: ddp replicates the model, gradients and optimizer state on every "
+        "process; fsdp (FSDP2) shards them across processes, layer by layer (one process: no difference)"
+    )
 
     _data = field_validator("data", mode="before")(lambda value: data_spec(value))
 

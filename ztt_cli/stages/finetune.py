@@ -3,13 +3,16 @@
 The run lives in ``OUT.partial/`` (checkpoint, log) until it finishes; then the healed model
 is written to ``OUT`` like ``convert``'s output and the partial folder is removed. Under
 ``torchrun`` every rank trains on its own shard of each global batch, rank 0 writes, and
-stop decisions (NaN, Ctrl-C, a requested stop) are taken together so no rank hangs.
+stop decisions (NaN, Ctrl-C, a requested stop) are taken together so no rank hangs. The model is
+replicated on every rank (DDP), or with ``--sharding fsdp`` sharded across them (FSDP2): each
+unique decoder layer its own group, the rest in the root's; checkpoints are gathered whole.
 
 :class:`HealingRun` holds the run's state through its phases; :func:`finetune` drives it."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -39,7 +42,15 @@ from ..io.provenance import (
 from ..io.samples import sampling_for, sampling_progress, source_samples
 from ..model.architecture import family_for
 from ..model.signals import ExitPolicy
-from ..training.distributed import setup_distributed
+from ..training.distributed import (
+    full_norm,
+    gather_model,
+    gather_optimizer,
+    scatter_model,
+    scatter_optimizer,
+    setup_distributed,
+    shard,
+)
 from ..training.losses import HealingObjective, layer_outputs, next_token_loss, removed_layers
 from ..training.resume import can_resume, check_run_folders, load_state, partial_dir, save_state
 from ..training.teacher import top_k_logits
@@ -313,6 +324,10 @@ class HealingRun:
             raise ZTTError("--grad-checkpointing does not support a relaxed checkpoint (its per-cycle deltas are "
                            "applied around each layer call, which checkpointing recomputes later)",
                            hint="leave out --grad-checkpointing (lower --batch-size and raise --grad-accum instead)")
+        if opts.sharding == "fsdp" and self.ddp.world > 1 and self.model.relax is not None:
+            raise ZTTError("--sharding fsdp does not support a relaxed checkpoint (its per-cycle deltas are added "
+                           "to a layer's weights outside the layer's call, where FSDP holds them sharded)",
+                           hint="choose --sharding ddp")
         self._source = None  # (model, sha256), loaded when distilling or sampling needs it
         self.progress(Event.status(f"reading {opts.data}"))
         self.data = prepare(opts.data, self.tokenizer, opts.seq_len, opts.val_fraction, opts.seed, opts.text_field,
@@ -360,30 +375,54 @@ class HealingRun:
         self.per_step = opts.batch_size * opts.grad_accum * ddp.world
         self.total = opts.steps or max(1, math.ceil(opts.tokens / (self.per_step * opts.seq_len)))
         torch.manual_seed(opts.seed)
+        self.sharded = opts.sharding == "fsdp" and ddp.world > 1  # one process: nothing to shard
+        self.full = self._unsharded_copy() if self.sharded else self.model
         self.model.to(ddp.device).train()
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts),
                                                        provenance=self.provenance)
         self.objective.setup(self.data.train[: opts.batch_size].to(ddp.device))  # e.g. where halting starts
         self.compared = self.objective.teacher_layers()
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))
-        if ddp.world > 1:
+        if self.sharded:  # the parameters are DTensors now: the optimizer takes those
+            shard(self.objective, self.model.layers)
+            groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
+        elif ddp.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None
             )
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.autocast = torch.autocast(ddp.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
+
+    def _unsharded_copy(self) -> ZTTForCausalLM | None:
+        """Under FSDP, a whole copy of the model on the CPU, frozen: rank 0 writes checkpoints from it,
+        and every rank reads one through it when resuming (then only rank 0 keeps it). It shares the
+        model's config, which the objective's setup may complete (e.g. the halting offsets)."""
+        if not (self.ddp.main or self.opts.resume):
+            return None
+        full = copy.deepcopy(self.model).cpu().requires_grad_(False)
+        full.config = self.model.config
+        return full
+
+    def _param_names(self) -> list[str]:
+        """The trained parameters' names, in the optimizer's index order."""
+        return [name for group in self.grouping for name in group["params"]]
 
     def _open_run_dir(self) -> None:
         """Resume from the checkpoint (dropping log lines written after it), or start afresh."""
         if self.opts.resume:
-            self.steps, self.tokens = load_state(self.run_dir, self.model, self.optimizer, self.scheduler,
-                                                 self.grouping)
+            self.steps, self.tokens, opt = load_state(self.run_dir, self.full, self.scheduler, self.grouping)
+            if self.sharded:  # every rank read the whole state: each keeps its shard
+                scatter_model(self.model, self.full)
+                scatter_optimizer(self.model, self.optimizer, opt, self._param_names())
+                self.full = self.full if self.ddp.main else None
+            else:
+                self.optimizer.load_state_dict(opt)
         elif self.ddp.main:
             if self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
@@ -410,7 +449,7 @@ class HealingRun:
                 f"the loss became NaN or infinite at step {self.steps + 1}",
                 hint=f"the last good checkpoint is kept in '{self.run_dir}'; lower --lr and --resume, or start over",
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip)
+        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip))  # FSDP: over DTensors
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -437,13 +476,19 @@ class HealingRun:
                     teacher_logits = self.teacher(input_ids=ids).logits
                 teacher_states = dict(states)
             sync = micro == opts.grad_accum - 1 or ddp.world == 1
-            ctx = self.objective.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, self.autocast:
+            with self._gradient_sync(sync), self.autocast:
                 loss, metrics = self.objective(ids, teacher_logits, teacher_states)
                 (loss / opts.grad_accum).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / opts.grad_accum
         return sums
+
+    def _gradient_sync(self, sync: bool):
+        """Gradients are averaged across ranks on the last micro-batch only."""
+        if self.sharded:
+            self.objective.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return self.objective.no_sync() if not sync else contextlib.nullcontext()
 
     def _log_step(self, grad_norm: torch.Tensor) -> None:
         elapsed = time.perf_counter() - self.window_start
@@ -470,9 +515,7 @@ class HealingRun:
         requested = opts.stop_at_step is not None and step >= opts.stop_at_step
         stop = self.ddp.any(self.interrupted or requested) and step < self.total  # every rank takes part
         if step % opts.save_every == 0 or stop:
-            if self.ddp.main:
-                save_state(self.run_dir, self.model, self.optimizer, self.scheduler, step, self.tokens,
-                            opts.model_dump(mode="json"), self.grouping)
+            self._save_state(step)
             self._log({"event": "checkpoint", "step": step}, Event("checkpoint", step=step))
         if stop:
             if self.interrupted:
@@ -480,17 +523,39 @@ class HealingRun:
                                   hint="continue with the same command and --resume")
             self.stopped = True
 
+    def _save_state(self, step: int) -> None:
+        """The resumable checkpoint, written by rank 0 (under FSDP every rank gathers it first)."""
+        if self.sharded:
+            gather_model(self.model, self.full)
+            opt = gather_optimizer(self.model, self.optimizer, self._param_names())
+        else:
+            opt = self.optimizer.state_dict() if self.ddp.main else None
+        if self.ddp.main:
+            save_state(self.run_dir, self.full, opt, self.scheduler, step, self.tokens,
+                       self.opts.model_dump(mode="json"), self.grouping)
+
+    def _whole_root(self):
+        """Under FSDP, the root's parameters (embeddings, LM head, ...) gathered for a pass that does
+        not go through the root's forward (validation); each layer gathers its own as it runs."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        self.objective.unshard()
+        stack.callback(self.objective.reshard)
+        return stack
+
     @torch.no_grad()
     def validate(self) -> dict:
         """Validation cross-entropy at full depth (and perplexity), averaged over ranks."""
         bs, blocks = self.opts.batch_size, self.data.val
         self.model.eval()
         losses = []
-        for i in range(0, min(blocks.shape[0], bs * self.opts.val_batches), bs):
-            ids = blocks[i : i + bs].to(self.ddp.device)
-            with self.autocast:
-                logits = self.model(input_ids=ids).logits
-            losses.append(next_token_loss(logits, ids))
+        with self._whole_root():
+            for i in range(0, min(blocks.shape[0], bs * self.opts.val_batches), bs):
+                ids = blocks[i : i + bs].to(self.ddp.device)
+                with self.autocast:
+                    logits = self.model(input_ids=ids).logits
+                losses.append(next_token_loss(logits, ids))
         self.model.train()
         loss = float(self.ddp.mean(torch.stack(losses).mean()))
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
@@ -505,6 +570,8 @@ class HealingRun:
         if learned is not None:  # e.g. the halting rule's cut-off, fitted on the last batches
             self.last_metrics["halting_cutoff"] = learned.threshold
         result = FinetuneResult(self.opts.out, self.steps, self.tokens, wall, self.last_metrics)
+        if self.sharded:
+            gather_model(self.model, self.full)
         if self.ddp.main:
             self._write_final(result, learned)
         if self.ddp.world > 1:
@@ -518,7 +585,7 @@ class HealingRun:
         metrics = {**result.metrics, "steps": result.steps, "tokens": result.tokens,
                    "wall_s": round(result.wall_s, 1), "tokens_per_s": result.tokens / max(result.wall_s, 1e-9)}
         with atomic_dir(opts.out, opts.overwrite) as tmp:
-            self.model.save_pretrained(tmp)
+            self.full.save_pretrained(tmp)  # the model itself, or under FSDP its gathered copy
             if learned is not None:  # the saved default: the checkpoint exits by the rule it learned
                 config = json.loads((tmp / "config.json").read_text())
                 config.update(exit_signal=learned.signal, exit_threshold=learned.threshold)

@@ -1,5 +1,7 @@
-"""Processes: one, or many under ``torchrun`` (DDP). Each rank knows its place and device, and
-stop decisions are taken together (``any``) so that no rank waits forever on the others."""
+"""Processes: one, or many under ``torchrun`` (DDP, or FSDP2 with :func:`shard`). Each rank knows
+its place and device, and stop decisions are taken together (``any``) so that no rank waits
+forever on the others. Under FSDP the whole weights and optimizer state are gathered to rank 0
+and read back into the shards through the helpers below, so checkpoints are one process's files."""
 
 from __future__ import annotations
 
@@ -52,3 +54,70 @@ def setup_distributed() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(rank, world, device)
+
+
+# --- FSDP2: sharded training, full checkpoints -------------------------------------------------
+# Under ``--sharding fsdp`` each decoder layer is its own FSDP2 group and the trained root holds the
+# rest (embeddings, final norm, LM head, pool, gates). Parameters, gradients and optimizer state are
+# DTensors sharded across ranks; checkpoints are written and read whole (rank 0 writes), in the
+# same files as a single process or DDP, through the unsharded copy the caller keeps.
+def shard(root: torch.nn.Module, groups) -> None:
+    """``fully_shard`` each module of ``groups`` (each unique decoder layer, called as often as the
+    layout runs it), then ``root``, which takes every parameter left over."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in groups:
+        fully_shard(module)
+    fully_shard(root)
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_model(model: torch.nn.Module, into: torch.nn.Module | None) -> None:
+    """The sharded ``model``'s whole weights copied into ``into`` (an unsharded copy, on rank 0;
+    None elsewhere). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    if into is not None:
+        into.load_state_dict(state)
+
+
+def scatter_model(model: torch.nn.Module, full: torch.nn.Module) -> None:
+    """``full``'s weights (every rank holds them) into the sharded ``model``: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, full.state_dict(), options=_full_options())
+
+
+def gather_optimizer(model: torch.nn.Module, optimizer, names: list[str]) -> dict | None:
+    """The whole optimizer state on rank 0 (None elsewhere), keyed like ``optimizer.state_dict()``
+    in one process: by parameter index, ``names`` giving each index's parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if not state:
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def scatter_optimizer(model: torch.nn.Module, optimizer, state: dict, names: list[str]) -> None:
+    """A whole optimizer state keyed by index (every rank holds it) into the sharded ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    keyed = {"state": {names[i]: s for i, s in state["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, keyed, options=_full_options())
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (``clip_grad_norm_`` over DTensor gradients gives a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -18,18 +18,20 @@ from ..errors import OutputExistsError, ZTTError
 from ..io.checkpoint import atomic_dir, check_writable, write_json
 from ..io.provenance import now
 
-RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every"}
+# how the run is watched, and how its arithmetic is spread over processes (the files are the same)
+RESUME_INVARIANT = {"resume", "stop_at_step", "overwrite", "log_every", "eval_every", "save_every", "sharding"}
 # trainer.json's format: 2 names each optimizer group and its parameters (the optimizer state in
 # trainer.safetensors is keyed by parameter index); without "format", the first release's
 TRAINER_FORMAT = 2
 
 
 
-def save_state(folder: Path, model, optimizer, scheduler, step: int, tokens: int, options: dict,
-                grouping: list[dict]) -> None:
+def save_state(folder: Path, model, opt: dict, scheduler, step: int, tokens: int, options: dict,
+               grouping: list[dict]) -> None:
+    """``model``: unsharded (its whole weights); ``opt``: the optimizer's ``state_dict()`` as one
+    process holds it, keyed by parameter index (under FSDP, gathered whole)."""
     with atomic_dir(folder / "checkpoint", overwrite=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()}
         tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -60,7 +62,9 @@ def _grouping_difference(meta: dict, grouping: list[dict]) -> str | None:
     return None
 
 
-def load_state(folder: Path, model, optimizer, scheduler, grouping: list[dict]) -> tuple[int, int]:
+def load_state(folder: Path, model, scheduler, grouping: list[dict]) -> tuple[int, int, dict]:
+    """The saved weights into ``model`` (unsharded), the scheduler's state and the RNG restored; the
+    step, the tokens and the optimizer's state (keyed by parameter index, for ``load_state_dict``)."""
     ckpt = folder / "checkpoint"
     meta = json.loads((ckpt / "trainer.json").read_text())
     if (difference := _grouping_difference(meta, grouping)) is not None:
@@ -74,12 +78,11 @@ def load_state(folder: Path, model, optimizer, scheduler, grouping: list[dict]) 
         if key.startswith("state."):
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["step"], meta["tokens"]
+    return meta["step"], meta["tokens"], {"state": state, "param_groups": meta["param_groups"]}
 
 
 def partial_dir(out: Path) -> Path:
