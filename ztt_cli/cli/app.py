@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..errors import ZTTError, flag
 from ..options import describe_error
-from ..stages import GENERATE, STAGES, Command
+from ..stages import COMMANDS, Command
 from . import views
 
 app = typer.Typer(
@@ -128,7 +128,7 @@ def add_command(command: Command) -> None:
     app.command(command.name, help=help_text, short_help=command.summary, epilog=epilog)(run)
 
 
-for _command in (*STAGES, GENERATE):
+for _command in COMMANDS:
     add_command(_command)
 
 

@@ -254,8 +254,45 @@ def generate(command: Command, opts, execute: Execute) -> None:
     err.print(f"\n{total} tokens, mean cycles {mean:.2f}  {legend}")
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
+        f"{seconds:.1f} s"
+
+
+def plan(command: Command, opts, execute: Execute) -> None:
+    """A table: each stage's peak on the host (and the GPU), time per token and whether it fits; then
+    each stage's largest parts and notes."""
+    summary = spinner(command.name, execute).summary()
+    if opts.json_output:
+        out.print_json(data=summary)
+        return
+    gpu = summary["device"] == "cuda"
+    processes = f" × {summary['processes']} processes" if summary["processes"] > 1 else ""
+    table = Table(title=f"{summary['target']} · {summary['layout']} · {summary['device']}{processes}",
+                  title_justify="left")
+    for column in ("stage", "host peak", *(("GPU peak",) if gpu else ()), "per 1k tokens", "whole run", "fits"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for n in summary["needs"]:
+        per_k = None if n["seconds_per_token"] is None else 1000 * n["seconds_per_token"]
+        table.add_row(n["stage"], f"{n['host_bytes'] / 1e9:.2f} GB",
+                      *((f"{n['device_bytes'] / 1e9:.2f} GB" if n["device_parts"] else "-",) if gpu else ()),
+                      _duration(per_k),
+                      _duration(n["seconds"]), "[green]yes[/]" if n["fits"] else "[bold red]no[/]")
+    out.print(table)
+    for n in summary["needs"]:
+        parts = n["device_parts"] or n["parts"]
+        largest = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:4])
+        out.print(f"[bold]{n['stage']}[/]: {largest}" + "".join(f"; {note}" for note in n["notes"]))
+    have = " · ".join(f"{k} {v / 1e9:.1f} GB" for k, v in summary["available"].items())
+    probed = "times scaled from one layer timed here" if summary["probe"] else "no times (--no-probe)"
+    where = "GB, on the GPU where a stage runs there" if gpu else "GB"
+    out.print(f"[dim]available: {have}; parts in {where}; {probed}[/]")
+
+
 VIEWS = {"convert": convert, "finetune": finetune, "calibrate": calibrate, "eval": eval, "export": export,
-         "generate": generate}
+         "generate": generate, "plan": plan}
 
 
 def for_command(name: str):

@@ -229,6 +229,25 @@ def _why_not(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> str
     return None
 
 
+def lazy_refusal(folder: Path, model: nn.Module, dtype: torch.dtype) -> str | None:
+    """Why ``folder``'s weights cannot be read lazily into ``model`` (built on the meta device) in
+    ``dtype``, from the files and the model alone (``None``: they can)."""
+    if _tensor_files(folder) is None:
+        return f"no {WEIGHTS} or {INDEX}"
+    return _why_not(model, family_for(model).layer_list(model), dtype)
+
+
+def stored_dtypes(folder: Path) -> set[str]:
+    """The dtypes of the tensors in ``folder``'s safetensors files, from their headers (``F32``, ``BF16``...)."""
+    dtypes = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        dtypes |= {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+    return dtypes
+
+
 def open_lazy(folder: Path, dtype: torch.dtype) -> LazySource | str:
     """The source in ``folder`` read lazily in ``dtype``, or why it cannot be (then load it whole). A
     missing or unreadable shard is a :class:`CheckpointError`."""

@@ -29,6 +29,7 @@ class SourceModel:
     sha256: str  # of the source weights as given (the .gguf, or the safetensors files)
 
 
+WEIGHTS_AND_TOKENIZER = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 CORRUPT = "the safetensors files may be truncated or corrupt; re-download or re-export them"
 
 
@@ -86,14 +87,12 @@ def _dequantise_gguf(path: Path, sha: str) -> Path:
     return out
 
 
-def _from_hub(ref: str) -> Path:
+def _from_hub(ref: str, patterns: list[str] = WEIGHTS_AND_TOKENIZER) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
     try:
-        path = snapshot_download(
-            ref, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-        )
+        path = snapshot_download(ref, allow_patterns=patterns)
     except (RepositoryNotFoundError, HFValidationError):
         raise SourceError(f"'{ref}' is neither a local path nor a model on the hub", hint=f"give {ALTERNATIVES}")
     except Exception as e:  # connection errors come in many types; all mean "not reachable"
@@ -101,6 +100,11 @@ def _from_hub(ref: str) -> Path:
             f"cannot reach the model hub for '{ref}' ({type(e).__name__})", hint=f"offline, give {ALTERNATIVES}"
         )
     return Path(path)
+
+
+def config_from_hub(ref: str) -> Path:
+    """A hub model's config and weights index only (what ``ztt plan`` reads), not its weights."""
+    return _from_hub(ref, ["config.json", "*.safetensors.index.json"])
 
 
 def find_source(ref: str) -> SourceModel:

@@ -103,9 +103,9 @@ class Stage(Command):
 
 def _stage_modules() -> dict[str, ModuleType]:
     """The stage modules by name, imported on first use (they import torch)."""
-    from . import calibrate, convert, eval, export, finetune, generate
+    from . import calibrate, convert, eval, export, finetune, generate, plan
 
-    return {m.__name__.rpartition(".")[2]: m for m in (convert, finetune, calibrate, eval, export, generate)}
+    return {m.__name__.rpartition(".")[2]: m for m in (convert, finetune, calibrate, eval, export, generate, plan)}
 
 
 # ---- each stage's options: the command's flags, the recipe section's keys, what provenance records ----
@@ -338,6 +338,28 @@ class GenerateOptions(BaseModel):
     seed: int = Field(0, description="sampling seed")
 
 
+class PlanOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="a recipe (.yaml) or a source (as for `ztt convert`: then convert and finetune "
+                        "with their defaults, 1000 steps on shakespeare)")
+    set: list[str] = Field([], description="STAGE.KEY=VALUE: change a stage's option (a stage not planned yet is "
+                           "added), e.g. --set convert.drop=11 --set finetune.trainable=new; repeatable")
+    device: Device = Field("auto", description="where finetune, calibrate and eval will run: auto (a CUDA GPU if "
+                           "present), cpu, cuda")
+    processes: int = Field(1, ge=1, description="finetune's processes under torchrun (memory is per process)")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how finetune's processes share the model: ddp (each holds it whole) or fsdp (sharded)")
+    source: str | None = Field(None, description="plan this source instead of the recipe's (e.g. a folder holding "
+                               "only the model's config.json, to plan offline)")
+    memory: str | None = Field(None, description="memory there is per GPU, or on a CPU per machine (e.g. 80GB; "
+                               "default: this machine's)")
+    host_memory: str | None = Field(None, description="a GPU run's host memory (default: this machine's)")
+    probe: bool = Field(True, description="time a matmul of the model's sizes here for the time per token")
+    json_output: bool = Field(False, description="print the plan as JSON")
+
+
+
 class EvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -508,6 +530,21 @@ GENERATE = Command(
               "ztt generate runs/smol-healed --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8",
               'ztt generate runs/smol-healed "Hello" --full-depth'),
 )
+
+
+
+PLAN = Command(
+    "plan", PlanOptions, "plan",
+    "Say what each stage of a run will need (memory, time) before it runs.",
+    "From the source's config alone (nothing loaded): each stage's peak resident memory on the host and, for a "
+    "GPU run, on the device, by part, whether it fits, and the time per token from a short probe of this "
+    "machine. The estimates are checked against measured peaks in bench/plan.py.",
+    positional=("target",),
+    examples=("ztt plan recipes/smollm2-135m-shakespeare.yaml",
+              "ztt plan smollm2-135m --set convert.drop=11 --set finetune.trainable=new",
+              "ztt plan recipes/llama-8b-h100.yaml --device cuda --memory 80GB"),
+)
+COMMANDS: tuple[Command, ...] = (*STAGES, GENERATE, PLAN)  # every command of ``ztt``
 
 
 def stage(name: str) -> Stage:
