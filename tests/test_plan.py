@@ -133,3 +133,13 @@ def test_the_8b_recipe_fits_one_80gb_gpu():
                      "--json-output", "--set", "finetune.trainable=all")
     heal = next(n for n in json.loads(everything.output)["needs"] if n["stage"] == "finetune")
     assert not heal["fits"] and heal["device_bytes"] > 80 * GB
+
+
+@pytest.mark.parametrize("text, says", [(None, "no such recipe file"), ("a: [", "is not valid YAML"),
+                                        ("name: x\n", "names no source")])
+def test_a_bad_recipe_is_one_line_and_exit_2(text, says, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    if text is not None:
+        recipe.write_text(text)
+    run = cli("plan", recipe, "--no-probe")
+    assert run.exit_code == 2 and says in run.output and len(run.output.strip().splitlines()) == 1, run.output

@@ -20,7 +20,6 @@ The parts follow what the stages hold, checked against peaks measured on the CPU
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -404,14 +403,26 @@ def _seconds_per_token(need: Need, layout: Layout, shape: Shape, opts, measured:
 # ---- the run's stages ----
 
 
+def _recipe(path: Path) -> tuple[str, dict]:
+    """A recipe's source and the sections of the stages it runs (convert always; each section is checked
+    by its stage's options below, the rest is ``ztt validate``'s)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ZTTError(f"no such recipe file: '{path}'", hint="give a recipe (.yaml) or a source") from None
+    except yaml.YAMLError:
+        raise ZTTError(f"'{path}' is not valid YAML", hint=f"ztt validate {path} says where") from None
+    if not isinstance(data, dict) or not isinstance(data.get("source"), str):
+        raise ZTTError(f"'{path}' is not a recipe: it names no source", hint="see docs/recipes.md")
+    sections = {s.name: data.get(s.name) or {} for s in STAGES if not s.optional or data.get(s.name) is not None}
+    return data["source"], {name: dict(section) for name, section in sections.items()}
+
+
 def _sections(opts: PlanOptions) -> tuple[str, dict]:
     """The source and each planned stage's section: a recipe's, or (a source) convert's and finetune's
     defaults; ``--set stage.key=value`` changes or adds a key (a section of its own for a new stage)."""
     if Path(opts.target).suffix in (".yaml", ".yml"):
-        from ..recipe import load
-
-        recipe = load(Path(opts.target)).recipe
-        source, sections = recipe.source, {s: dict(getattr(recipe, s) or {}) for s in recipe.stages()}
+        source, sections = _recipe(Path(opts.target))
     else:
         source, sections = opts.target, {"convert": {}, "finetune": {"data": "shakespeare", "steps": 1000}}
     for item in opts.set:
@@ -461,13 +472,11 @@ def available(opts: PlanOptions, device: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _spelled_as(stage_name: str):
-    """The options a stage's error names, spelled as ``--set`` keys: ``convert.block``."""
-    from ..recipe import recipe_key
-
+    """The options a stage's error names, spelled as ``--set`` keys (and a recipe's): ``convert.block``."""
     try:
         yield
     except ZTTError as e:
-        e.spelling = e.spelling or functools.partial(recipe_key, stage_name)
+        e.spelling = e.spelling or (lambda field: f"{stage_name}.{field}")
         raise
 
 
