@@ -28,6 +28,7 @@ from pathlib import Path
 import memory
 import yaml
 
+from ztt_cli.io.texts import calibration_text
 from ztt_cli.stages import PlanOptions
 from ztt_cli.stages.plan import plan
 
@@ -50,8 +51,9 @@ HEALS = {  # on SmolLM2 as the demo converts it (10/5x2/10, init lower)
     "all, 2x256, checkpointing": ["--trainable", "all", "--batch-size", "2", "--seq-len", "256",
                                   "--grad-checkpointing"],
     "seam, 4x256, teacher top-64": ["--trainable", "seam", "--batch-size", "4", "--seq-len", "256",
-                                    "--teacher-top-k", "64"],
+                                    "--teacher-top-k", "64", "--data", "SMALL"],
 }
+SMALL_CHARS = 60_000  # a top-k row caches the teacher's logits for all its text first: a short text, not the plays
 DEMO_LAYOUT = ["--head", "10", "--block", "5", "--cycles", "2", "--tail", "10", "--init", "lower"]
 SKIP = {"out", "overwrite", "data", "steps", "eval_every", "save_every", "val_batches", "checkpoint"}
 
@@ -134,8 +136,11 @@ def measured_here(work: Path) -> list[dict]:
     ckpt = work / "smollm2-ztt"
     memory.measure([memory.ZTT, "convert", SMOLLM2, *DEMO_LAYOUT, "--out", str(ckpt), "--overwrite"],
                    memory.log_of(ckpt))
+    small = work / "small.txt"
+    small.write_text(calibration_text()[:SMALL_CHARS])
     for case, flags in HEALS.items():
         out = work / ("heal-" + case.replace(" ", "-").replace(",", ""))
+        flags = [str(small) if f == "SMALL" else f for f in flags]
         r = memory.measure([memory.ZTT, "finetune", str(ckpt), "--out", str(out), *HEAL, *flags],
                            memory.log_of(out))
         speed = tokens_per_s(out)
