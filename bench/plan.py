@@ -96,10 +96,10 @@ def from_memory_json(path: Path) -> list[dict]:
     report = json.loads(path.read_text())
     rows = []
     for r in report["convert"]:
-        if r.get("path", "head") not in ("head", "streaming") or r["case"] == "load source" or r["rc"]:
+        if r.get("path", "head") not in ("head", "streaming", "streamed") or r["case"] == "load source" or r["rc"]:
             continue
-        if r["case"].startswith("fitted") and r.get("path", "head") == "head":
-            continue  # measured in memory (9231aaa); the fitted drop streams since, measured as "streaming"
+        if r["case"].startswith("fitted") and r.get("path", "head") != "streamed":
+            continue  # measured before the fitted drop streamed with one window's logits ("streamed" since)
         cmd = shlex.split(r["cmd"])
         flags = [f for f in cmd[3:] if f not in ("--overwrite",)]
         flags = flags[: flags.index("--out")] + flags[flags.index("--out") + 2:] if "--out" in flags else flags

@@ -248,6 +248,7 @@ class _Removal:
 
 
 PERPLEXITY_WINDOWS = 16  # calibration windows the fit's before/after perplexity is measured on
+PERPLEXITY_BATCH = 1  # one window at a time: its logits are a fit's largest allocation (vocabulary × window)
 
 
 def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None, progress: Progress,
@@ -288,7 +289,7 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
     keep_layers(source.model, source.family, removal.dropped)
     removal.windows = windows
     progress(Event.status("measuring the plain drop"))
-    removal.fit.report.perplexity_before = perplexity(source.model, windows[:PERPLEXITY_WINDOWS])
+    removal.fit.report.perplexity_before = perplexity(source.model, windows[:PERPLEXITY_WINDOWS], PERPLEXITY_BATCH)
     apply_drop_fit(source.model, source.family, removal.fit, kept, frozenset(removal.shared))
     return removal
 
@@ -303,10 +304,10 @@ def _fit_positions(opts: ConvertOptions, ztt: ZTTForCausalLM, states: States, wi
     """Fit every relaxed position to the source layer it stands for, and measure the model before and after."""
     shown = windows[:PERPLEXITY_WINDOWS]
     progress(Event.status("measuring the model before its positions are fitted"))
-    before = perplexity(ztt, shown)
+    before = perplexity(ztt, shown, PERPLEXITY_BATCH)
     progress(Event.status(f"fitting {ztt.config.block * ztt.config.cycles} positions on {windows.numel():,} tokens"))
     report = fit_positions(ztt, states, windows, opts.fit_inputs, opts.fit_steps, opts.fit_lr, data, seed=opts.seed)
-    report.perplexity_before, report.perplexity_after = before, perplexity(ztt, shown)
+    report.perplexity_before, report.perplexity_after = before, perplexity(ztt, shown, PERPLEXITY_BATCH)
     report.perplexity_windows = shown.shape[0]
     return report.record()
 
@@ -325,7 +326,7 @@ def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, lay
                                  seed=opts.seed)
         fit.report.added_cycles = asdict(added)
     shown = removal.windows[:PERPLEXITY_WINDOWS]
-    fit.report.perplexity_after = perplexity(ztt, shown)
+    fit.report.perplexity_after = perplexity(ztt, shown, PERPLEXITY_BATCH)
     fit.report.perplexity_windows = shown.shape[0]
 
 

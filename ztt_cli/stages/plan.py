@@ -218,7 +218,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
-    from .convert import _fits, _fits_positions, _streams
+    from .convert import PERPLEXITY_BATCH, _fits, _fits_positions, _streams
 
     b = DTYPE_BYTES[torch_dtype(opts.dtype)]
     parts = {"process": floor}
@@ -233,9 +233,9 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
     if opts.init == "auto" and opts.drop is None:  # each strategy's block, scored by the perplexity
         parts["calibration batch"] = min(opts.calib_windows, 4) * opts.calib_tokens * 3 * shape.vocab * 4
         parts["block tried"] = layout.block * shape.layer_params * b
-    if _fits(opts) or _fits_positions(opts):  # its perplexity before and after: a batch's logits, 3 copies
+    if _fits(opts) or _fits_positions(opts):  # its pass's states, and its perplexity's logits (3 copies)
         window = min(opts.fit_window, getattr(shape.config, "max_position_embeddings", None) or opts.fit_window)
-        parts["fit batch"] = FIT_BATCH * window * (3 * shape.vocab + 4 * shape.hidden) * 4
+        parts["fit batch"] = window * (PERPLEXITY_BATCH * 3 * shape.vocab + FIT_BATCH * 4 * shape.hidden) * 4
         if streams:  # the layer each map folds into stays resident (one span removed: one layer)
             parts["folded layer"] = shape.layer_params * b
     return Need("convert", parts, notes=notes)

@@ -35,6 +35,7 @@ MLP, as in Gemma 3) is refused in one line, and nothing is written.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -311,9 +312,10 @@ def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: tor
     if n in wanted:
         handles.append(layers[n - 1].register_forward_hook(lambda m, a, o: states.__setitem__(n, layer_output(o))))
     handles += [layers[i].get_submodule(path).register_forward_hook(mlp_hook(i)) for i, path in mlps.items()]
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
-        for ids in windows.split(batch_size):
-            model(input_ids=ids.to(model.device), use_cache=False)
+        for ids in windows.split(batch_size):  # the logits are not read: only the last position's computed
+            model(input_ids=ids.to(model.device), use_cache=False, **last)
             for gap, s in zip(fitted, stats):
                 s.add(mlp_out[gap.into], states[gap.removed[0]], states[gap.end])
             states.clear()
