@@ -4,7 +4,7 @@ the recipe schema and the pipeline all follow the registry."""
 import pytest
 
 from ztt_cli.recipe import Recipe
-from ztt_cli.stages import GENERATE, STAGES
+from ztt_cli.stages import COMMANDS, STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
@@ -23,7 +23,7 @@ def test_command_line_recipe_and_pipeline_follow_the_registry():
     from ztt_cli.cli import app
 
     commands = set(get_command(app).commands)
-    assert {s.name for s in STAGES} | {GENERATE.name, "validate", "run"} == commands
+    assert {c.name for c in COMMANDS} | {"validate", "run"} == commands
     assert [s.name for s in STAGES] == [f for f in Recipe.model_fields if f in {s.name for s in STAGES}]
 
 
@@ -76,4 +76,4 @@ def test_the_stages_folder_holds_only_stages():
     import ztt_cli.stages as package
 
     modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__"}
-    assert modules == {c.module().__name__.rpartition(".")[2] for c in (*STAGES, GENERATE)}
+    assert modules == {c.module().__name__.rpartition(".")[2] for c in COMMANDS}
