@@ -177,7 +177,8 @@ def into_docs(report: dict, page: Path) -> None:
     start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
     meta = report["meta"]
     block = (f"\n`python bench/plan.py` at {meta['commit'][:7]}, {meta['date']}, {meta['cpus']} CPUs, torch "
-             f"{meta['torch']}; the synthetic rows measured by bench/memory.py at {report['memory_json_commit'][:7]}."
+             f"{meta['torch']}; the synthetic rows measured by bench/memory.py at {report['memory_json_commit'][:7]} "
+             "(the streamed fitted drops at the commit their path names in memory.json)."
              f"\n\n{table(report['rows'])}\n")
     page.write_text(text[:start] + block + text[end:])
 
