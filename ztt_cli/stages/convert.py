@@ -15,7 +15,7 @@ from ..errors import LayoutError, SourceError, ZTTError
 from ..events import Event, Progress, silent
 from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
-from ..io.data import CALIBRATION, prepare
+from ..io.data import CALIBRATION, parse_spec, prepare
 from ..io.lazy import LazySource, open_lazy, write_weights
 from ..io.provenance import PROVENANCE, Card, CardSection, stage_record, write_model_card
 from ..io.samples import sampling_for, sampling_progress, source_samples
@@ -188,7 +188,7 @@ def _streams(opts: ConvertOptions) -> bool:
     if opts.relax_rank or opts.init == GROW:
         return False
     if opts.drop is not None:  # a fit on text the source samples would decode with one layer resident
-        return not (_fits(opts) and opts.fit_data is not None and "source-samples" in opts.fit_data)
+        return not (_fits(opts) and opts.fit_data is not None and any(p.samples for p in parse_spec(opts.fit_data)))
     return opts.init != "auto" and not opts.fit
 
 
@@ -365,16 +365,21 @@ def _source_sampler(opts: ConvertOptions, source: _Source, progress: Progress):
     return sample
 
 
-def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausalLM:
+def ztt_config(opts: ConvertOptions, source_config, layout: Layout) -> ZTTConfig:
+    """The config of the model ``opts`` make of a source with ``source_config`` (after a drop: the kept
+    layers') in ``layout``."""
     grown = opts.init == GROW
     # the source config, unrolled: one entry per position, each from the layer it reproduces
-    text_config = remap_layers(source.model.config, [slot.attribute for slot in layout.slots(grown)])
-    config = ZTTConfig(
+    text_config = remap_layers(source_config, [slot.attribute for slot in layout.slots(grown)])
+    return ZTTConfig(
         text_config=text_config.to_dict(), head=layout.head, block=layout.block, cycles=layout.cycles,
         tail=layout.tail, pool=opts.pool and opts.drop is None,  # one cycle: nothing to exit from
         grown=grown, relax_rank=opts.relax_rank, zero_logit_log_n=opts.log_n, dtype=TORCH_DTYPE_NAMES[opts.dtype],
     )
-    ztt = ZTTForCausalLM(config, source=source.model).eval()
+
+
+def _build(opts: ConvertOptions, source: _Source, layout: Layout) -> ZTTForCausalLM:
+    ztt = ZTTForCausalLM(ztt_config(opts, source.model.config, layout), source=source.model).eval()
     if ztt.pool is not None:  # the zero-token keys are random: seeded, so a conversion is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)

@@ -43,7 +43,6 @@ GB = 1e9
 # runtime's host side and its context on the device (typical figures, not measured here)
 FLOOR = {"cpu": 0.40 * GB, "cuda": 1.5 * GB}
 CUDA_CONTEXT = 0.5 * GB
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 # per trained element: its fp32 gradient and AdamW's two moments
 TRAIN_STATE = 3
 # what a decoder layer keeps per token for the backward pass, in fp32 hidden-size units, when the
@@ -159,7 +158,8 @@ def _stored_bytes(folder: Path, config) -> int:
     dtypes = stored_dtypes(folder)
     if dtypes:
         return max({"F32": 4, "F64": 8}.get(d, 2) for d in dtypes)
-    return DTYPE_BYTES.get(getattr(config, "dtype", None) or torch.float32, 4)
+    dtype = getattr(config, "dtype", None) or "float32"
+    return (dtype if isinstance(dtype, torch.dtype) else torch_dtype(str(dtype))).itemsize
 
 
 def read_shape(ref: str, dtype: torch.dtype = torch.float32) -> Shape:
@@ -182,22 +182,14 @@ def read_shape(ref: str, dtype: torch.dtype = torch.float32) -> Shape:
 
 
 def student(shape: Shape, convert) -> tuple[torch.nn.Module, Layout]:
-    """The model ``convert`` makes of the source, on the meta device (its layout as convert derives it)."""
-    from ..model.modeling import ZTTConfig, ZTTForCausalLM
-    from .convert import GROW, _layout, _one_cycle
+    """The model ``convert`` makes of the source, on the meta device (its layout as convert derives it;
+    a drop's kept layers are known once measured, and their sizes are alike)."""
+    from ..model.modeling import ZTTForCausalLM
+    from .convert import _layout, _one_cycle, ztt_config
 
-    layout = _layout(convert, shape.layers)
-    grown = convert.init == GROW
-    if layout is None:
-        layout = _one_cycle(shape.layers - convert.drop)
-    indices = [slot.attribute for slot in layout.slots(grown)]
-    if convert.drop is not None:  # the kept layers (which ones: known once measured; sizes are alike)
-        indices = list(range(layout.depth))
-    config = ZTTConfig(text_config=remap_layers(shape.config, indices).to_dict(), head=layout.head,
-                       block=layout.block, cycles=layout.cycles, tail=layout.tail,
-                       pool=convert.pool and convert.drop is None, grown=grown, relax_rank=convert.relax_rank)
+    layout = _layout(convert, shape.layers) or _one_cycle(shape.layers - convert.drop)
     with torch.device("meta"):
-        return ZTTForCausalLM(config), layout
+        return ZTTForCausalLM(ztt_config(convert, shape.config, layout)), layout
 
 
 def _removed(shape: Shape, convert, layout: Layout) -> list[int]:
@@ -220,7 +212,7 @@ def _params(model: torch.nn.Module) -> int:
 def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
     from .convert import PERPLEXITY_BATCH, _fits, _fits_positions, _streams
 
-    b = DTYPE_BYTES[torch_dtype(opts.dtype)]
+    b = torch_dtype(opts.dtype).itemsize
     parts = {"process": floor}
     streams = _streams(opts) and shape.streams is None
     if streams:
@@ -228,8 +220,8 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
     else:
         parts["source"] = shape.params * b
     parts["two layers"] = 2 * shape.layer_params * b
-    notes = ["streamed: one decoder layer resident" if streams else
-             f"in memory: {shape.streams or 'a fit, growth or an --init auto choice reads the whole source'}"]
+    whole = "growth, relaxation, --init auto or a fit on source samples reads the whole source"
+    notes = ["streamed: one decoder layer resident" if streams else f"in memory: {shape.streams or whole}"]
     if opts.init == "auto" and opts.drop is None:  # each strategy's block, scored by the perplexity
         parts["calibration batch"] = min(opts.calib_windows, 4) * opts.calib_tokens * 3 * shape.vocab * 4
         parts["block tried"] = layout.block * shape.layer_params * b
@@ -266,7 +258,7 @@ def _finetune_need(shape: Shape, model, layout: Layout, removed: list[int], opts
     world, sharded = where["processes"], where["sharding"] == "fsdp" and where["processes"] > 1
     weights = _params(model) * 4  # trained in fp32 (bf16 autocast keeps fp32 weights)
     trained = sum(p.numel() for p in _trained(model, layout, opts, removed, shape.layers)) * 4
-    teacher_b = shape.stored_bytes if opts.teacher_dtype == "auto" else DTYPE_BYTES[torch_dtype(opts.teacher_dtype)]
+    teacher_b = shape.stored_bytes if opts.teacher_dtype == "auto" else torch_dtype(opts.teacher_dtype).itemsize
     teacher = 0 if opts.no_teacher or opts.teacher_top_k else shape.params * teacher_b
     tokens = opts.batch_size * opts.seq_len
     training = {"student": weights / world if sharded else weights, "teacher": teacher,
@@ -509,7 +501,7 @@ def plan(opts: PlanOptions, progress: Progress = silent) -> PlanResult:
         needs.append(_inference_need("eval", shape, model, layout, e.batch_size, context, where,
                                      source=e.compare is not None))
     if "export" in stage_opts:
-        weights = _params(model) * DTYPE_BYTES[torch_dtype(stage_opts["export"].dtype)]
+        weights = _params(model) * torch_dtype(stage_opts["export"].dtype).itemsize
         needs.append(Need("export", {"process": FLOOR["cpu"], "checkpoint": weights}))
     for need in needs:
         if measured is not None and need.stage in ("finetune", "calibrate", "eval"):
