@@ -36,10 +36,15 @@ def test_a_streamed_conversion_does_not_grow_with_depth_and_an_in_memory_one_doe
     _deep_source(tmp_path / "src32", 32)
     streamed = [_needs(tmp_path / f"src{n}", "convert.drop=2", "convert.fit=false")["convert"] for n in (8, 32)]
     fitted = [_needs(tmp_path / f"src{n}", "convert.drop=2")["convert"] for n in (8, 32)]
-    whole = [_needs(tmp_path / f"src{n}", "convert.init=grow")["convert"] for n in (8, 32)]
+    grown = [_needs(tmp_path / f"src{n}", "convert.init=grow", "convert.head=1", "convert.block=3",
+                    "convert.cycles=2", "convert.tail=1", "convert.fit=true", "convert.relax_rank=4")["convert"]
+             for n in (8, 32)]
+    whole = [_needs(tmp_path / f"src{n}", "convert.init=lower", "convert.head=1", f"convert.block={(n - 2) // 2}",
+                    "convert.cycles=2", "convert.tail=1", "convert.relax_rank=4")["convert"] for n in (8, 32)]
     assert streamed[0].host == streamed[1].host and "source" not in streamed[0].parts
     assert fitted[0].host == fitted[1].host and fitted[0].host > streamed[0].host
-    assert fitted[0].parts["folded layer"] == layer and "fit batch" in fitted[0].parts
+    assert "fit batch" in fitted[0].parts and "source" not in fitted[0].parts
+    assert grown[0].host == grown[1].host and "added cycles' backward" in grown[0].parts
     assert whole[1].parts["source"] - whole[0].parts["source"] == pytest.approx(24 * layer, rel=1e-6)
 
 

@@ -20,10 +20,11 @@ import contextlib
 import functools
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import CheckpointError
@@ -155,16 +156,18 @@ class LazySource:
                                   f"{tuple(like.shape)}", hint=CORRUPT)
         return tensor.to(like.dtype) if tensor.is_floating_point() else tensor
 
-    def materialise(self, module: nn.Module, skip: frozenset[int] = frozenset()) -> dict:
+    def materialise(self, module: nn.Module, skip: frozenset[int] = frozenset(),
+                    read: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """Give ``module``'s meta tensors their weights (but those of the modules in ``skip``, by
-        identity); what :meth:`release` takes to put them back."""
+        identity): ``read(meta)``, by default the checkpoint tensor it was built from; what
+        :meth:`release` takes to put them back."""
         saved = {}
         for owners in _owners(module, skip).values():
             first, name, _ = owners[0]
             meta = getattr(first, name)
             if not meta.is_meta:
                 continue
-            value = self.read(self._keys[id(meta)], meta)
+            value = read(meta) if read is not None else self.read(self._keys[id(meta)], meta)
             if isinstance(meta, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=False)
             value._is_hf_initialized = True  # loaded, as from_pretrained marks it: a later post_init keeps it
@@ -180,9 +183,36 @@ class LazySource:
             (owner._parameters if isinstance(meta, nn.Parameter) else owner._buffers)[attr] = meta
 
     @contextlib.contextmanager
-    def offloaded(self):
+    def holding(self, module: nn.Module, spill_to: Path | None = None):
+        """Within: ``module`` has its weights. After: back on the meta device, its tensors as they are
+        then (changed within, e.g. a fit folded into them) written to a file in ``spill_to`` and read
+        from there from then on, by every later read of their keys."""
+        from safetensors.torch import save_file
+
+        saved = self.materialise(module)
+        try:
+            yield module
+            if spill_to is not None and saved:
+                tensors = {self._keys[id(meta)]: getattr(owner, attr) for owner, attr, meta in saved.values()}
+                path = Path(spill_to) / f"spilled-{len(list(Path(spill_to).glob('spilled-*')))}.safetensors"
+                save_file({key: t.detach().contiguous() for key, t in tensors.items()}, str(path))
+                self.files.update(dict.fromkeys(tensors, path))
+        finally:
+            self.release(saved)
+
+    @contextlib.contextmanager
+    def offloaded(self, around: Iterable[tuple[nn.Module, nn.Module]] = (),
+                  read: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  replay: Callable[[], Callable[[], contextlib.AbstractContextManager]] | None = None):
         """Within: each decoder layer has its weights for its forward call only (a forward pre-hook
-        reads them, a forward hook puts the layer back on the meta device)."""
+        reads them, a forward hook puts the layer back on the meta device).
+
+        ``around``: (caller, layer) pairs, a module that calls a decoder layer (with more around the
+        call) and that layer. The caller's whole call gets the layer's weights, by ``read`` if given
+        (see :meth:`materialise`). Where gradients are taken, the call is recomputed in the backward
+        pass (activation checkpointing), so that a backward pass, too, holds one layer at a time;
+        ``replay()``, asked at the call, gives the context its recompute must run under (the
+        caller's settings as they were)."""
         held: dict[int, dict] = {}
 
         def load(layer, args):
@@ -193,13 +223,36 @@ class LazySource:
 
         handles = [h for layer in self._layers for h in (layer.register_forward_pre_hook(load),
                                                          layer.register_forward_hook(drop, always_call=True))]
+        around = list(around)
+        for caller, layer in around:
+            caller.forward = self._with_weights(caller.forward, layer, read, replay or (lambda: contextlib.nullcontext))
         try:
             yield self.model
         finally:
             for h in handles:
                 h.remove()
+            for caller, _ in around:
+                del caller.forward  # the class's own again
             for saved in held.values():
                 self.release(saved)
+
+    def _with_weights(self, forward: Callable, layer: nn.Module, read, replay) -> Callable:
+        """``forward`` with ``layer``'s weights for the call, recomputed in the backward pass."""
+        def run(under, *args, **kwargs):
+            saved = self.materialise(layer, read=read)
+            try:
+                with under():
+                    return forward(*args, **kwargs)
+            finally:
+                self.release(saved)
+
+        def call(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return run(contextlib.nullcontext, *args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(functools.partial(run, replay()), *args, use_reentrant=False,
+                                                     **kwargs)
+
+        return call
 
 
 def _checkpoint_keys(model: nn.Module, files: dict[str, Path]) -> tuple[dict[int, str], str | None]:

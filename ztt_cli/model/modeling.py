@@ -22,6 +22,7 @@ writes nothing to its KV-cache slot, and nothing ever reads that slot.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -214,6 +215,11 @@ class LayerSlot(nn.Module):
             # bound methods and partials, not closures: a deep copy of the model rebinds them to its own
             self._kv_hook = self._copied_kv
             self._sink = partial(model._record.put, self.cycle, self.zero_index)
+
+    @property
+    def layer(self) -> nn.Module:
+        """The decoder layer this position runs (shared by every cycle of a block position)."""
+        return self._refs[0]
 
     def _copied_kv(self, key, value, q_len):
         return self._refs[2]._record.exits.kv_hook(self.cycle, self.position, key, value, q_len)
@@ -425,6 +431,25 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
             yield self
         finally:
             self._record.pool_on = before
+
+    def settings_now(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """A context (factory) that runs within the forward pass's settings as they are now: the pool on
+        or off, the cycles it exits after, the zero attention it reads. A position recomputed in the
+        backward pass, checkpointed around its slot, must see them again. (Per-token exits are not
+        replayed: their state moves on as the pass runs.)"""
+        record = self._record
+        now = (record.pool_on, record.exit_after, record.zero_cycles)
+
+        @contextlib.contextmanager
+        def again():
+            before = (record.pool_on, record.exit_after, record.zero_cycles)
+            record.pool_on, record.exit_after, record.zero_cycles = now
+            try:
+                yield
+            finally:
+                record.pool_on, record.exit_after, record.zero_cycles = before
+
+        return again
 
     @property
     def exit_policy(self) -> ExitPolicy:

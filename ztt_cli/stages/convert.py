@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,10 +27,10 @@ from ..model.layout import Layout
 from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
-from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position
+from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position, resident
 from ..surgery.init import load_block, mean_state
 from ..surgery.positions import States, fit_added_cycles, fit_positions, gather_states
-from ..surgery.strategies import GROW, source_layers
+from ..surgery.strategies import GROW, INIT_STRATEGIES, source_layers
 from ..training.quality import perplexity
 from . import ConvertOptions
 
@@ -179,17 +180,22 @@ class _Source:
     params: int
     lazy: LazySource | None = None  # the source read on demand: a streamed conversion (:func:`_streams`)
 
+    def hold(self, layer: torch.nn.Module, spill_to: Path | None = None):
+        """Within: ``layer`` has its weights (read for it if the source is read on demand, and then
+        what changed in them kept in a file in ``spill_to``: :meth:`LazySource.holding`)."""
+        return self.lazy.holding(layer, spill_to) if self.lazy is not None else resident(layer)
+
 
 def _streams(opts: ConvertOptions) -> bool:
-    """Whether the output is the source's own tensors (as they are, or averaged by an init strategy)
-    and the build's seeded ones: a drop without fit, or a shared block by a fixed init strategy
-    without fit, relaxation or growth. Then the source is read lazily, the block influence runs one
-    layer at a time and the output is written shard by shard (the same bytes as the in-memory path)."""
-    if opts.relax_rank or opts.init == GROW:
+    """Whether the source is read lazily: then what convert computes on it (the block influence, a
+    fit, ``--init auto``'s scores, a grown model's added cycles) runs with one layer resident at a
+    time and the output is written shard by shard (the same bytes as the in-memory path). Not for a
+    relaxed shared block (its positions start at the differences between every block layer and the
+    shared one), nor for a fit on text the source samples (decoding token by token would read every
+    layer again for each token)."""
+    if opts.relax_rank and opts.init != GROW:
         return False
-    if opts.drop is not None:  # a fit on text the source samples would decode with one layer resident
-        return not (_fits(opts) and opts.fit_data is not None and any(p.samples for p in parse_spec(opts.fit_data)))
-    return opts.init != "auto" and not opts.fit
+    return not (_fits(opts) and opts.fit_data is not None and any(p.samples for p in parse_spec(opts.fit_data)))
 
 
 def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
@@ -252,7 +258,7 @@ PERPLEXITY_BATCH = 1  # one window at a time: its logits are a fit's largest all
 
 
 def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int | None, progress: Progress,
-                   grown: Layout | None = None, scratch: Path | None = None) -> _Removal:
+                   scratch: Path, grown: Layout | None = None) -> _Removal:
     """Remove ``n_drop`` source layers as ``--select`` chooses them, fitted if it fits (on a ``grown``
     layout, a map that lands on a block layer waits for its position, and the source's states entering
     the tail are kept in ``scratch`` for the added cycles: :func:`_fit_grown`)."""
@@ -275,13 +281,10 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
                               "layers the block shares, and each is kept as its own position's delta",
                               hint="give {relax_rank} r (the rank the maps are kept at), or leave out {fit}",
                               fields=("fit", "relax_rank"))
-    if source.lazy is not None:  # streamed: the layers the maps fold into stay resident, folded in place
-        for gap in gaps(removal.dropped):
-            if gap.into is not None:
-                source.lazy.materialise(source.family.layer_list(source.model)[gap.into])
     windows, data = _fit_windows(opts, source, progress)  # on the full source: its own activations
     progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
-    removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data)
+    removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data,
+                           hold=source.hold)
     if grown is not None and grown.cycles > 1 and opts.fit_added:
         progress(Event.status("reading the source's states entering the tail"))
         at = n_layers - grown.tail
@@ -290,7 +293,8 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
     removal.windows = windows
     progress(Event.status("measuring the plain drop"))
     removal.fit.report.perplexity_before = perplexity(source.model, windows[:PERPLEXITY_WINDOWS], PERPLEXITY_BATCH)
-    apply_drop_fit(source.model, source.family, removal.fit, kept, frozenset(removal.shared))
+    apply_drop_fit(source.model, source.family, removal.fit, kept, frozenset(removal.shared),
+                   hold=partial(source.hold, spill_to=scratch))  # read on demand: each folded layer kept on disk
     return removal
 
 
@@ -312,14 +316,15 @@ def _fit_positions(opts: ConvertOptions, ztt: ZTTForCausalLM, states: States, wi
     return report.record()
 
 
-def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, layout: Layout,
+def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, layout: Layout, source: _Source,
                progress: Progress) -> None:
     """After the build: the maps that land on shared layers go into cycle 1's deltas there, a grown
     model's added cycles are fitted to the span the drop removed, and the fitted model's perplexity
     is measured."""
     fit = removal.fit
     for source_layer, j in removal.shared.items():
-        keep_in_position(fit, source_layer, ztt.layers[layout.head + j], ztt.relax.positions[j], cycle=1)
+        with source.hold(ztt.layers[layout.head + j]) as layer:
+            keep_in_position(fit, source_layer, layer, ztt.relax.positions[j], cycle=1)
     if removal.tail_states is not None:
         progress(Event.status(f"fitting the added cycles ({opts.fit_steps} steps)"))
         added = fit_added_cycles(ztt, removal.windows, removal.tail_states, opts.fit_steps, opts.fit_lr,
@@ -444,7 +449,7 @@ def _origins(ztt: ZTTForCausalLM, lazy: LazySource, layout: Layout, layers: list
     """Each output tensor's checkpoint keys: the source tensor it is, or for a shared block layer the
     source layers its init strategy takes (averaged if several); none for what the build made (the pool)."""
     origins = {key: [lazy.key_of(t)] for key, t in ztt.state_dict(keep_vars=True).items() if lazy.key_of(t)}
-    if init != "lower":  # lower: each block layer is the source layer it was built around
+    if init not in ("lower", GROW):  # lower and grow: each block layer is the source layer it was built around
         names = {id(m): name for name, m in ztt.named_modules()}
         plan = source_layers(layout, len(layers), init)
         for u in range(layout.head, layout.head + layout.block):
@@ -454,38 +459,82 @@ def _origins(ztt: ZTTForCausalLM, lazy: LazySource, layout: Layout, layers: list
     return origins
 
 
+def _mean(lazy: LazySource, keys: list[str], like: torch.Tensor) -> torch.Tensor:
+    """The mean of checkpoint tensors ``keys`` in the dtype of ``like``, as the init strategies average."""
+    return mean_state([{"t": lazy.read(key, like)} for key in keys])["t"]
+
+
+def _offloaded(lazy: LazySource, ztt: ZTTForCausalLM, origins: dict[str, list[str]] | None = None):
+    """``lazy.offloaded`` for the converted model: each position has its layer's weights for its call
+    (its tensors from ``origins`` if given), recomputed where a fit takes gradients."""
+    read = None
+    if origins is not None:
+        by_id = {id(t): origins[k] for k, t in ztt.state_dict(keep_vars=True).items() if k in origins}
+        read = lambda meta: _mean(lazy, by_id[id(meta)], meta)  # noqa: E731
+    return lazy.offloaded(around=[(slot, slot.layer) for slot in ztt.family.layer_list(ztt.inner)], read=read,
+                          replay=ztt.settings_now)
+
+
+def _score_streamed(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layout: Layout, layers: list,
+                    progress: Progress) -> tuple[str, dict[str, float]]:
+    """``--init auto`` on a lazily read source: each strategy's calibration perplexity, its block
+    layers averaged as they run (what :func:`load_block` scores in memory)."""
+    if opts.init != "auto":
+        return opts.init, {}
+    scores = {}
+    for strategy in INIT_STRATEGIES:
+        progress(Event.status(f"trying --init {strategy}"))
+        with _offloaded(source.lazy, ztt, _origins(ztt, source.lazy, layout, layers, strategy)):
+            scores[strategy] = perplexity(ztt, source.windows)
+    return min(scores, key=scores.get), scores
+
+
+def _remove(opts: ConvertOptions, source: _Source, layout: Layout | None, scratch: Path,
+            progress: Progress) -> tuple[_Removal, Layout]:
+    """The layers a drop, or a grown layout with fewer layers than the source, removes (fitted if it
+    fits), and the layout of what stays."""
+    n_layers = source.config.num_hidden_layers
+    if opts.drop is not None:
+        return _remove_layers(opts, source, opts.drop, opts.tail, progress, scratch), _one_cycle(n_layers - opts.drop)
+    if opts.init == GROW and layout.unique_layers < n_layers:
+        return _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress, scratch,
+                              grown=layout), layout
+    return _Removal([], None), layout
+
+
 def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | None, max_shard: int,
                       progress: Progress) -> ConvertResult:
-    """:func:`convert` on a lazily read source: the block influence with one layer resident at a
-    time, the output built on the meta device and written shard by shard from the source's tensors."""
-    n_layers, lazy = source.config.num_hidden_layers, source.lazy
-    removal = _Removal([], None)
-    if opts.drop is not None:
+    """:func:`convert` on a lazily read source: what runs on the source runs one layer at a time, the
+    output is built on the meta device and written shard by shard from the source's tensors."""
+    lazy = source.lazy
+    # the source's states a fit reads, and the layers a fit folds into (read from there when written)
+    with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:
         with lazy.offloaded():
-            removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
-        layout = _one_cycle(n_layers - opts.drop)
-    layers = list(source.family.layer_list(source.model))
-    ztt = _build(opts, source, layout)
-    if removal.fit is not None:
-        with lazy.offloaded():
-            _fit_grown(opts, removal, ztt, layout, progress)
-    init = "lower" if opts.drop is not None else opts.init
-    origins = _origins(ztt, lazy, layout, layers, init)
+            removal, layout = _remove(opts, source, layout, Path(tmp), progress)
+        layers = list(source.family.layer_list(source.model))
+        ztt = _build(opts, source, layout)
+        init, scores = ("lower", {}) if opts.drop is not None else _score_streamed(opts, ztt, source, layout,
+                                                                                    layers, progress)
+        if removal.fit is not None:
+            with _offloaded(lazy, ztt):
+                _fit_grown(opts, removal, ztt, layout, source, progress)
+        origins = _origins(ztt, lazy, layout, layers, init)
 
-    def tensor(key: str, value: torch.Tensor) -> torch.Tensor:
-        keys = origins.get(key, [])
-        if not value.is_meta and len(keys) <= 1:  # resident (embeddings, norm, head) or built (the pool)
-            return value
-        if not keys:
-            raise RuntimeError(f"no source tensor for '{key}'")
-        return mean_state([{key: lazy.read(k, value)} for k in keys])[key]
+        def tensor(key: str, value: torch.Tensor) -> torch.Tensor:
+            keys = origins.get(key, [])
+            if not value.is_meta and len(keys) <= 1:  # resident (embeddings, norm, head) or built (the pool)
+                return value
+            if not keys:
+                raise RuntimeError(f"no source tensor for '{key}'")
+            return _mean(lazy, keys, value)
 
-    result = ConvertResult(
-        out=opts.out, source=source.ref, layout=layout, init=init, init_scores={}, source_layers=n_layers,
-        source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
-        dropped=removal.dropped, block_influence=removal.influence, fit=removal.record(),
-    )
-    return _write(opts, source, result, lambda tmp: write_weights(ztt, tmp, max_shard, tensor), progress)
+        result = ConvertResult(
+            out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores,
+            source_layers=source.config.num_hidden_layers, source_params=source.params,
+            params=ztt.parameter_counts(), weights_sha256="", dropped=removal.dropped,
+            block_influence=removal.influence, fit=removal.record(),
+        )
+        return _write(opts, source, result, lambda out: write_weights(ztt, out, max_shard, tensor), progress)
 
 
 def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
@@ -496,13 +545,7 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
         return _convert_streamed(opts, source, layout, max_shard, progress)
     n_layers = source.config.num_hidden_layers
     with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:  # the source's states a fit reads
-        removal = _Removal([], None)
-        if opts.drop is not None:
-            removal = _remove_layers(opts, source, opts.drop, opts.tail, progress)
-            layout = _one_cycle(n_layers - opts.drop)
-        elif opts.init == GROW and layout.unique_layers < n_layers:
-            removal = _remove_layers(opts, source, n_layers - layout.unique_layers, layout.tail, progress,
-                                     grown=layout, scratch=Path(tmp))
+        removal, layout = _remove(opts, source, layout, Path(tmp), progress)
         layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
         if _fits_positions(opts):  # the source's states entering each middle layer, before the build takes it
             windows, data = _fit_windows(opts, source, progress)
@@ -512,7 +555,7 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
         ztt = _build(opts, source, layout)
         init, scores = _initialise(opts, ztt, source, layout, layers, progress)
         if removal.fit is not None:
-            _fit_grown(opts, removal, ztt, layout, progress)
+            _fit_grown(opts, removal, ztt, layout, source, progress)
         fit = removal.record()
         if _fits_positions(opts):
             fit = _fit_positions(opts, ztt, states, windows, data, progress)

@@ -220,16 +220,20 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
     else:
         parts["source"] = shape.params * b
     parts["two layers"] = 2 * shape.layer_params * b
-    whole = "growth, relaxation, --init auto or a fit on source samples reads the whole source"
+    whole = "a relaxed shared block or a fit on source samples reads the whole source"
     notes = ["streamed: one decoder layer resident" if streams else f"in memory: {shape.streams or whole}"]
     if opts.init == "auto" and opts.drop is None:  # each strategy's block, scored by the perplexity
         parts["calibration batch"] = min(opts.calib_windows, 4) * opts.calib_tokens * 3 * shape.vocab * 4
-        parts["block tried"] = layout.block * shape.layer_params * b
+        if not streams:  # streamed, each block layer is averaged as it runs
+            parts["block tried"] = layout.block * shape.layer_params * b
     if _fits(opts) or _fits_positions(opts):  # its pass's states, and its perplexity's logits (3 copies)
         window = min(opts.fit_window, getattr(shape.config, "max_position_embeddings", None) or opts.fit_window)
         parts["fit batch"] = window * (PERPLEXITY_BATCH * 3 * shape.vocab + FIT_BATCH * 4 * shape.hidden) * 4
-        if streams:  # the layer each map folds into stays resident (one span removed: one layer)
-            parts["folded layer"] = shape.layer_params * b
+        if opts.init == "grow" and layout.cycles > 1 and opts.fit_added:  # backward through the block's positions
+            positions = layout.block * layout.cycles
+            per_token = (2 * positions * shape.hidden * 4 + SAVED_PER_HIDDEN * shape.hidden * 4 if streams
+                         else positions * SAVED_PER_HIDDEN * shape.hidden * 4)  # streamed: each recomputed
+            parts["added cycles' backward"] = FIT_BATCH * window * per_token
     return Need("convert", parts, notes=notes)
 
 

@@ -35,8 +35,10 @@ MLP, as in Gemma 3) is refused in one line, and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -336,15 +338,27 @@ class DropFit:
     statistics: dict[int, _GapStatistics] = field(default_factory=dict)  # source layer -> its gap's sums
 
 
+Hold = Callable[[nn.Module], contextlib.AbstractContextManager]  # a layer's weights held in memory within
+
+
+def resident(layer: nn.Module) -> contextlib.AbstractContextManager:
+    """The :data:`Hold` of a model in memory: its layers hold their weights anyway."""
+    return contextlib.nullcontext(layer)
+
+
 def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: float, data: str,
-             batch_size: int = 4) -> DropFit:
+             batch_size: int = 4, hold: Hold = resident) -> DropFit:
     """The maps of a drop of ``dropped`` from the full source ``model`` (before it is cut), fitted on
-    ``windows`` [n, window] of calibration tokens."""
+    ``windows`` [n, window] of calibration tokens; each layer a map folds into is checked within
+    ``hold(layer)`` (a model read on demand gives it its weights there)."""
     start = time.perf_counter()
     all_gaps = gaps(dropped)
     fitted = [g for g in all_gaps if g.into is not None]
     probe = windows[:1, : min(32, windows.shape[1])]
-    folds = {g.into: check_fold(model, family, g.into, find_mlp(model, family, g.into, probe), probe) for g in fitted}
+    folds = {}
+    for g in fitted:
+        with hold(family.layer_list(model)[g.into]):
+            folds[g.into] = check_fold(model, family, g.into, find_mlp(model, family, g.into, probe), probe)
     stats = _gather(model, family, fitted, {i: fold.mlp for i, fold in folds.items()}, windows, batch_size)
     maps, records, by_layer = {}, [], {}
     for gap in all_gaps:
@@ -363,15 +377,17 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
 
 
 @torch.no_grad()
-def apply_drop_fit(model, family, fit: DropFit, kept: list[int], shared: frozenset[int] = frozenset()) -> None:
-    """Fold each map into its layer's MLP output weights, in the model cut to the ``kept`` source
-    layers (in order); the maps of ``shared`` source layers are left for :func:`keep_in_position`."""
+def apply_drop_fit(model, family, fit: DropFit, kept: list[int], shared: frozenset[int] = frozenset(),
+                   hold: Hold = resident) -> None:
+    """Fold each map into its layer's MLP output weights (within ``hold(layer)``), in the model cut to
+    the ``kept`` source layers (in order); the maps of ``shared`` source layers are left for
+    :func:`keep_in_position`."""
     layers = family.layer_list(model)
     hidden = model.config.hidden_size
     for source_layer, d in fit.maps.items():
         if source_layer not in shared:
-            weights = fit.folds[source_layer].weights(layers[kept.index(source_layer)], hidden)
-            _fold(weights, torch.eye(hidden, dtype=torch.float64) + d)
+            with hold(layers[kept.index(source_layer)]) as layer:
+                _fold(fit.folds[source_layer].weights(layer, hidden), torch.eye(hidden, dtype=torch.float64) + d)
 
 
 def reduced_rank(stats: _GapStatistics, d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
