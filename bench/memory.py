@@ -8,6 +8,8 @@ plus the built-in SmolLM2-135M for healing. For every source and conversion path
   * grown ZTT     `ztt convert SRC --init grow --head h --block k --cycles 2 --tail h` (h = L/6, k = L-N-2h)
   * load source   the source loaded as convert loads it, nothing else
   * ZTT, lower    `ztt convert SRC --init lower` on the derived layout (a fixed init; not run by default)
+  * grown, fitted the grown ZTT with `--fit --relax-rank 8 --fit-steps 4` (its added cycle fitted; not by default)
+  * ZTT, auto     `ztt convert SRC --init auto` on the derived layout (each strategy scored; not by default)
 and `ztt finetune` for a few steps with each `--trainable` choice on a converted ZTT (SmolLM2's 10/5×2/10 as
 the demo converts it, and one synthetic source). Each row is set against the goal the issue sets for
 streaming conversion: peak ≤ 3 × largest layer + embeddings + 0.7 GB, from the checkpoint's tensor sizes.
@@ -51,7 +53,7 @@ GB = 1e9
 GOAL_SLACK = 0.7 * GB  # the goal's allowance for the interpreter, torch and the calibration activations
 TIME = "/usr/bin/time"  # GNU time
 SAMPLE_S = 0.05  # how often a run's anonymous and file-backed RSS are read (their peaks are sampled, not exact)
-CASES = ["load", "plain", "fitted", "grown", "lower"]
+CASES = ["load", "plain", "fitted", "grown", "lower", "grown-fitted", "auto"]
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a source's model.layers.N., a ZTT's layers.N.
 ZTT = str(Path(sys.executable).parent / "ztt")
 TRAINABLE = typing.get_args(FinetuneOptions.model_fields["trainable"].annotation)
@@ -149,6 +151,13 @@ def convert_cases(src: Path, n_layers: int, args) -> dict[str, list[str]]:
         "grown": (f"grown {head}/{block}x2/{tail}", ["--init", "grow", "--head", str(head), "--block", str(block),
                                                      "--cycles", "2", "--tail", str(tail)]),
         "lower": ("ZTT, init lower", ["--init", "lower"]),  # a fixed init on the derived layout (L/3 each side)
+        # the grown model fitted: the drop's maps (rank 8 where one lands on a block layer) and its added cycle
+        # by gradient through the block (4 Adam steps: the peak is a step's, and 64 take an hour here)
+        "grown-fitted": (f"grown {head}/{block}x2/{tail}, fitted",
+                         ["--init", "grow", "--head", str(head), "--block", str(block), "--cycles", "2", "--tail",
+                          str(tail), "--fit", "--relax-rank", "8", "--fit-tokens", str(args.fit_tokens),
+                          "--fit-steps", "4"]),
+        "auto": ("ZTT, init auto", ["--init", "auto"]),  # each strategy scored on the derived layout
     }
     commands = {label: [ZTT, "convert", str(src), *extra, "--overwrite"] for key, (label, extra) in cases.items()
                 if key in args.cases}
