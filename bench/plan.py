@@ -98,8 +98,8 @@ def from_memory_json(path: Path) -> list[dict]:
     for r in report["convert"]:
         if r.get("path", "head") not in ("head", "streaming", "streamed") or r["case"] == "load source" or r["rc"]:
             continue
-        if r["case"].startswith("fitted") and r.get("path", "head") != "streamed":
-            continue  # measured before the fitted drop streamed with one window's logits ("streamed" since)
+        if r["case"].startswith(("fitted", "grown", "ZTT, init auto")) and r.get("path", "head") != "streamed":
+            continue  # measured before these streamed (the fitted drop with one window's logits): "streamed" since
         cmd = shlex.split(r["cmd"])
         flags = [f for f in cmd[3:] if f not in ("--overwrite",)]
         flags = flags[: flags.index("--out")] + flags[flags.index("--out") + 2:] if "--out" in flags else flags

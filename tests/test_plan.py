@@ -39,8 +39,8 @@ def test_a_streamed_conversion_does_not_grow_with_depth_and_an_in_memory_one_doe
     grown = [_needs(tmp_path / f"src{n}", "convert.init=grow", "convert.head=1", "convert.block=3",
                     "convert.cycles=2", "convert.tail=1", "convert.fit=true", "convert.relax_rank=4")["convert"]
              for n in (8, 32)]
-    whole = [_needs(tmp_path / f"src{n}", "convert.init=lower", "convert.head=1", f"convert.block={(n - 2) // 2}",
-                    "convert.cycles=2", "convert.tail=1", "convert.relax_rank=4")["convert"] for n in (8, 32)]
+    whole = [_needs(tmp_path / f"src{n}", "convert.drop=2", "convert.fit_data=source-samples:4096")["convert"]
+             for n in (8, 32)]
     assert streamed[0].host == streamed[1].host and "source" not in streamed[0].parts
     assert fitted[0].host == fitted[1].host and fitted[0].host > streamed[0].host
     assert "fit batch" in fitted[0].parts and "source" not in fitted[0].parts

@@ -131,6 +131,14 @@ CYCLED = {  # a grown model (a drop with added cycles), plain and fitted, and --
                                            fit_lr=1e-2, **GROWN)),
     "grown-fitted-qwen2": ("qwen2", dict(cycles=2, fit=True, fit_steps=4, **GROWN)),
     "auto": ("llama", dict(init="auto", head=1, block=2, cycles=2, tail=1)),
+    # a relaxed shared block: each position starts at its source layer's difference from the shared one
+    # (two layers read at a time), and with --fit each is fitted to that layer's states (files on disk)
+    "relaxed-average": ("llama", dict(init="average", head=1, block=2, cycles=2, tail=1, relax_rank=4)),
+    "relaxed-auto-gpt2": ("gpt2", dict(init="auto", head=1, block=2, cycles=2, tail=1, relax_rank=3)),
+    "relaxed-fitted-own": ("llama", dict(init="stepwise", head=1, block=2, cycles=2, tail=1, relax_rank=4, fit=True,
+                                         fit_steps=3, fit_tokens=256, fit_window=32, fit_inputs="own")),
+    "relaxed-fitted-qwen2": ("qwen2", dict(init="lower", head=1, block=1, cycles=4, tail=1, relax_rank=2, fit=True,
+                                           fit_steps=3, fit_tokens=256, fit_window=32)),
     "auto-bf16-gpt2": ("gpt2", dict(init="auto", head=1, block=1, cycles=4, tail=1, dtype="bf16")),
 }
 
@@ -149,7 +157,7 @@ def test_a_streamed_cycled_model_is_the_in_memory_one(case, tmp_path, monkeypatc
     if options["init"] == "auto":
         assert len(metrics["init_perplexity"]) > 1
     if options.get("fit"):
-        assert "added_cycles" in metrics["fit"]
+        assert "added_cycles" in metrics["fit"] if options["init"] == "grow" else metrics["fit"]["positions"]
 
 
 @pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("qwen2", torch.bfloat16),

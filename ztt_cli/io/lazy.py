@@ -183,13 +183,15 @@ class LazySource:
             (owner._parameters if isinstance(meta, nn.Parameter) else owner._buffers)[attr] = meta
 
     @contextlib.contextmanager
-    def holding(self, module: nn.Module, spill_to: Path | None = None):
-        """Within: ``module`` has its weights. After: back on the meta device, its tensors as they are
-        then (changed within, e.g. a fit folded into them) written to a file in ``spill_to`` and read
-        from there from then on, by every later read of their keys."""
+    def holding(self, module: nn.Module, spill_to: Path | None = None,
+                read: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Within: ``module`` has its weights (by ``read`` if given: see :meth:`materialise`). After:
+        back on the meta device, its tensors as they are then (changed within, e.g. a fit folded into
+        them) written to a file in ``spill_to`` and read from there from then on, by every later read
+        of their keys."""
         from safetensors.torch import save_file
 
-        saved = self.materialise(module)
+        saved = self.materialise(module, read=read)
         try:
             yield module
             if spill_to is not None and saved:

@@ -28,7 +28,7 @@ from ..model.modeling import ZTTConfig, ZTTForCausalLM
 from ..model.signals import NEVER
 from ..surgery.drop import block_influence, dropped_layers, keep_layers
 from ..surgery.fit import DropFit, apply_drop_fit, fit_drop, gaps, keep_in_position, resident
-from ..surgery.init import load_block, mean_state
+from ..surgery.init import load_block, mean_state, start_at_source
 from ..surgery.positions import States, fit_added_cycles, fit_positions, gather_states
 from ..surgery.strategies import GROW, INIT_STRATEGIES, source_layers
 from ..training.quality import perplexity
@@ -188,14 +188,12 @@ class _Source:
 
 def _streams(opts: ConvertOptions) -> bool:
     """Whether the source is read lazily: then what convert computes on it (the block influence, a
-    fit, ``--init auto``'s scores, a grown model's added cycles) runs with one layer resident at a
-    time and the output is written shard by shard (the same bytes as the in-memory path). Not for a
-    relaxed shared block (its positions start at the differences between every block layer and the
-    shared one), nor for a fit on text the source samples (decoding token by token would read every
-    layer again for each token)."""
-    if opts.relax_rank and opts.init != GROW:
-        return False
-    return not (_fits(opts) and opts.fit_data is not None and any(p.samples for p in parse_spec(opts.fit_data)))
+    fit, ``--init auto``'s scores, a grown model's added cycles, a relaxed model's positions) runs
+    with one or two layers resident at a time and the output is written shard by shard (the same
+    bytes as the in-memory path). Not for a fit on text the source samples (decoding token by token
+    would read every layer again for each token)."""
+    return not ((_fits(opts) or _fits_positions(opts)) and opts.fit_data is not None
+                and any(p.samples for p in parse_spec(opts.fit_data)))
 
 
 def _load_source(opts: ConvertOptions, progress: Progress) -> tuple[_Source, Layout | None]:
@@ -314,6 +312,32 @@ def _fit_positions(opts: ConvertOptions, ztt: ZTTForCausalLM, states: States, wi
     report.perplexity_before, report.perplexity_after = before, perplexity(ztt, shown, PERPLEXITY_BATCH)
     report.perplexity_windows = shown.shape[0]
     return report.record()
+
+
+def _position_states(opts: ConvertOptions, source: _Source, layout: Layout, scratch: Path,
+                     progress: Progress) -> tuple[States, torch.Tensor, str] | None:
+    """A relaxed model's fit reads the source's states entering each middle layer (in files in
+    ``scratch``), on the fit's windows: (states, windows, what they are); ``None`` if it does not fit."""
+    if not _fits_positions(opts):
+        return None
+    windows, data = _fit_windows(opts, source, progress)
+    progress(Event.status(f"reading the source's states on {windows.numel():,} tokens"))
+    middle = range(layout.head, layout.head + layout.block * layout.cycles + 1)
+    return gather_states(source.model, source.family, list(middle), windows, scratch), windows, data
+
+
+def _start_positions_streamed(ztt: ZTTForCausalLM, source: _Source, layout: Layout, layers: list,
+                              read: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """A relaxed shared block on a lazily read source: each position starts at the source layer it
+    replaces (:func:`start_at_source`), that layer and the shared one read for it alone (the shared
+    one's tensors by ``read``: its init strategy's; the replaced one's as the source has them)."""
+    lazy = source.lazy
+    for slot in layout.slots():
+        if slot.cycle is not None:
+            replaced = {name: lazy.read(lazy.key_of(t), t)
+                        for name, t in layers[slot.index].state_dict(keep_vars=True).items()}
+            with lazy.holding(ztt.layers[slot.unique], read=read) as shared:
+                start_at_source(ztt.relax.positions[slot.position], slot.cycle, shared, replaced)
 
 
 def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, layout: Layout, source: _Source,
@@ -464,15 +488,17 @@ def _mean(lazy: LazySource, keys: list[str], like: torch.Tensor) -> torch.Tensor
     return mean_state([{"t": lazy.read(key, like)} for key in keys])["t"]
 
 
-def _offloaded(lazy: LazySource, ztt: ZTTForCausalLM, origins: dict[str, list[str]] | None = None):
-    """``lazy.offloaded`` for the converted model: each position has its layer's weights for its call
-    (its tensors from ``origins`` if given), recomputed where a fit takes gradients."""
-    read = None
-    if origins is not None:
-        by_id = {id(t): origins[k] for k, t in ztt.state_dict(keep_vars=True).items() if k in origins}
-        read = lambda meta: _mean(lazy, by_id[id(meta)], meta)  # noqa: E731
-    return lazy.offloaded(around=[(slot, slot.layer) for slot in ztt.family.layer_list(ztt.inner)], read=read,
-                          replay=ztt.settings_now)
+def _reader(lazy: LazySource, ztt: ZTTForCausalLM, origins: dict[str, list[str]]):
+    """A meta tensor of ``ztt``'s value: the mean of its ``origins`` (see :func:`_origins`)."""
+    by_id = {id(t): origins[k] for k, t in ztt.state_dict(keep_vars=True).items() if k in origins}
+    return lambda meta: _mean(lazy, by_id[id(meta)], meta)
+
+
+def _offloaded(lazy: LazySource, ztt: ZTTForCausalLM, origins: dict[str, list[str]]):
+    """``lazy.offloaded`` for the converted model: each position has its layer's weights (its
+    tensors from ``origins``) for its call, recomputed where a fit takes gradients."""
+    return lazy.offloaded(around=[(slot, slot.layer) for slot in ztt.family.layer_list(ztt.inner)],
+                          read=_reader(lazy, ztt, origins), replay=ztt.settings_now)
 
 
 def _score_streamed(opts: ConvertOptions, ztt: ZTTForCausalLM, source: _Source, layout: Layout, layers: list,
@@ -511,14 +537,21 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
     with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:
         with lazy.offloaded():
             removal, layout = _remove(opts, source, layout, Path(tmp), progress)
+            positions = _position_states(opts, source, layout, Path(tmp), progress)
         layers = list(source.family.layer_list(source.model))
         ztt = _build(opts, source, layout)
         init, scores = ("lower", {}) if opts.drop is not None else _score_streamed(opts, ztt, source, layout,
                                                                                     layers, progress)
-        if removal.fit is not None:
-            with _offloaded(lazy, ztt):
-                _fit_grown(opts, removal, ztt, layout, source, progress)
         origins = _origins(ztt, lazy, layout, layers, init)
+        if ztt.relax is not None and opts.init != GROW:
+            _start_positions_streamed(ztt, source, layout, layers, _reader(lazy, ztt, origins))
+        fit = removal.record()
+        with _offloaded(lazy, ztt, origins):
+            if removal.fit is not None:
+                _fit_grown(opts, removal, ztt, layout, source, progress)
+                fit = removal.record()
+            if positions is not None:
+                fit = _fit_positions(opts, ztt, *positions, progress)
 
         def tensor(key: str, value: torch.Tensor) -> torch.Tensor:
             keys = origins.get(key, [])
@@ -532,7 +565,7 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
             out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores,
             source_layers=source.config.num_hidden_layers, source_params=source.params,
             params=ztt.parameter_counts(), weights_sha256="", dropped=removal.dropped,
-            block_influence=removal.influence, fit=removal.record(),
+            block_influence=removal.influence, fit=fit,
         )
         return _write(opts, source, result, lambda out: write_weights(ztt, out, max_shard, tensor), progress)
 
@@ -547,18 +580,14 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     with tempfile.TemporaryDirectory(prefix="ztt-states-") as tmp:  # the source's states a fit reads
         removal, layout = _remove(opts, source, layout, Path(tmp), progress)
         layers = list(source.family.layer_list(source.model))  # before the model's list is replaced by slots
-        if _fits_positions(opts):  # the source's states entering each middle layer, before the build takes it
-            windows, data = _fit_windows(opts, source, progress)
-            progress(Event.status(f"reading the source's states on {windows.numel():,} tokens"))
-            middle = range(layout.head, layout.head + layout.block * layout.cycles + 1)
-            states = gather_states(source.model, source.family, list(middle), windows, Path(tmp))
+        positions = _position_states(opts, source, layout, Path(tmp), progress)  # before the build takes them
         ztt = _build(opts, source, layout)
         init, scores = _initialise(opts, ztt, source, layout, layers, progress)
         if removal.fit is not None:
             _fit_grown(opts, removal, ztt, layout, source, progress)
         fit = removal.record()
-        if _fits_positions(opts):
-            fit = _fit_positions(opts, ztt, states, windows, data, progress)
+        if positions is not None:
+            fit = _fit_positions(opts, ztt, *positions, progress)
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",

@@ -220,7 +220,7 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
     else:
         parts["source"] = shape.params * b
     parts["two layers"] = 2 * shape.layer_params * b
-    whole = "a relaxed shared block or a fit on source samples reads the whole source"
+    whole = "a fit on text the source samples reads the whole source"
     notes = ["streamed: one decoder layer resident" if streams else f"in memory: {shape.streams or whole}"]
     if opts.init == "auto" and opts.drop is None:  # each strategy's block, scored by the perplexity
         parts["calibration batch"] = min(opts.calib_windows, 4) * opts.calib_tokens * 3 * shape.vocab * 4
