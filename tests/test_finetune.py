@@ -543,6 +543,27 @@ def test_teacher_top_k_heals_from_cached_logits_without_the_teacher(workdir, tmp
     assert_same_weights(tmp_path / "a", tmp_path / "b", atol=0)
 
 
+def test_teacher_top_k_caches_only_the_blocks_the_run_draws(workdir, tmp_path):
+    """A short run caches the logits of the blocks its steps draw, no more, and each micro-batch reads
+    its own blocks' rows: the teacher's top-k on those blocks."""
+    from ztt_cli.io.data import batch_indices
+    from ztt_cli.stages.finetune import HealingRun
+
+    with HealingRun(opts(workdir, tmp_path / "few", steps=2, teacher_top_k=4)) as run:
+        run.setup()
+        o, n = run.opts, run.data.train.shape[0]
+        drawn = {i for step in range(2) for micro in range(o.grad_accum)
+                 for i in batch_indices(step, micro, n, o.batch_size, o.grad_accum, 0, 1, o.seed)}
+        assert run.teacher_top.shape[0] == len(drawn) < n
+        idx = batch_indices(1, 0, n, o.batch_size, o.grad_accum, 0, 1, o.seed)
+        teacher = run._source_model()[0]
+        with torch.no_grad():
+            top = teacher(input_ids=run.data.train[idx]).logits.float().topk(4, dim=-1)
+        rows = run.teacher_top.rows(idx, "cpu")
+        torch.testing.assert_close(rows.values.float(), top.values.half().float())
+        assert torch.equal(rows.indices.long(), top.indices)
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"no_teacher": True}, "distils nothing"),
     ({"hidden_weight": 1.0}, "keeps only its logits"),

@@ -343,18 +343,34 @@ class HealingRun:
         if self.teacher is None:
             self._source = None  # loaded for sampling or its top-k logits only: not kept through training
 
+    def _total_steps(self) -> int:
+        opts = self.opts
+        return opts.steps or max(1, math.ceil(opts.tokens / (opts.batch_size * opts.grad_accum * self.ddp.world
+                                                             * opts.seq_len)))
+
+    def _drawn(self) -> list[int]:
+        """Every training block the run's steps draw (:func:`batch_indices`), once each, in order."""
+        opts, ddp, n = self.opts, self.ddp, self.data.train.shape[0]
+        return sorted({i for step in range(self._total_steps()) for micro in range(opts.grad_accum)
+                       for rank in range(ddp.world)
+                       for i in batch_indices(step, micro, n, opts.batch_size, opts.grad_accum, rank, ddp.world,
+                                              opts.seed)})
+
     def _top_k(self):
-        """The teacher's top-k logits over the training blocks, computed once (rank 0) and cached."""
+        """The teacher's top-k logits over the training blocks the run draws (a short run on a large
+        corpus reads a few of them), computed once (rank 0) and cached."""
         teacher, sha = self._source_model()
         if self.opts.teacher_top_k > teacher.config.vocab_size:
             raise ZTTError(f"--teacher-top-k {self.opts.teacher_top_k} is above the vocabulary of "
                            f"{teacher.config.vocab_size}", hint=f"choose {teacher.config.vocab_size} or fewer")
-        self.progress(Event.status(f"the teacher's top-{self.opts.teacher_top_k} logits"))
+        drawn = self._drawn()
+        self.progress(Event.status(f"the teacher's top-{self.opts.teacher_top_k} logits on {len(drawn):,} blocks"))
         ddp = self.ddp
-        return top_k_logits(teacher, sha, self.data.train, self.opts.teacher_top_k, self.opts.batch_size, ddp.device,
-                            wait=dist.barrier if ddp.world > 1 else (lambda: None), main=ddp.main,
+        return top_k_logits(teacher, sha, self.data.train[drawn], self.opts.teacher_top_k, self.opts.batch_size,
+                            ddp.device, wait=dist.barrier if ddp.world > 1 else (lambda: None), main=ddp.main,
                             progress=lambda done, total: self.progress(
-                                Event("progress", "the teacher's top-k logits", step=done, total=total)))
+                                Event("progress", "the teacher's top-k logits", step=done, total=total)),
+                            blocks_at=drawn)
 
     def _source_model(self):
         if self._source is None:
@@ -373,7 +389,7 @@ class HealingRun:
     def _build_training(self) -> None:
         opts, ddp = self.opts, self.ddp
         self.per_step = opts.batch_size * opts.grad_accum * ddp.world
-        self.total = opts.steps or max(1, math.ceil(opts.tokens / (self.per_step * opts.seq_len)))
+        self.total = self._total_steps()
         torch.manual_seed(opts.seed)
         self.sharded = opts.sharding == "fsdp" and ddp.world > 1  # one process: nothing to shard
         self.full = self._unsharded_copy() if self.sharded else self.model
