@@ -187,7 +187,8 @@ def _fit_one(model, call: _Call, j: int, cycle: int, inputs: torch.Tensor, targe
 def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
           batch_size: int, seed: int, before_step=lambda: None) -> None:
     """``steps`` Adam steps on ``params`` alone (every other parameter of ``model`` frozen meanwhile),
-    each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² / ‖y‖²."""
+    each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² / ‖y‖². The gradient is
+    summed one window at a time: a backward pass keeps one window's activations, not the batch's."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -198,10 +199,11 @@ def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Ten
     try:
         for _ in range(steps):
             pick = torch.randint(inputs.shape[0], (batch_size,), generator=order)
-            y = targets[pick]
-            loss = ((forward(inputs[pick], y).float() - y) ** 2).sum() / (y * y).sum().clamp_min(1e-30)
+            scale = (targets[pick] ** 2).sum().clamp_min(1e-30)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for one in pick.split(1):
+                y = targets[one]
+                (((forward(inputs[one], y).float() - y) ** 2).sum() / scale).backward()
             before_step()
             optimizer.step()
     finally:
