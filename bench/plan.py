@@ -96,9 +96,12 @@ def from_memory_json(path: Path) -> list[dict]:
     report = json.loads(path.read_text())
     rows = []
     for r in report["convert"]:
-        if r.get("path", "head") not in ("head", "streaming", "streamed") or r["case"] == "load source" or r["rc"]:
+        path = r.get("path", "head")
+        if path not in ("head", "streaming", "streamed", "per-window") or r["case"] == "load source" or r["rc"]:
             continue
-        if r["case"].startswith(("fitted", "grown", "ZTT, init auto")) and r.get("path", "head") != "streamed":
+        if r["case"].endswith(", fitted") and path != "per-window":
+            continue  # a grown model's fit one window at a time: "per-window" since
+        if r["case"].startswith(("fitted", "grown", "ZTT, init auto")) and path not in ("streamed", "per-window"):
             continue  # measured before these streamed (the fitted drop with one window's logits): "streamed" since
         cmd = shlex.split(r["cmd"])
         flags = [f for f in cmd[3:] if f not in ("--overwrite",)]

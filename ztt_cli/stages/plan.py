@@ -230,11 +230,18 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
         window = min(opts.fit_window, getattr(shape.config, "max_position_embeddings", None) or opts.fit_window)
         parts["fit batch"] = window * (PERPLEXITY_BATCH * 3 * shape.vocab + FIT_BATCH * 4 * shape.hidden) * 4
         if opts.init == "grow" and layout.cycles > 1 and opts.fit_added:  # backward through the block's positions
-            positions = layout.block * layout.cycles
-            per_token = (2 * positions * shape.hidden * 4 + SAVED_PER_HIDDEN * shape.hidden * 4 if streams
-                         else positions * SAVED_PER_HIDDEN * shape.hidden * 4)  # streamed: each recomputed
-            parts["added cycles' backward"] = FIT_BATCH * window * per_token
+            parts["added cycles' backward"] = _added_cycles_backward(shape, layout, window, streams)
     return Need("convert", parts, notes=notes)
+
+
+def _added_cycles_backward(shape: Shape, layout: Layout, window: int, streams: bool) -> float:
+    """What a grown model's added-cycles fit keeps for its backward pass, one window at a time: every
+    block position's saved tensors and attention scores (streamed: each position's input and output,
+    and one position's saved tensors as it is recomputed)."""
+    positions = layout.block * layout.cycles
+    heads = getattr(shape.config, "num_attention_heads", 1)
+    layer = window * SAVED_PER_HIDDEN * shape.hidden * 4 + 3 * heads * window * window * 4
+    return 2 * positions * window * shape.hidden * 4 + layer if streams else positions * layer
 
 
 def _activations(layout: Layout, shape: Shape, tokens: int, checkpointing: bool, saved: float | None) -> float:
