@@ -545,13 +545,10 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
         origins = _origins(ztt, lazy, layout, layers, init)
         if ztt.relax is not None and opts.init != GROW:
             _start_positions_streamed(ztt, source, layout, layers, _reader(lazy, ztt, origins))
-        fit = removal.record()
         with _offloaded(lazy, ztt, origins):
             if removal.fit is not None:
                 _fit_grown(opts, removal, ztt, layout, source, progress)
-                fit = removal.record()
-            if positions is not None:
-                fit = _fit_positions(opts, ztt, *positions, progress)
+            fit = _fit_positions(opts, ztt, *positions, progress) if positions is not None else removal.record()
 
         def tensor(key: str, value: torch.Tensor) -> torch.Tensor:
             keys = origins.get(key, [])
@@ -585,9 +582,7 @@ def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
         init, scores = _initialise(opts, ztt, source, layout, layers, progress)
         if removal.fit is not None:
             _fit_grown(opts, removal, ztt, layout, source, progress)
-        fit = removal.record()
-        if positions is not None:
-            fit = _fit_positions(opts, ztt, *positions, progress)
+        fit = _fit_positions(opts, ztt, *positions, progress) if positions is not None else removal.record()
     result = ConvertResult(
         out=opts.out, source=source.ref, layout=layout, init=init, init_scores=scores, source_layers=n_layers,
         source_params=source.params, params=ztt.parameter_counts(), weights_sha256="",
