@@ -40,11 +40,12 @@ def _flags(**kw) -> list[str]:
     return flags
 
 
-def torchrun(workdir, out, port, sharding="fsdp", **kw):
-    """``ztt finetune`` on the tiny Llama under ``torchrun`` with 2 gloo processes."""
+def torchrun(workdir, out, port, sharding="fsdp", entry=("-m", "ztt_cli"), **kw):
+    """``ztt finetune`` on the tiny Llama under ``torchrun`` with 2 gloo processes (``entry``: what
+    each runs, ``python -m ztt_cli`` or a script that runs it)."""
     kw = {**COMMON, **kw}
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "ztt_cli", "finetune", str(workdir / "ztt-llama"), "--data", str(workdir / "train.txt"),
+               *entry, "finetune", str(workdir / "ztt-llama"), "--data", str(workdir / "train.txt"),
                "--out", str(out), "--sharding", sharding, "--log-every", "1", *_flags(**kw)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -117,6 +118,40 @@ def test_a_partly_frozen_model_trains_under_fsdp_as_under_ddp(workdir, tmp_path)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert {"pool.key", "pool.bias"} <= moved and all(k.startswith("pool.") or before[k].dim() == 1 for k in moved)
     assert {k.split(".")[1] for k in moved if k.startswith("layers.")} == {"0", "1", "2", "3", "4"}, moved
+
+
+RECORDING = """
+import json, os, runpy
+from ztt_cli.stages import finetune
+
+load = finetune.load_checkpoint
+
+def recorded(path, dtype=None, weights=True):
+    with open(os.environ["LOADS"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ["RANK"]), "weights": weights}) + "\\n")
+    return load(path, dtype, weights)
+
+finetune.load_checkpoint = recorded
+runpy.run_module("ztt_cli", run_name="__main__")
+"""
+
+
+def test_under_fsdp_only_rank_0_reads_the_weights(workdir, tmp_path, monkeypatch):
+    """Rank 1 builds the model empty and receives its shards from rank 0's copy. The objective's setup
+    (where the halting rule starts) then runs as a pass of the sharded model, and trains as DDP does."""
+    script = tmp_path / "recording.py"
+    script.write_text(RECORDING)
+    halting = dict(halting_weight=1.0, halting_cycles=1.5, steps=2, eval_every=1000, save_every=100)
+    loads = {}
+    for sharding, port in (("fsdp", 29536), ("ddp", 29537)):
+        monkeypatch.setenv("LOADS", str(tmp_path / f"{sharding}.jsonl"))
+        torchrun(workdir, tmp_path / sharding, port, sharding=sharding, entry=(str(script),), **halting)
+        lines = (tmp_path / f"{sharding}.jsonl").read_text().splitlines()
+        loads[sharding] = sorted(list(json.loads(line).values()) for line in lines)
+    assert loads == {"fsdp": [[0, False], [0, True], [1, False]], "ddp": [[0, True], [1, True]]}
+    assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
+    offsets = [json.loads((tmp_path / run / "config.json").read_text())["halting_offsets"] for run in ("ddp", "fsdp")]
+    assert offsets[0] is not None and offsets[0] == pytest.approx(offsets[1], abs=1e-5)
 
 
 def test_fsdp_on_a_relaxed_checkpoint_is_refused(workdir, tmp_path, monkeypatch):

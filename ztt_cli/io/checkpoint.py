@@ -89,8 +89,22 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, dtype=None):
-    """A ZTT checkpoint (fp32 unless ``dtype``), or one clear error."""
+def compute_buffers(model, module) -> None:
+    """``module``'s computed (non-persistent) buffers, e.g. rotary frequencies, made on the CPU as
+    loading makes them, for a ``model`` built on the meta device (which builds them there too)."""
+    import torch
+
+    for name in module._non_persistent_buffers_set:
+        module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+    with torch.no_grad():
+        model._init_weights(module)
+    module._is_hf_initialized = True
+
+
+def load_checkpoint(path: Path, dtype=None, weights: bool = True):
+    """A ZTT checkpoint (fp32 unless ``dtype``), or one clear error. ``weights=False``: its parameters
+    on the meta device (nothing read or allocated) and its computed buffers made, for a caller that
+    fills the weights itself, e.g. shard by shard."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,6 +116,13 @@ def load_checkpoint(path: Path, dtype=None):
         raise CheckpointError(
             f"'{path}' is a {config.model_type} model, not a ZTT checkpoint", hint=f"run `ztt convert {path}` first"
         )
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                compute_buffers(model, module)
+        return model
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as e:

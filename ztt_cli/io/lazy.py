@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..model.architecture import family_for
+from .checkpoint import compute_buffers
 from .sources import CORRUPT
 
 INDEX = "model.safetensors.index.json"
@@ -333,11 +334,7 @@ def open_lazy(folder: Path, dtype: torch.dtype) -> LazySource | str:
         if id(module) not in in_layers and module._non_persistent_buffers_set:
             if module._parameters:
                 return f"{type(module).__name__} holds both weights and computed buffers"
-            for name in module._non_persistent_buffers_set:
-                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
-            with torch.no_grad():
-                model._init_weights(module)  # as from_pretrained computes them (rotary frequencies)
-            module._is_hf_initialized = True
+            compute_buffers(model, module)  # as from_pretrained computes them (rotary frequencies)
     return lazy
 
 

@@ -12,7 +12,6 @@ unique decoder layer its own group, the rest in the root's; checkpoints are gath
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import shutil
@@ -311,7 +310,15 @@ class HealingRun:
     def _load(self) -> None:
         opts = self.opts
         self.progress(Event.status(f"loading {opts.checkpoint}"))
-        self.model = load_checkpoint(opts.checkpoint)
+        self.sharded = opts.sharding == "fsdp" and self.ddp.world > 1  # one process: nothing to shard
+        if self.sharded:  # rank 0 alone reads the weights, into the whole copy it writes checkpoints from;
+            # every rank's model starts empty (meta) and receives its shards from that copy once sharded
+            self.model = load_checkpoint(opts.checkpoint, weights=False)
+            self.full = load_checkpoint(opts.checkpoint).requires_grad_(False) if self.ddp.main else None
+            if self.full is not None:
+                self.full.config = self.model.config  # one config, which the objective's setup may complete
+        else:
+            self.model = self.full = load_checkpoint(opts.checkpoint)
         self.provenance = read_provenance(opts.checkpoint)
         self.tokenizer = sources.load_tokenizer(opts.checkpoint)
         max_positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
@@ -391,22 +398,24 @@ class HealingRun:
         self.per_step = opts.batch_size * opts.grad_accum * ddp.world
         self.total = self._total_steps()
         torch.manual_seed(opts.seed)
-        self.sharded = opts.sharding == "fsdp" and ddp.world > 1  # one process: nothing to shard
-        self.full = self._unsharded_copy() if self.sharded else self.model
-        self.model.to(ddp.device).train()
+        if not self.sharded:  # sharding moves each layer to the device as it shards it
+            self.model.to(ddp.device)
+        self.model.train()
         if opts.grad_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
         self.objective = HealingObjective.from_options(self.model, opts, distill=_distils(opts),
                                                        provenance=self.provenance)
+        if self.sharded:  # the parameters become DTensors, each rank's shard sent from rank 0's copy
+            shard(self.objective, self.model.layers, passes=("setup",))
+            scatter_model(self.model, self.full)
+        groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
         self.objective.setup(self.data.train[: opts.batch_size].to(ddp.device))  # e.g. where halting starts
+        if self.sharded:  # FSDP keeps the root's weights gathered after its pass: shard them again
+            self.objective.reshard()
         self.compared = self.objective.teacher_layers()
         for note in self.objective.notes():  # e.g. which exit signal the exit objective trains
             self.progress(Event.note(note))
-        if self.sharded:  # the parameters are DTensors now: the optimizer takes those
-            shard(self.objective, self.model.layers)
-            groups, self.grouping = _optimizer_groups(self.model, opts, self.provenance)
-        elif ddp.world > 1:
+        if not self.sharded and ddp.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[ddp.device.index] if ddp.device.type == "cuda" else None
             )
@@ -414,16 +423,6 @@ class HealingRun:
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, opts.warmup))
         self.autocast = torch.autocast(ddp.device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
-
-    def _unsharded_copy(self) -> ZTTForCausalLM | None:
-        """Under FSDP, a whole copy of the model on the CPU, frozen: rank 0 writes checkpoints from it,
-        and every rank reads one through it when resuming (then only rank 0 keeps it). It shares the
-        model's config, which the objective's setup may complete (e.g. the halting offsets)."""
-        if not (self.ddp.main or self.opts.resume):
-            return None
-        full = copy.deepcopy(self.model).cpu().requires_grad_(False)
-        full.config = self.model.config
-        return full
 
     def _param_names(self) -> list[str]:
         """The trained parameters' names, in the optimizer's index order."""
@@ -433,10 +432,9 @@ class HealingRun:
         """Resume from the checkpoint (dropping log lines written after it), or start afresh."""
         if self.opts.resume:
             self.steps, self.tokens, opt = load_state(self.run_dir, self.full, self.scheduler, self.grouping)
-            if self.sharded:  # every rank read the whole state: each keeps its shard
+            if self.sharded:  # rank 0 read the whole state: each rank receives its shard
                 scatter_model(self.model, self.full)
                 scatter_optimizer(self.model, self.optimizer, opt, self._param_names())
-                self.full = self.full if self.ddp.main else None
             else:
                 self.optimizer.load_state_dict(opt)
         elif self.ddp.main:

@@ -264,8 +264,8 @@ def _trained(model, layout: Layout, opts, removed: list[int], n_source: int) -> 
 
 def _finetune_need(shape: Shape, model, layout: Layout, removed: list[int], opts, where: dict,
                    saved: float | None) -> Need:
-    """Healing's peak per process: the largest of its phases (caching the teacher's top-k logits,
-    loading the whole student before FSDP shards it, training)."""
+    """Healing's peak per process: the larger of its phases (caching the teacher's top-k logits,
+    training)."""
     world, sharded = where["processes"], where["sharding"] == "fsdp" and where["processes"] > 1
     weights = _params(model) * 4  # trained in fp32 (bf16 autocast keeps fp32 weights)
     trained = sum(p.numel() for p in _trained(model, layout, opts, removed, shape.layers)) * 4
@@ -279,7 +279,6 @@ def _finetune_need(shape: Shape, model, layout: Layout, removed: list[int], opts
     phases = [training]
     if sharded:
         training["gathered layers"] = 2 * shape.layer_params * 4
-        phases.append({"student, before sharding": weights, "teacher": teacher, "tokenizer, data": HEALING_RUNTIME})
     if opts.teacher_top_k:  # before healing: the teacher computing its top-k cache
         phases.append({"teacher": shape.params * teacher_b, "teacher logits": 2 * tokens * shape.vocab * 4,
                        "tokenizer, data": HEALING_RUNTIME})
@@ -288,8 +287,8 @@ def _finetune_need(shape: Shape, model, layout: Layout, removed: list[int], opts
     if opts.teacher_top_k:
         notes.append(f"teacher's top-{opts.teacher_top_k} logits read from the cache (computed once before)")
     if sharded:
-        notes.append("FSDP: each process loads the whole student before sharding it; rank 0 keeps a whole copy on "
-                     "the host to write checkpoints from")
+        notes.append("FSDP: rank 0 alone reads the student, into a whole copy on the host that it sends each "
+                     "rank's shards from and writes checkpoints from")
     total = opts.tokens or (opts.steps or 0) * tokens * opts.grad_accum * world
     host = {"rank 0's whole copy": weights} if sharded else {}
     return _placed("finetune", max(phases, key=lambda p: sum(p.values())), where, notes, total, host, weights)

@@ -1,7 +1,8 @@
 """Processes: one, or many under ``torchrun`` (DDP, or FSDP2 with :func:`shard`). Each rank knows
 its place and device, and stop decisions are taken together (``any``) so that no rank waits
 forever on the others. Under FSDP the whole weights and optimizer state are gathered to rank 0
-and read back into the shards through the helpers below, so checkpoints are one process's files."""
+and sent from it into the shards through the helpers below, so checkpoints are one process's files
+and only rank 0 ever holds the whole model."""
 
 from __future__ import annotations
 
@@ -61,14 +62,17 @@ def setup_distributed() -> Dist:
 # rest (embeddings, final norm, LM head, pool, gates). Parameters, gradients and optimizer state are
 # DTensors sharded across ranks; checkpoints are written and read whole (rank 0 writes), in the
 # same files as a single process or DDP, through the unsharded copy the caller keeps.
-def shard(root: torch.nn.Module, groups) -> None:
+def shard(root: torch.nn.Module, groups, passes: tuple[str, ...] = ()) -> None:
     """``fully_shard`` each module of ``groups`` (each unique decoder layer, called as often as the
-    layout runs it), then ``root``, which takes every parameter left over."""
-    from torch.distributed.fsdp import fully_shard
+    layout runs it), then ``root``, which takes every parameter left over. ``passes``: the root's
+    methods besides ``forward`` that run the model, and so gather the root's weights around them."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for module in groups:
         fully_shard(module)
     fully_shard(root)
+    for name in passes:
+        register_fsdp_forward_method(root, name)
 
 
 def _full_options(**kw):
@@ -87,11 +91,22 @@ def gather_model(model: torch.nn.Module, into: torch.nn.Module | None) -> None:
         into.load_state_dict(state)
 
 
-def scatter_model(model: torch.nn.Module, full: torch.nn.Module) -> None:
-    """``full``'s weights (every rank holds them) into the sharded ``model``: each rank keeps its shard."""
+def scatter_model(model: torch.nn.Module, full: torch.nn.Module | None) -> None:
+    """Rank 0's whole weights (``full``; None on the other ranks) into the sharded ``model``, whose
+    parameters may still be on the meta device: each rank receives its shard, tensor by tensor.
+    Collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, full.state_dict(), options=_full_options())
+    holders: dict[int, list] = {}  # a parameter -> the (module, name)s holding it: tied weights
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, name))
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=_full_options(broadcast_from_rank0=True))
+    for (module, name), *others in holders.values():  # a meta parameter is replaced under each of its
+        for other, other_name in others:  # names: tie them again (e.g. the LM head to the embeddings)
+            other._parameters[other_name] = module._parameters[name]
 
 
 def gather_optimizer(model: torch.nn.Module, optimizer, names: list[str]) -> dict | None:
@@ -107,13 +122,15 @@ def gather_optimizer(model: torch.nn.Module, optimizer, names: list[str]) -> dic
     return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
-def scatter_optimizer(model: torch.nn.Module, optimizer, state: dict, names: list[str]) -> None:
-    """A whole optimizer state keyed by index (every rank holds it) into the sharded ``optimizer``."""
+def scatter_optimizer(model: torch.nn.Module, optimizer, state: dict | None, names: list[str]) -> None:
+    """Rank 0's whole optimizer state keyed by index (``state``; None on the other ranks) into the
+    sharded ``optimizer``: each rank receives its shard. Collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    keyed = {"state": {names[i]: s for i, s in state["state"].items()},
-             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, keyed, options=_full_options())
+    keyed = {} if state is None else {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, keyed, options=_full_options(broadcast_from_rank0=True))
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:

@@ -603,8 +603,9 @@ class HealingObjective(nn.Module):
                               if t.weight_option in replaced]
         return objective
 
+    @torch.no_grad()
     def setup(self, ids: torch.Tensor) -> None:
-        """Once before training (see :meth:`Term.setup`)."""
+        """Once before training (see :meth:`Term.setup`); under FSDP a pass of the sharded root's own."""
         for term in self.terms:
             term.setup(self.model, ids)
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from .. import __version__
 from ..errors import OutputExistsError, ZTTError
@@ -62,27 +62,35 @@ def _grouping_difference(meta: dict, grouping: list[dict]) -> str | None:
     return None
 
 
-def load_state(folder: Path, model, scheduler, grouping: list[dict]) -> tuple[int, int, dict]:
+def load_state(folder: Path, model, scheduler, grouping: list[dict]) -> tuple[int, int, dict | None]:
     """The saved weights into ``model`` (unsharded), the scheduler's state and the RNG restored; the
-    step, the tokens and the optimizer's state (keyed by parameter index, for ``load_state_dict``)."""
+    step, the tokens and the optimizer's state (keyed by parameter index, for ``load_state_dict``).
+    ``model=None`` (an FSDP rank other than 0, which receives its shards from rank 0): neither
+    weights nor optimizer state read, and None for the latter."""
+    from safetensors import safe_open
+
     ckpt = folder / "checkpoint"
     meta = json.loads((ckpt / "trainer.json").read_text())
     if (difference := _grouping_difference(meta, grouping)) is not None:
         wrote = f" ({meta['ztt']})" if "ztt" in meta else ""
         raise ZTTError(f"the saved optimizer state in '{ckpt}' does not match this run's parameters ({difference})",
                        hint=f"start over with --overwrite, or resume with the ztt version that wrote it{wrote}")
-    load_model(model, str(ckpt / "model.safetensors"))
-    tensors = load_file(str(ckpt / "trainer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
+    state: dict[int, dict] | None = None
+    if model is not None:
+        load_model(model, str(ckpt / "model.safetensors"))
+        state = {}
+    with safe_open(str(ckpt / "trainer.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.startswith("state.") and state is not None:
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = f.get_tensor(key)
+        rng = {key: f.get_tensor(key) for key in f.keys() if key.startswith("rng.")}
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["step"], meta["tokens"], {"state": state, "param_groups": meta["param_groups"]}
+    torch.set_rng_state(rng["rng.cpu"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
+    opt = None if state is None else {"state": state, "param_groups": meta["param_groups"]}
+    return meta["step"], meta["tokens"], opt
 
 
 def partial_dir(out: Path) -> Path:
