@@ -239,8 +239,7 @@ def _measure(model, device, opts: CalibrateOptions, folder: Path,
     packed = prepare(opts.data, sources.load_tokenizer(folder), opts.seq_len, 0.0, opts.seed, opts.text_field)
     windows = packed.train[: opts.windows]
     progress(Event.status("measuring the signal at full depth"))
-    by_cycle, targets, full_logits = signals_and_targets(model, windows)
-    greedy = torch.cat([logits.argmax(-1) for logits in full_logits])
+    by_cycle, targets, greedy = signals_and_targets(model, windows)
     qs = torch.linspace(0.02, 0.98, opts.candidates, dtype=torch.float64)
     thresholds = sorted({float(x) for x in torch.quantile(by_cycle[1].double(), qs)} | _saved(model), reverse=True)
     correlation = spearman(by_cycle[1], targets[1])

@@ -70,12 +70,17 @@ def task_loss(logits, ids, teacher_logits, kd_weight: float, temperature: float,
 
 
 def exit_target(exit_logits, full_logits):
-    """exp(-KL(exit || full)) per token, from detached logits: 1 when exiting changes nothing."""
+    """exp(-KL(exit || full)) per token, from detached logits: 1 when exiting changes nothing. One
+    sequence at a time: the KL's five vocabulary-sized temporaries are a sequence's, not the batch's."""
     with torch.no_grad():
-        log_exit = exit_logits.float().log_softmax(-1)
-        log_full = full_logits.float().log_softmax(-1)
-        kl = (log_exit.exp() * (log_exit - log_full)).sum(-1)
+        kl = torch.stack([_kl(e, f) for e, f in zip(exit_logits, full_logits)])
         return torch.exp(-kl.clamp(min=0))
+
+
+def _kl(exit_logits, full_logits):
+    log_exit = exit_logits.float().log_softmax(-1)
+    log_full = full_logits.float().log_softmax(-1)
+    return (log_exit.exp() * (log_exit - log_full)).sum(-1)
 
 
 def exit_objective(signal: torch.Tensor, target: torch.Tensor, form: str = "rank") -> torch.Tensor:

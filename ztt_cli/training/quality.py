@@ -35,19 +35,20 @@ def signals_and_targets(model, windows: torch.Tensor, batch_size: int = 4):
     """Per cycle c < C, for every token: the model's exit signal (its exit policy's, from a
     full-depth replay) and exp(-KL(exit after c || full depth)), the cost of exiting there.
 
-    Returns ({c: signals}, {c: targets}, full-depth logits per batch)."""
+    Returns ({c: signals}, {c: targets}, the full-depth greedy tokens, shaped like ``windows``)."""
     model.eval()
     signals: dict[int, list] = {}
     targets: dict[int, list] = {}
-    fulls = []
+    greedy = []
     for ids in windows.to(model.device).split(batch_size):
         full = model(input_ids=ids, exit_map=torch.full(ids.shape, model.config.cycles), use_cache=False)
-        fulls.append(full.logits)
+        greedy.append(full.logits.argmax(-1))
         for c in range(1, model.config.cycles):
             exited = model(input_ids=ids, exit_after=c)
             signals.setdefault(c, []).append(full.exit_signals[:, c - 1].flatten().cpu())
             targets.setdefault(c, []).append(exit_target(exited.logits, full.logits).flatten().cpu())
-    return {c: torch.cat(v) for c, v in signals.items()}, {c: torch.cat(v) for c, v in targets.items()}, fulls
+    signals_by_cycle = {c: torch.cat(v) for c, v in signals.items()}
+    return signals_by_cycle, {c: torch.cat(v) for c, v in targets.items()}, torch.cat(greedy)
 
 
 def exit_signal_correlation(model, windows: torch.Tensor, batch_size: int = 4) -> dict[int, float]:
