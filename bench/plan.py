@@ -5,8 +5,9 @@ Rows come from two places, each row's command planned with the same options:
   * bench/results/memory.json: the synthetic sources' conversions (the path `ztt convert` picks today) and
     the healing runs per --trainable (one sequence of 64 tokens), measured by bench/memory.py;
   * measured here (unless --no-measure): SmolLM2's conversions (a streamed drop, a fitted drop, a grown
-    ZTT, a fixed init, --init auto) and healing at larger batches (activations dominate), each in its own
-    process under GNU time, as bench/memory.py measures; a healing row's tokens/s is read from its log.
+    ZTT, a fixed init, --init auto), healing at larger batches (activations dominate), calibrating and
+    scoring, each in its own process under GNU time, as bench/memory.py measures; a healing row's
+    tokens/s is read from its log.
 
     OMP_NUM_THREADS=1 python bench/plan.py                  # SmolLM2 measured here + memory.json's rows
     OMP_NUM_THREADS=1 python bench/plan.py --no-measure     # memory.json's rows only (seconds)
@@ -53,6 +54,12 @@ HEALS = {  # on SmolLM2 as the demo converts it (10/5x2/10, init lower)
     "seam, 4x256, teacher top-64": ["--trainable", "seam", "--batch-size", "4", "--seq-len", "256",
                                     "--teacher-top-k", "64", "--data", "SMALL"],
 }
+INFERENCE = {  # on the same checkpoint, as the demo's recipe runs them
+    "calibrate": ["--data", "shakespeare", "--target-speedup", "1.1", "--speedup-metric", "compute", "--windows", "4",
+                  "--candidates", "8", "--reps", "2", "--decode-tokens", "16", "--prompts", "1"],
+    "eval": ["--tasks", "ztt_shakespeare_ppl", "--limit", "ztt_shakespeare_ppl=2", "--max-length", "1024",
+             "--compare", SMOLLM2],
+}
 SMALL_CHARS = 60_000  # a top-k row caches the teacher's logits for all its text first: a short text, not the plays
 DEMO_LAYOUT = ["--head", "10", "--block", "5", "--cycles", "2", "--tail", "10", "--init", "lower"]
 SKIP = {"out", "overwrite", "data", "steps", "eval_every", "save_every", "val_batches", "checkpoint"}
@@ -67,18 +74,18 @@ def sets(stage: str, flags: list[str]) -> list[str]:
         value = "true" if bare else flags[i + 1]
         if name.startswith("no_") and bare:
             name, value = name[3:], "false"
-        if name not in SKIP:
+        if name not in SKIP or (name == "data" and stage in INFERENCE):  # healing's text: shakespeare, planned
             out.append(f"{stage}.{name}={value}")
         i += 1 if bare else 2
     return out
 
 
-def planned(source: str, convert_flags: list[str], heal_flags: list[str] | None, probe: bool = False) -> dict:
-    options = sets("convert", convert_flags) + (sets("finetune", heal_flags) if heal_flags is not None else [])
+def planned(source: str, convert_flags: list[str], stage: str = "convert", flags: list[str] | None = None,
+            probe: bool = False) -> dict:
+    """``stage``'s plan for the model ``convert_flags`` make of ``source``, the stage run with ``flags``."""
+    options = sets("convert", convert_flags) + (sets(stage, flags) if stage != "convert" else [])
     result = plan(PlanOptions(target=source, set=options, device="cpu", probe=probe))
-    needs = {n.stage: n for n in result.needs}
-    stage = "finetune" if heal_flags is not None else "convert"
-    n = needs[stage]
+    n = {n.stage: n for n in result.needs}[stage]
     return {"estimate_bytes": n.host, "parts": {k: round(v) for k, v in n.parts.items()},
             "seconds_per_token": n.seconds_per_token, "layout": result.layout, "set": options}
 
@@ -106,7 +113,7 @@ def from_memory_json(path: Path) -> list[dict]:
         cmd = shlex.split(r["cmd"])
         flags = [f for f in cmd[3:] if f not in ("--overwrite",)]
         flags = flags[: flags.index("--out")] + flags[flags.index("--out") + 2:] if "--out" in flags else flags
-        rows.append(row("convert", r["source"], r["case"], r, planned(cmd[2], flags, None)))
+        rows.append(row("convert", r["source"], r["case"], r, planned(cmd[2], flags)))
     synthetic = Path(report["config"]["synthetic"])
     for r in report["finetune"]:
         if r["rc"]:
@@ -115,7 +122,7 @@ def from_memory_json(path: Path) -> list[dict]:
         source = SMOLLM2 if r["source"] == SMOLLM2 else str(synthetic / r["source"])
         layout = DEMO_LAYOUT if r["source"] == SMOLLM2 else ["--init", "lower"]
         rows.append(row("finetune", r["source"], f"{r['trainable']}, 1x64", r,
-                        planned(source, layout, cmd[3:], probe=True)))
+                        planned(source, layout, "finetune", cmd[3:], probe=True)))
     return rows
 
 
@@ -134,7 +141,7 @@ def measured_here(work: Path) -> list[dict]:
                            memory.log_of(out))
         print(f"  convert {case}: {r['peak_rss_bytes'] / GB:.2f} GB", flush=True)
         if not r["rc"]:
-            rows.append(row("convert", SMOLLM2, case, r, planned(SMOLLM2, flags, None)))
+            rows.append(row("convert", SMOLLM2, case, r, planned(SMOLLM2, flags)))
         shutil.rmtree(out, ignore_errors=True)
     ckpt = work / "smollm2-ztt"
     memory.measure([memory.ZTT, "convert", SMOLLM2, *DEMO_LAYOUT, "--out", str(ckpt), "--overwrite"],
@@ -149,10 +156,27 @@ def measured_here(work: Path) -> list[dict]:
         speed = tokens_per_s(out)
         print(f"  heal {case}: {r['peak_rss_bytes'] / GB:.2f} GB, {speed} tokens/s", flush=True)
         if not r["rc"]:
-            est = planned(SMOLLM2, DEMO_LAYOUT, flags, probe=True)
+            est = planned(SMOLLM2, DEMO_LAYOUT, "finetune", flags, probe=True)
             rows.append({**row("finetune", SMOLLM2, case, r, est), "measured_tokens_per_s": speed,
                          "estimated_tokens_per_s": 1 / est["seconds_per_token"]})
         shutil.rmtree(out, ignore_errors=True)
+    return rows + measured_inference(ckpt, work)
+
+
+def measured_inference(ckpt: Path, work: Path) -> list[dict]:
+    """Calibrating and scoring the demo's checkpoint, as the demo's recipe does (eval on one task)."""
+    rows = []
+    for stage, flags in INFERENCE.items():
+        out = work / ("calibrated" if stage == "calibrate" else "eval.json")
+        extra = ["--out", str(out), "--overwrite"] if stage == "calibrate" else ["--output", str(out)]
+        r = memory.measure([memory.ZTT, stage, str(ckpt), *flags, *extra], work / f"{stage}.log")
+        print(f"  {stage}: {r['peak_rss_bytes'] / GB:.2f} GB", flush=True)
+        if not r["rc"]:
+            rows.append(row(stage, SMOLLM2, " ".join(flags[:2]), r, planned(SMOLLM2, DEMO_LAYOUT, stage, flags)))
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
     return rows
 
 
