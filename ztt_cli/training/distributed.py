@@ -81,14 +81,18 @@ def _full_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
+@torch.no_grad()
 def gather_model(model: torch.nn.Module, into: torch.nn.Module | None) -> None:
     """The sharded ``model``'s whole weights copied into ``into`` (an unsharded copy, on rank 0;
-    None elsewhere). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    None elsewhere), one parameter at a time: rank 0 holds its copy and one whole tensor more, not
+    a second copy. Collective: every rank gathers each parameter, in the same order. (Buffers do
+    not train: ``into`` has them.)"""
+    from torch.distributed.tensor import DTensor
 
-    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
-    if into is not None:
-        into.load_state_dict(state)
+    for name, param in model.named_parameters():  # a tied parameter once, as ``into`` ties it
+        whole = param.full_tensor() if isinstance(param, DTensor) else param  # the root's: maybe gathered
+        if into is not None:
+            into.get_parameter(name).copy_(whole)
 
 
 def scatter_model(model: torch.nn.Module, full: torch.nn.Module | None) -> None:
