@@ -4,6 +4,7 @@ conversion, in memory that does not grow with the source's depth."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -300,15 +301,27 @@ def _peak_kib(src: Path, out: Path, calib: Path, fit: str) -> int:
     return int(run.stdout.split()[-1])
 
 
-def _peaks(tmp_path: Path, kind: str) -> tuple[int, int, int]:
-    """Peak resident bytes converting an 8-layer and a 32-layer source as ``kind`` (see CHILD), and one
-    layer's bytes."""
-    calib = tmp_path / "calib.txt"
-    calib.write_text(corpus(300, seed=1))
-    layer = _deep_source(tmp_path / "src8", 8)
-    _deep_source(tmp_path / "src32", 32)
-    shallow = _peak_kib(tmp_path / "src8", tmp_path / "out8", calib, kind)
-    deep = _peak_kib(tmp_path / "src32", tmp_path / "out32", calib, kind)
+@pytest.fixture(scope="module")
+def deep_sources(tmp_path_factory):
+    """An 8-layer and a 32-layer source (520 MB on disk), written once for the memory tests and removed
+    after them, and the calibration text; yields the folder and one layer's bytes."""
+    root = tmp_path_factory.mktemp("deep")
+    (root / "calib.txt").write_text(corpus(300, seed=1))
+    layer = _deep_source(root / "src8", 8)
+    _deep_source(root / "src32", 32)
+    yield root, layer
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _peaks(deep_sources: tuple[Path, int], tmp_path: Path, kind: str) -> tuple[int, int, int]:
+    """Peak resident bytes converting the 8-layer and the 32-layer source as ``kind`` (see CHILD), and one
+    layer's bytes. Each output is removed once measured."""
+    root, layer = deep_sources
+    peaks = []
+    for n in (8, 32):
+        peaks.append(_peak_kib(root / f"src{n}", tmp_path / f"out{n}", root / "calib.txt", kind))
+        shutil.rmtree(tmp_path / f"out{n}", ignore_errors=True)
+    shallow, deep = peaks
     print(f"peak: 8 layers {shallow / 1024:.0f} MiB, 32 layers {deep / 1024:.0f} MiB; one layer "
           f"{layer / 2**20:.1f} MiB")
     return shallow * 1024, deep * 1024, layer
@@ -316,20 +329,20 @@ def _peaks(tmp_path: Path, kind: str) -> tuple[int, int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
 @pytest.mark.parametrize("kind", ["plain", "fit", "grown"])
-def test_streaming_memory_does_not_grow_with_depth(kind, tmp_path):
+def test_streaming_memory_does_not_grow_with_depth(kind, deep_sources, tmp_path):
     """Peak resident memory (VmHWM, in a child process) of a streamed drop, plain or fitted, and of a
     fitted grown model (its added cycle fitted by gradient, the layers its maps fold into kept on
     disk), from an 8-layer and a 32-layer source of 12.6 MB layers: 24 more layers (300 MB) may cost
     less than one layer plus 8 MB (allocator slack); loading the source whole would cost all 24."""
-    shallow, deep, layer = _peaks(tmp_path, kind)
+    shallow, deep, layer = _peaks(deep_sources, tmp_path, kind)
     assert deep - shallow < layer + 8 * 2**20, (shallow, deep, layer)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
-def test_a_streamed_backward_pass_holds_one_layer_at_a_time(tmp_path):
+def test_a_streamed_backward_pass_holds_one_layer_at_a_time(deep_sources, tmp_path):
     """A grown model whose block grows with the source (3 and 15 layers, two cycles): the added cycle's
     fit runs backward through 24 more positions. Holding the weights each ran on would cost 24 layers
     more (300 MB); each position recomputed with its weights read again, what is left is what backward
     keeps of each position's activations (measured: under 2 MB a position here), below 5 layers."""
-    shallow, deep, layer = _peaks(tmp_path, "grown-block")
+    shallow, deep, layer = _peaks(deep_sources, tmp_path, "grown-block")
     assert deep - shallow < 5 * layer, (shallow, deep, layer)
