@@ -490,13 +490,41 @@ def depth_by_text(r: dict) -> list[str]:
     return lines
 
 
+FRONTIER_TEXTS = {"tempest16": "Tempest-16", "docutils16": "Docutils-16"}
+
+
+def layers_run(layout: str, after: dict, text: str) -> float:
+    """Mean layers a row ran per token on ``text``: from its cycles on that text where measured
+    (``cycles_by_text``), else from the compute it saved on Tempest-16."""
+    lay = Layout.parse(layout)
+    cycles = (after.get("cycles_by_text") or {}).get(text)
+    return lay.layers_run(cycles) if cycles is not None else lay.depth * (1 - after["compute_saved"])
+
+
+def frontier(r: dict, text: str, source_depth: int) -> dict[tuple, list[str]]:
+    """(compute saved %, perplexity on ``text``) -> the rows there: the variants, the points borrowed
+    from other profiles, and the early-exit rows (but full depth), each at the depth it ran on ``text``."""
+    rows = [(n, v["layout"], v["after"]) for n, v in r["variants"].items() if n != "source"]
+    rows += [(f"{n} ({v['from']})", v["layout"], v["after"]) for n, v in (r.get("points") or {}).items()]
+    ee = r.get("early_exit") or {}
+    if ee:
+        layout = r["variants"][r["config"]["early_exit"]["variant"]]["layout"]
+        rows += [(f"ZTT, {label}", layout, e) for label, e in ee.items() if "error" not in e and e["mean_cycles"] < 2]
+    points: dict[tuple, list[str]] = {}
+    for name, layout, after in rows:
+        saved = 1 - layers_run(layout, after, text) / source_depth
+        points.setdefault((round(100 * saved, 2), round(after[text], 3)), []).append(name)
+    return points
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (a, *panels) = plt.subplots(1, 1 + len(FRONTIER_TEXTS), figsize=(21, 4.8),
+                                     gridspec_kw={"width_ratios": [1, 1.1, 1.1]})
     variants = r["variants"]
     names = list(variants)
     x = range(len(names))
@@ -511,34 +539,22 @@ def plot(r: dict, path: Path) -> None:
     depth = {n: Layout.parse(v["layout"]).depth for n, v in variants.items()}
     source_depth = r.get("source_layers") or max(depth[n] for n, v in variants.items()
                                                   if v["unique_layers"] == depth[n])
-    points: dict[tuple, list[str]] = {}
-    for n, v in variants.items():
-        if n == "source":
-            continue
-        saved = 1 - depth[n] * (1 - v["after"]["compute_saved"]) / source_depth
-        points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(n)
-    for n, v in (r.get("points") or {}).items():  # measured by another profile at the same budget
-        saved = 1 - Layout.parse(v["layout"]).depth * (1 - v["after"]["compute_saved"]) / source_depth
-        points.setdefault((round(100 * saved, 2), round(v["after"]["tempest16"], 3)), []).append(
-            f"{n} ({v['from']})")
-    ee = r.get("early_exit") or {}
-    ee_depth = depth[r["config"]["early_exit"]["variant"]] if ee else 0
-    for label, e in ee.items():
-        if "error" not in e and e["mean_cycles"] < 2:
-            saved = 1 - ee_depth * (1 - e["compute_saved"]) / source_depth
-            points.setdefault((round(100 * saved, 2), round(e["tempest16"], 3)), []).append(f"ZTT, {label}")
-    markers = "osD^vP*X<>"
-    for i, ((sx, ppl), labels) in enumerate(points.items()):  # a legend, not labels: points sit close together
-        b.plot(sx, ppl, markers[i % len(markers)], markersize=8, label=" = ".join(labels))
-    if points:  # beside the axes: with many points a legend inside hides some
-        b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    b.set_xlabel(f"compute saved against the source's {source_depth} layers (%)")
-    layers = b.secondary_xaxis("top", functions=(lambda s: source_depth * (1 - s / 100),
-                                                 lambda n: 100 * (1 - n / source_depth)))
-    layers.set_xlabel("layers run per token", fontsize=8)
-    b.set_ylabel("Tempest-16 perplexity after healing")
-    b.set_title("quality against compute (early exit included)")
-    b.margins(x=0.15, y=0.15)
+    markers, labels = "osD^vP*X<>", {}  # one marker per row, the same in every panel
+    for b, (text, title) in zip(panels, FRONTIER_TEXTS.items()):
+        for (sx, ppl), names_there in frontier(r, text, source_depth).items():
+            for name in names_there:  # rows at one point overlap; the legend names each
+                marker = markers[labels.setdefault(name, len(labels)) % len(markers)]
+                b.plot(sx, ppl, marker, color=f"C{labels[name] % 10}", markersize=8, label=name)
+        b.set_xlabel(f"compute saved against the source's {source_depth} layers on {title} (%)")
+        layers = b.secondary_xaxis("top", functions=(lambda s: source_depth * (1 - s / 100),
+                                                     lambda n: 100 * (1 - n / source_depth)))
+        layers.set_xlabel("layers run per token", fontsize=8)
+        b.set_ylabel(f"{title} perplexity after healing")
+        b.set_title(f"{title}: quality against compute (early exit included)", fontsize=10)
+        b.margins(x=0.15, y=0.15)
+    if labels:  # beside the axes: with many points a legend inside hides some
+        handles, names_shown = panels[-1].get_legend_handles_labels()
+        panels[-1].legend(handles, names_shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

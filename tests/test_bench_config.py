@@ -177,3 +177,9 @@ def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
     assert f"| {names[0]}, calibrated 1.22× compute | 1.500 | 1.800 | 1.200 | 40.0% |" in table
     assert f"| {names[0]} | 2.000" not in table  # full depth on every text: no row
     assert (tmp_path / "compare-cpu-halting.png").stat().st_size > 1000
+    # the plot's frontiers: each row at the depth it ran on that text (8 + 11 × cycles layers of 30)
+    by_text = {text: {n: sx for (sx, _), ns in compare.frontier(report, text, 30).items() for n in ns}
+               for text in ("tempest16", "docutils16")}
+    assert by_text["tempest16"][names[2]] == by_text["tempest16"]["ZTT, calibrated 1.22× compute"] == 18.33
+    assert (by_text["docutils16"][names[2]], by_text["docutils16"]["ZTT, calibrated 1.22× compute"]) == (22.0, 7.33)
+    assert by_text["docutils16"][f"{drops[0]} (cpu-fit-ztt)"] == by_text["tempest16"][f"{drops[0]} (cpu-fit-ztt)"]
