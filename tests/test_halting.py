@@ -129,6 +129,38 @@ def test_the_halting_term_is_the_formula():
     assert objective.exit_policy() == ExitPolicy("halting", halting_cutoff(cumulative.detach(), 1.6))
 
 
+def test_with_the_exit_aware_term_each_outputs_task_loss_is_computed_once(monkeypatch):
+    """The halting term reads the task loss per token and the exit-aware term its average: the
+    average comes from the per-token losses, so each output (the exits after cycles 1 and 2, and
+    full depth) computes its task loss once, and the objective is still the sum of its terms."""
+    import ztt_cli.training.losses as losses
+
+    model = ztt_model("gpt2", LAYOUT)[0]
+    ids = token_ids(batch=2, length=16)
+    teacher = torch.randn(2, 16, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(1))
+    objective = HealingObjective.from_options(model, options(kd_weight=0.3, exit_aware_weight=0.25, halting_weight=0.5,
+                                                             halting_cycles=1.6))
+    objective.setup(ids)
+    calls = []
+    real = losses.task_loss
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1] if len(args) > 5 else kwargs.get("reduction", "mean"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "task_loss", counted)
+    loss, metrics = objective(ids, teacher)
+    assert calls == ["none"] * 3
+    task = losses.TaskLoss(0.3)
+    monkeypatch.setattr(losses, "task_loss", real)
+    with torch.no_grad():
+        full = task(model(input_ids=ids).logits, ids, teacher)[0]
+        exits = [task(model(input_ids=ids, exit_after=c).logits, ids, teacher) for c in (1, 2)]
+    expected = full + 0.25 * (exits[0][0] + exits[1][0]) / 2 + 0.5 * metrics["halting"]
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["exit1_ce"], exits[0][1], rtol=1e-5, atol=1e-6)
+
+
 def test_the_prior_mean_can_be_a_compute_speedup(model):
     # 1/1×3/2: depth 6; 1.2× compute runs 5 layers = 1 + 2 + 1·m, so m = 2 cycles
     term = HealingObjective.from_options(model, options(halting_weight=1.0, halting_speedup=1.2)).terms[-1]

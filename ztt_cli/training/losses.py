@@ -115,16 +115,19 @@ class TaskLoss:
 
 class Batch:
     """One micro-batch as the terms see it. The exit after cycle ``c`` is computed on first
-    request and kept; it carries gradients when a term that needs them (``exit_grad``) applies."""
+    request and kept; it carries gradients when a term that needs them (``exit_grad``) applies.
+    The task loss at each output is computed once: averaged over tokens, or, when a term reads it
+    per token (``per_token``), per token, its averages taken from there."""
 
     def __init__(self, model, ids, teacher_logits, task: TaskLoss, full,
                  teacher_states: dict[int, torch.Tensor] | None = None):
         self.model, self.ids, self.teacher_logits, self.task, self.full = model, ids, teacher_logits, task, full
         self.teacher_states = teacher_states or {}  # source layer -> its output in the teacher's pass
         self.exit_grad = False
+        self.per_token = False
         self._exited: dict[int, object] = {}
         self._exit_losses: dict[int, tuple] = {}
-        self._token_losses: dict[int, torch.Tensor] = {}
+        self._token_losses: dict[int, tuple] = {}
         self._exit_weights: list[tuple[int, torch.Tensor | None]] | None = None
 
     @property
@@ -160,26 +163,35 @@ class Batch:
                 self._exited[c] = self.model(input_ids=self.ids, exit_after=c)
         return self._exited[c]
 
+    def _logits(self, c: int) -> torch.Tensor:
+        return self.full.logits if c == self.model.config.cycles else self.exited(c).logits
+
     def exit_loss(self, c: int) -> tuple:
-        """The task loss at the exit after cycle ``c``: (loss, ce, kd) as :func:`task_loss`."""
+        """The task loss at the exit after cycle ``c`` (``c`` = C: full depth): (loss, ce, kd) as
+        :func:`task_loss`, averaged over tokens."""
         if c not in self._exit_losses:
-            self._exit_losses[c] = self.task(self.exited(c).logits, self.ids, self.teacher_logits)
+            if self.per_token:  # the averages of the losses a term reads per token, not a second pass
+                self._exit_losses[c] = tuple(None if x is None else x.mean() for x in self._per_token(c))
+            else:
+                self._exit_losses[c] = self.task(self._logits(c), self.ids, self.teacher_logits)
         return self._exit_losses[c]
 
     def token_loss(self, c: int) -> torch.Tensor:
         """The task loss per next-token position, [B, T-1], when the model exits after cycle ``c``
         (``c`` = C: the full-depth output)."""
+        return self._per_token(c)[0]
+
+    def _per_token(self, c: int) -> tuple:
         if c not in self._token_losses:
-            logits = self.full.logits if c == self.model.config.cycles else self.exited(c).logits
-            self._token_losses[c] = self.task(logits, self.ids, self.teacher_logits, reduction="none")[0]
+            self._token_losses[c] = self.task(self._logits(c), self.ids, self.teacher_logits, reduction="none")
         return self._token_losses[c]
 
     def exit_metrics(self) -> dict[str, torch.Tensor]:
         """``exit{c}_ce`` for every exit some term computed."""
         metrics = {}
         for c in sorted(self._exited):
-            if c in self._exit_losses:
-                metrics[f"exit{c}_ce"] = self._exit_losses[c][1]
+            if c in self._exit_losses or c in self._token_losses:
+                metrics[f"exit{c}_ce"] = self.exit_loss(c)[1]
             else:
                 with torch.no_grad():
                     metrics[f"exit{c}_ce"] = next_token_loss(self._exited[c].logits, self.ids)
@@ -194,6 +206,7 @@ class Term:
     weight_option: ClassVar[str]
     metric: ClassVar[str | None] = None
     exit_grad: ClassVar[bool] = False
+    per_token: ClassVar[bool] = False  # it reads the task loss per token (``Batch.token_loss``)
     replaces: ClassVar[tuple[str, ...]] = ()  # the weight options of terms this one stands in for
 
     def __init__(self, weight: float):
@@ -501,6 +514,7 @@ class Halting(Term):
     weight_option = "halting_weight"
     metric = "halting"
     exit_grad = True
+    per_token = True
     replaces = ("exit_objective_weight",)
     RECENT_TOKENS = 4096  # tokens of the last batches the rule's cut-off is fitted on
 
@@ -635,11 +649,12 @@ class HealingObjective(nn.Module):
             for term in self.terms:
                 watched.enter_context(term.watching(self.model))
             full = self.model(input_ids=ids, **inputs)
-        loss, ce, kd = self.task(full.logits, ids, teacher_logits)
-        metrics = {"ce": ce} if kd is None else {"ce": ce, "kd": kd}
         batch = Batch(self.model, ids, teacher_logits, self.task, full, teacher_states)
         active = [term for term in self.terms if term.applies(batch)]
         batch.exit_grad = any(term.exit_grad for term in active)
+        batch.per_token = any(term.per_token for term in active)
+        loss, ce, kd = batch.exit_loss(self.model.config.cycles)  # full depth
+        metrics = {"ce": ce} if kd is None else {"ce": ce, "kd": kd}
         logged = {}
         for term in active:
             value = term.value(batch)
