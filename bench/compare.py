@@ -539,7 +539,7 @@ def plot(r: dict, path: Path) -> None:
     depth = {n: Layout.parse(v["layout"]).depth for n, v in variants.items()}
     source_depth = r.get("source_layers") or max(depth[n] for n, v in variants.items()
                                                   if v["unique_layers"] == depth[n])
-    markers, labels = "osD^vP*X<>", {}  # one marker per row, the same in every panel
+    markers, labels = "osD^vP*X<>d", {}  # one marker per row, the same in every panel (11 markers, 10 colours)
     for b, (text, title) in zip(panels, FRONTIER_TEXTS.items()):
         for (sx, ppl), names_there in frontier(r, text, source_depth).items():
             for name in names_there:  # rows at one point overlap; the legend names each
