@@ -524,7 +524,7 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, *panels) = plt.subplots(1, 1 + len(FRONTIER_TEXTS), figsize=(21, 4.8),
-                                     gridspec_kw={"width_ratios": [1, 1.1, 1.1]})
+                                     gridspec_kw={"width_ratios": [1] + [1.1] * len(FRONTIER_TEXTS)})
     variants = r["variants"]
     names = list(variants)
     x = range(len(names))
