@@ -33,10 +33,12 @@ def test_compare_config(path):
         CalibrateOptions(checkpoint=".", data="d", target_speedup=1.1, **cfg["early_exit"].get("calibrate", {}))
 
 
-def _compare_module():
+def _bench_module(name: str = "compare"):
+    """bench/NAME.py, imported as a module (its own imports of bench/'s other scripts resolve if bench/ is on
+    sys.path)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_compare", BENCH / "compare.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,7 +54,7 @@ def _row(ppl: float, layout: str, unique: int, heal: bool) -> dict:
 
 
 def test_results_table_partial_runs_and_readme_block(tmp_path):
-    compare = _compare_module()
+    compare = _bench_module()
     cfg = yaml.safe_load((BENCH / "compare.yaml").read_text())
     report = {
         "profile": "cpu", "config": cfg, "complete": False,
@@ -86,7 +88,7 @@ def test_results_table_partial_runs_and_readme_block(tmp_path):
 
 def test_variants_convert_with_their_own_options(tmp_path, monkeypatch):
     """Each kind of variant asks `ztt convert` for what it names (no conversion runs here)."""
-    compare = _compare_module()
+    compare = _bench_module()
     asked = []
     monkeypatch.setattr(compare, "convert", lambda opts: asked.append(opts))
     monkeypatch.setattr(compare, "sources_layers", lambda cfg: 30)
@@ -104,11 +106,7 @@ def test_variants_convert_with_their_own_options(tmp_path, monkeypatch):
 def test_overhead_tables_and_docs_block(tmp_path):
     """bench/overhead.py's tables: per model, then per family the wrapper tax, the drop against its
     own model and the zero token's cost per block layer (from the tok/s of ztt with and without pool)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("overhead")
     rates = {"own 32": 100.0, "no-share": 98.0, "own 20": 160.0, "drop": 156.0, "ztt": 100.0, "ztt + pool": 80.0,
              "ztt + exits": 90.0}
     layers = {"own 32": 32, "no-share": 32, "own 20": 20, "drop": 20, "ztt": 32, "ztt + pool": 32, "ztt + exits": 26}
@@ -145,7 +143,7 @@ def test_overhead_tables_and_docs_block(tmp_path):
 def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
     """A profile can plot variants another profile measured (``points:``), its early-exit table gives
     layers per token, and the depth of each exiting model on every text comes with its spread."""
-    compare = _compare_module()
+    compare = _bench_module()
     cfg = yaml.safe_load((BENCH / "compare-cpu-halting.yaml").read_text())
     assert [spec["from"] for spec in cfg["points"]] == ["cpu-fit-ztt", "cpu-fit-exit"]
     drops = cfg["points"][0]["variants"]
@@ -183,3 +181,26 @@ def test_borrowed_points_layers_per_token_and_depth_by_text(tmp_path):
     assert by_text["tempest16"][names[2]] == by_text["tempest16"]["ZTT, calibrated 1.22× compute"] == 18.33
     assert (by_text["docutils16"][names[2]], by_text["docutils16"]["ZTT, calibrated 1.22× compute"]) == (22.0, 7.33)
     assert by_text["docutils16"][f"{drops[0]} (cpu-fit-ztt)"] == by_text["tempest16"][f"{drops[0]} (cpu-fit-ztt)"]
+
+
+def test_fit_bench_cases_phases_and_verdicts(monkeypatch):
+    """bench/fit.py (the cost of a fit at scale): every case is a conversion ztt accepts, the grown model's added
+    cycle reads the tokens asked, each phase lasts to the next one's start, and each fit is judged against its own
+    plain conversion."""
+    monkeypatch.syspath_prepend(str(BENCH))  # it imports bench/memory.py
+    fit = _bench_module("fit")
+    cases = fit.cases(200_000)
+    for options in cases.values():
+        ConvertOptions(source="s", out=".", **options)
+    grown = cases["grown, fitted"]
+    per_step = 4 * grown["fit_window"]
+    assert grown["fit_steps"] * per_step >= 200_000 > (grown["fit_steps"] - 1) * per_step
+    assert cases["drop, plain"]["fit"] is False and cases["drop, fitted"]["fit_tokens"] == 200_000
+    stamps = [[0.0, "load"], [2.5, "fit"], [4.0, "fit"], [10.0, "done"]]
+    assert fit.phase_seconds(stamps) == [["load", 2.5], ["fit", 1.5], ["fit", 6.0]]
+    rows = {"drop, plain": {"rc": 0, "wall_s": 60.0, "peak_rss_bytes": 1e9},
+            "drop, fitted": {"rc": 0, "wall_s": 1000.0, "peak_rss_bytes": 1.4e9},
+            "grown, plain": {"rc": 0, "wall_s": 60.0, "peak_rss_bytes": 1e9},
+            "grown, fitted": {"rc": 1, "wall_s": 5.0, "peak_rss_bytes": 1e8}}  # a failed run is not judged
+    assert fit.against_plain(rows) == {"drop": {"fit_s": 940.0, "peak_ratio": 1.4, "time_goal_met": False,
+                                                "memory_goal_met": True}}
