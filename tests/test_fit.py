@@ -332,3 +332,21 @@ def test_a_grown_models_added_cycles_are_fitted_to_the_span_the_drop_removed(tmp
         else:
             torch.testing.assert_close(after[key], value, rtol=0, atol=0)
     assert not torch.equal(after["gates.weight"][1], before["gates.weight"][1])
+
+
+def test_the_drops_pass_records_the_states_a_separate_pass_reads(tmp_path):
+    """A grown fit keeps the source's states entering its tail from the drop's own pass over the windows:
+    the same states a pass of their own reads (the last layer's output included), the maps unchanged."""
+    from ztt_cli.surgery.fit import fit_drop
+    from ztt_cli.surgery.positions import gather_states
+
+    model, windows = source_model("llama").eval(), token_ids(batch=6, length=16)
+    family = family_for(model)
+    n = len(family.layer_list(model))
+    alone = gather_states(model, family, [4, n], windows, tmp_path)
+    record = {i: torch.zeros(*windows.shape, model.config.hidden_size) for i in (4, n)}
+    fit = fit_drop(model, family, [2, 3], windows, 1e-3, "ids", record=record)
+    for i in (4, n):
+        torch.testing.assert_close(record[i], alone[i], rtol=0, atol=0)
+    torch.testing.assert_close(fit.maps[1], fit_drop(model, family, [2, 3], windows, 1e-3, "ids").maps[1], rtol=0,
+                               atol=0)

@@ -280,13 +280,13 @@ def _remove_layers(opts: ConvertOptions, source: _Source, n_drop: int, tail: int
                               hint="give {relax_rank} r (the rank the maps are kept at), or leave out {fit}",
                               fields=("fit", "relax_rank"))
     windows, data = _fit_windows(opts, source, progress)  # on the full source: its own activations
+    record = {}
+    if grown is not None and grown.cycles > 1 and opts.fit_added:  # the same pass keeps the tail's inputs
+        at = n_layers - grown.tail
+        record[at] = removal.tail_states = States(scratch, [at], (*windows.shape, source.config.hidden_size))[at]
     progress(Event.status(f"fitting the drop on {windows.numel():,} tokens"))
     removal.fit = fit_drop(source.model, source.family, removal.dropped, windows, opts.fit_ridge, data,
-                           hold=source.hold)
-    if grown is not None and grown.cycles > 1 and opts.fit_added:
-        progress(Event.status("reading the source's states entering the tail"))
-        at = n_layers - grown.tail
-        removal.tail_states = gather_states(source.model, source.family, [at], windows, scratch)[at]
+                           hold=source.hold, record=record)
     keep_layers(source.model, source.family, removal.dropped)
     removal.windows = windows
     progress(Event.status("measuring the plain drop"))

@@ -294,15 +294,16 @@ class _GapStatistics:
 
 @torch.no_grad()
 def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: torch.Tensor,
-            batch_size: int) -> list[_GapStatistics]:
-    """One pass of the source over ``windows``: each gap's statistics (teacher-forced)."""
+            batch_size: int, record: dict[int, torch.Tensor]) -> list[_GapStatistics]:
+    """One pass of the source over ``windows``: each gap's statistics (teacher-forced), and the state
+    entering each layer of ``record`` written into its tensor [windows, window, hidden]."""
     layers = family.layer_list(model)
     n = len(layers)
     hidden = model.config.hidden_size
     stats = [_GapStatistics(hidden) for _ in fitted]
     states: dict[int, torch.Tensor] = {}  # the hidden state entering layer i (n: the last layer's output)
     mlp_out: dict[int, torch.Tensor] = {}
-    wanted = {i for gap in fitted for i in (gap.removed[0], gap.end)}
+    wanted = {i for gap in fitted for i in (gap.removed[0], gap.end)} | set(record)
 
     def entering(i):
         return lambda module, args, kwargs: states.__setitem__(i, layer_input(args, kwargs))
@@ -316,10 +317,14 @@ def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: tor
     handles += [layers[i].get_submodule(path).register_forward_hook(mlp_hook(i)) for i, path in mlps.items()]
     last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
+        at = 0
         for ids in windows.split(batch_size):  # the logits are not read: only the last position's computed
             model(input_ids=ids.to(model.device), use_cache=False, **last)
             for gap, s in zip(fitted, stats):
                 s.add(mlp_out[gap.into], states[gap.removed[0]], states[gap.end])
+            for i, into in record.items():
+                into[at : at + ids.shape[0]] = states[i].float().cpu()
+            at += ids.shape[0]
             states.clear()
             mlp_out.clear()
     finally:
@@ -347,10 +352,12 @@ def resident(layer: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: float, data: str,
-             batch_size: int = 4, hold: Hold = resident) -> DropFit:
+             batch_size: int = 4, hold: Hold = resident, record: dict[int, torch.Tensor] | None = None) -> DropFit:
     """The maps of a drop of ``dropped`` from the full source ``model`` (before it is cut), fitted on
     ``windows`` [n, window] of calibration tokens; each layer a map folds into is checked within
-    ``hold(layer)`` (a model read on demand gives it its weights there)."""
+    ``hold(layer)`` (a model read on demand gives it its weights there). ``record``: source layer ->
+    a tensor [n, window, hidden] that the same pass fills with the state entering that layer (the
+    layer count: the last layer's output)."""
     start = time.perf_counter()
     all_gaps = gaps(dropped)
     fitted = [g for g in all_gaps if g.into is not None]
@@ -359,7 +366,8 @@ def fit_drop(model, family, dropped: list[int], windows: torch.Tensor, ridge: fl
     for g in fitted:
         with hold(family.layer_list(model)[g.into]):
             folds[g.into] = check_fold(model, family, g.into, find_mlp(model, family, g.into, probe), probe)
-    stats = _gather(model, family, fitted, {i: fold.mlp for i, fold in folds.items()}, windows, batch_size)
+    stats = _gather(model, family, fitted, {i: fold.mlp for i, fold in folds.items()}, windows, batch_size,
+                    record or {})
     maps, records, by_layer = {}, [], {}
     for gap in all_gaps:
         if gap.into is None:
