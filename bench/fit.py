@@ -14,6 +14,7 @@ peak resident memory is <= 1.5x the plain conversion's. Each phase's time comes 
 events, so the report says where a fit's time goes.
 
     OMP_NUM_THREADS=2 python bench/fit.py [--tokens 200000] [--out bench/results/fit.json]
+    OMP_NUM_THREADS=2 python bench/fit.py --cases "grown, plain" "grown, fitted"    # rerun two, keep the others
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def phase_seconds(phases: list) -> list[list]:
 def measure_case(name: str, options: dict, work: Path) -> dict:
     out, report = work / name.replace(", ", "-"), work / f"{name.replace(', ', '-')}.json"
     cmd = [sys.executable, __file__, "--one", json.dumps(options), "--to", str(out), "--report", str(report)]
-    row = {"case": name, "options": options, **memory.measure(cmd, memory.log_of(out))}
+    row = {"case": name, "options": options, "commit": memory.machine()["commit"],
+           **memory.measure(cmd, memory.log_of(out))}
     if row["rc"] == 0:
         done = json.loads(report.read_text())
         row.update(phases=phase_seconds(done["phases"]), fit=done["fit"])
@@ -103,6 +105,8 @@ def main() -> None:
         return convert_one(json.loads(args.one), args.to, args.report)
     args.work.mkdir(parents=True, exist_ok=True)
     rows, verdicts = {}, {}
+    if args.cases and args.out.is_file():  # a subset rerun: the other cases' rows stay as measured
+        rows = {row["case"]: row for row in json.loads(args.out.read_text())["cases"] if row["case"] not in args.cases}
     result = {"meta": memory.machine(), "tokens": args.tokens,
               "goal": f"fit <= {GOAL_S / 60:.0f} min on 2 cores, peak <= {GOAL_PEAK}x the plain conversion's"}
     for name, options in cases(args.tokens).items():
