@@ -204,3 +204,19 @@ def test_fit_bench_cases_phases_and_verdicts(monkeypatch):
             "grown, fitted": {"rc": 1, "wall_s": 5.0, "peak_rss_bytes": 1e8}}  # a failed run is not judged
     assert fit.against_plain(rows) == {"drop": {"fit_s": 940.0, "peak_ratio": 1.4, "time_goal_met": False,
                                                 "memory_goal_met": True}}
+
+
+def test_fit_bench_records_the_phases_and_the_fit_of_a_conversion(tmp_path, monkeypatch, calib_file):
+    """In the measured process, bench/fit.py stamps each phase the stage announces and keeps what the fit did."""
+    from .fixtures import save_source
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    fit = _bench_module("fit")
+    monkeypatch.setattr(fit.memory, "SMOLLM2", str(save_source("llama", tmp_path / "src")))
+    report = tmp_path / "report.json"
+    fit.convert_one({"drop": 2, "fit": True, "fit_tokens": 2048, "fit_window": 64, "calib_data": str(calib_file)},
+                    tmp_path / "out", report)
+    done = json.loads(report.read_text())
+    assert done["phases"][-1][1] == "done" and any("fitting the drop" in m for _, m in done["phases"])
+    assert [t for t, _ in done["phases"]] == sorted(t for t, _ in done["phases"])
+    assert done["fit"]["tokens"] == 2048 and all(gap["fitted"] for gap in done["fit"]["gaps"])
