@@ -334,6 +334,49 @@ def test_a_grown_models_added_cycles_are_fitted_to_the_span_the_drop_removed(tmp
     assert not torch.equal(after["gates.weight"][1], before["gates.weight"][1])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_added_cycles_run_alone_give_the_models_own_tail_inputs(family, tmp_path, calib_file):
+    """The added cycles' fit runs only cycles 2..C, from cycle 2's input: what they hand the tail is
+    what the whole model hands it, with the added gates and deltas away from their start."""
+    from ztt_cli.surgery.positions import added_cycles, state_entering
+
+    src = save_source(family, tmp_path / "src")
+    convert(ConvertOptions(source=str(src), out=tmp_path / "grown", relax_rank=4, calib_data=calib_file,
+                           fit_added=False, **GROWN, **FIT))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "grown").eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.gates.weight[1:] = torch.rand_like(model.gates.weight[1:])
+        for p in model.relax.parameters():
+            p[1:] = 0.1 * torch.randn_like(p[1:])
+    lay, ids = model.config.layout, token_ids(batch=3, length=16)
+    first, run = added_cycles(model, ids)
+    assert first == lay.head + lay.block
+    with torch.no_grad(), model.pool_disabled():
+        alone = run(state_entering(model, first, ids))
+    whole = state_entering(model, lay.head + lay.block * lay.cycles, ids)
+    torch.testing.assert_close(alone, whole, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(whole, state_entering(model, first, ids), atol=1e-3)  # the added cycle did something
+
+
+def test_a_state_file_reads_and_writes_windows(tmp_path):
+    """What a fit keeps of the source's states is read and written by window, as a tensor would be."""
+    from ztt_cli.surgery.positions import StateFile
+
+    full = torch.randn(7, 5, 3)
+    states = StateFile(tmp_path / "s.f32", tuple(full.shape))
+    assert (tmp_path / "s.f32").stat().st_size == full.numel() * 4
+    states[0:4] = full[0:4]
+    states[4:7] = full[4:7].double()  # stored as float32
+    torch.testing.assert_close(states[:], full, rtol=0, atol=0)
+    pick = torch.tensor([6, 2, 3, 2, 0])  # out of order, repeated
+    torch.testing.assert_close(states[pick], full[pick], rtol=0, atol=0)
+    torch.testing.assert_close(states[5:100], full[5:], rtol=0, atol=0)
+    copy = StateFile(tmp_path / "c.f32", tuple(full.shape))
+    copy.copy_from(states, chunk=3)
+    torch.testing.assert_close(copy[:], full, rtol=0, atol=0)
+
+
 def test_the_drops_pass_records_the_states_a_separate_pass_reads(tmp_path):
     """A grown fit keeps the source's states entering its tail from the drop's own pass over the windows:
     the same states a pass of their own reads (the last layer's output included), the maps unchanged."""
@@ -347,6 +390,6 @@ def test_the_drops_pass_records_the_states_a_separate_pass_reads(tmp_path):
     record = {i: torch.zeros(*windows.shape, model.config.hidden_size) for i in (4, n)}
     fit = fit_drop(model, family, [2, 3], windows, 1e-3, "ids", record=record)
     for i in (4, n):
-        torch.testing.assert_close(record[i], alone[i], rtol=0, atol=0)
+        torch.testing.assert_close(record[i], alone[i][:], rtol=0, atol=0)
     torch.testing.assert_close(fit.maps[1], fit_drop(model, family, [2, 3], windows, 1e-3, "ids").maps[1], rtol=0,
                                atol=0)

@@ -236,9 +236,9 @@ def _convert_need(shape: Shape, opts, layout: Layout, floor: float) -> Need:
 
 def _added_cycles_backward(shape: Shape, layout: Layout, window: int, streams: bool) -> float:
     """What a grown model's added-cycles fit keeps for its backward pass, one window at a time: every
-    block position's saved tensors and attention scores (streamed: each position's input and output,
-    and one position's saved tensors as it is recomputed)."""
-    positions = layout.block * layout.cycles
+    added cycle's positions' saved tensors and attention scores (streamed: each position's input and
+    output, and one position's saved tensors as it is recomputed); cycle 1 runs without gradients."""
+    positions = layout.block * (layout.cycles - 1)
     heads = getattr(shape.config, "num_attention_heads", 1)
     layer = window * SAVED_PER_HIDDEN * shape.hidden * 4 + 3 * heads * window * window * 4
     return 2 * positions * window * shape.hidden * 4 + layer if streams else positions * layer

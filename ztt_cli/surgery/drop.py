@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import nn
 
 from ..errors import LayoutError
 from ..model.architecture import per_layer_lists, remap_layers
@@ -20,6 +21,29 @@ def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 def layer_output(output) -> torch.Tensor:
     """The hidden states a decoder layer (or one of its modules) returns, alone or first in a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Stop(Exception):
+    """Raised as a layer is entered: what the pass wanted has been read."""
+
+
+def run_until(model, layer: nn.Module | None, **inputs) -> None:
+    """``model(**inputs)``, stopped as ``layer`` is entered, once the pre-hooks registered on it before
+    this call have run (``None``: to the end). A pass that reads states need not run what follows them."""
+    if layer is None:
+        model(**inputs)
+        return
+
+    def stop(module, args):
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

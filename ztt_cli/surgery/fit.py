@@ -47,7 +47,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedArchitectureError
 from ..model.relax import PositionDeltas, as_out_in, delta_key
-from .drop import layer_input, layer_output
+from .drop import layer_input, layer_output, run_until
 
 
 @dataclass(frozen=True)
@@ -295,8 +295,9 @@ class _GapStatistics:
 @torch.no_grad()
 def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: torch.Tensor,
             batch_size: int, record: dict[int, torch.Tensor]) -> list[_GapStatistics]:
-    """One pass of the source over ``windows``: each gap's statistics (teacher-forced), and the state
-    entering each layer of ``record`` written into its tensor [windows, window, hidden]."""
+    """One pass of the source over ``windows``, up to the last state it reads: each gap's statistics
+    (teacher-forced), and the state entering each layer of ``record`` written into its tensor
+    [windows, window, hidden]."""
     layers = family.layer_list(model)
     n = len(layers)
     hidden = model.config.hidden_size
@@ -316,10 +317,11 @@ def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: tor
         handles.append(layers[n - 1].register_forward_hook(lambda m, a, o: states.__setitem__(n, layer_output(o))))
     handles += [layers[i].get_submodule(path).register_forward_hook(mlp_hook(i)) for i, path in mlps.items()]
     last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    stop = layers[max(wanted)] if max(wanted, default=n) < n else None  # nothing after it is read
     try:
         at = 0
         for ids in windows.split(batch_size):  # the logits are not read: only the last position's computed
-            model(input_ids=ids.to(model.device), use_cache=False, **last)
+            run_until(model, stop, input_ids=ids.to(model.device), use_cache=False, **last)
             for gap, s in zip(fitted, stats):
                 s.add(mlp_out[gap.into], states[gap.removed[0]], states[gap.end])
             for i, into in record.items():

@@ -14,7 +14,7 @@ with x either
   fitted (sequential), so that the fit sees the errors it must correct instead of compounding them.
 
 One pass of the source over the calibration windows writes the states entering the middle layers
-to files (memory-mapped, float32), so memory does not grow with the number of tokens; each position
+to files (float32, read and written by window), so memory does not grow with the number of tokens; each position
 then reads only its input and its target. Only the position's own deltas move: the shared weights
 and every other position stay as they are. A fit that would raise a position's error on its windows
 is undone, so the fit never makes a position worse than its start.
@@ -25,38 +25,76 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from .drop import layer_input, layer_output
+from .drop import layer_input, layer_output, run_until
 
 FIT_INPUTS = ("source", "own")
 
 
+class StateFile:
+    """The hidden states [windows, window, hidden] entering one layer, float32, in a file: read and
+    written by whole windows with plain file reads and writes (``states[a:b]``, ``states[indices]``),
+    so that the process holds the windows it asked for, not the file."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int]):
+        self.path, self.shape = path, shape
+        self._bytes = 4 * math.prod(shape[1:])  # one window
+        with open(path, "wb") as f:
+            f.truncate(self._bytes * shape[0])
+
+    def _runs(self, key) -> list[tuple[int, int, int]]:
+        """(first window, windows, where in the result) for each run of consecutive windows ``key`` asks for."""
+        rows = list(range(*key.indices(self.shape[0]))) if isinstance(key, slice) else torch.as_tensor(key).tolist()
+        runs: list[list[int]] = []
+        for at, row in enumerate(rows):
+            if runs and row == runs[-1][0] + runs[-1][1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([row, 1, at])
+        return [tuple(r) for r in runs]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        runs = self._runs(key)
+        out = torch.empty(sum(n for _, n, _ in runs), *self.shape[1:], dtype=torch.float32)
+        with open(self.path, "rb") as f:
+            for row, n, at in runs:
+                f.seek(row * self._bytes)
+                f.readinto(memoryview(out[at : at + n].numpy()).cast("B"))
+        return out
+
+    def __setitem__(self, key: slice, value: torch.Tensor) -> None:
+        data = value.detach().to("cpu", torch.float32).contiguous()
+        with open(self.path, "r+b") as f:
+            for row, n, at in self._runs(key):
+                f.seek(row * self._bytes)
+                f.write(memoryview(data[at : at + n].numpy()).cast("B"))
+
+    def copy_from(self, other: StateFile, chunk: int = 16) -> None:
+        for a in range(0, self.shape[0], chunk):
+            self[a : a + chunk] = other[a : a + chunk]
+
+
 class States:
-    """The hidden states [windows, window, hidden] entering some source layers, in files."""
+    """The hidden states [windows, window, hidden] entering some layers, one :class:`StateFile` each."""
 
     def __init__(self, folder: Path, layers: list[int], shape: tuple[int, int, int]):
-        self.shape, self._files = shape, {}
-        n = math.prod(shape)
-        for i in layers:
-            path = folder / f"state-{i}.f32"
-            with open(path, "wb") as f:
-                f.truncate(4 * n)
-            self._files[i] = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32).view(shape)
+        self.shape = shape
+        self._files = {i: StateFile(folder / f"state-{i}.f32", shape) for i in layers}
 
-    def __getitem__(self, layer: int) -> torch.Tensor:
+    def __getitem__(self, layer: int) -> StateFile:
         return self._files[layer]
 
 
 @torch.no_grad()
 def gather_states(model, family, layers: list[int], windows: torch.Tensor, folder: Path,
                   batch_size: int = 4) -> States:
-    """One pass of the source over ``windows``: the state entering each of ``layers`` (the layer count:
-    the last layer's output), written to files in ``folder``."""
+    """One pass of the source over ``windows``, up to the last state it reads: the state entering each
+    of ``layers`` (the layer count: the last layer's output), written to files in ``folder``."""
     source_layers = family.layer_list(model)
     n = len(source_layers)
     states = States(folder, layers, (*windows.shape, model.config.hidden_size))
@@ -69,9 +107,10 @@ def gather_states(model, family, layers: list[int], windows: torch.Tensor, folde
         lambda m, args, kwargs, i=i: keep(i, layer_input(args, kwargs)), with_kwargs=True) for i in layers if i < n]
     if n in layers:
         handles.append(source_layers[n - 1].register_forward_hook(lambda m, a, o: keep(n, layer_output(o))))
+    stop = source_layers[max(layers)] if max(layers) < n else None  # nothing after it is read
     try:
         for ids in windows.split(batch_size):
-            model(input_ids=ids.to(model.device), use_cache=False)
+            run_until(model, stop, input_ids=ids.to(model.device), use_cache=False)
             at[0] += ids.shape[0]
     finally:
         for h in handles:
@@ -224,7 +263,7 @@ def fit_positions(model, states: States, windows: torch.Tensor, inputs: str, ste
     with tempfile.TemporaryDirectory(prefix="ztt-fit-") as tmp:
         own = States(Path(tmp), [0, 1], states.shape) if inputs == "own" else None
         if own is not None:
-            own[0].copy_(states[lay.head])  # the head is the source's own layers
+            own[0].copy_from(states[lay.head])  # the head is the source's own layers
         for n, slot in enumerate(block):
             i, call = slot.index, calls[slot.index]
             x = states[i] if own is None else own[n % 2]
@@ -248,26 +287,17 @@ def fit_positions(model, states: States, windows: torch.Tensor, inputs: str, ste
 # a grown model's added cycles
 
 
-class _Stop(Exception):
-    """Raised at the tail's first layer: the fit of the added cycles needs nothing after it."""
-
-
-def _tail_inputs(model, ids: torch.Tensor) -> torch.Tensor:
-    """The state entering the tail (the model's first layer after the block), the pool off."""
-    lay = model.config.layout
-    first_tail = model.family.layer_list(model.inner)[lay.head + lay.block * lay.cycles]
+@torch.no_grad()
+def state_entering(model, index: int, ids: torch.Tensor) -> torch.Tensor:
+    """The state entering the model's unrolled layer ``index`` on ``ids``, the pool off; nothing after
+    it runs."""
     seen = []
-
-    def stop(module, args, kwargs):
-        seen.append(layer_input(args, kwargs))
-        raise _Stop
-
-    handle = first_tail.register_forward_pre_hook(stop, with_kwargs=True)
+    slot = model.family.layer_list(model.inner)[index]
+    handle = slot.register_forward_pre_hook(lambda m, args, kwargs: seen.append(layer_input(args, kwargs)),
+                                            with_kwargs=True)
     try:
         with model.pool_disabled():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
+            run_until(model, slot, input_ids=ids, use_cache=False)
     finally:
         handle.remove()
     return seen[0]
@@ -283,6 +313,26 @@ class AddedCyclesFit:
     error_before: float
     error_after: float
     gates: list[list[float]]  # the added cycles' gates after the fit
+    windows: int = 0  # the calibration windows the errors are measured on
+
+
+def added_cycles(model, probe: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """A grown model's added cycles (2..C) run by themselves: the unrolled index where they start, and
+    the function that maps the state entering them to the state entering the tail (the pool off),
+    each position called with the arguments a forward pass on ``probe`` gives it."""
+    lay = model.config.layout
+    indices = list(range(lay.head + lay.block, lay.head + lay.block * lay.cycles))
+    calls = _calls(model, indices, probe)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for i in indices:
+            x = calls[i](x)
+        return x
+
+    return indices[0], run
+
+
+ADDED_ERROR_WINDOWS = 16  # calibration windows the added cycles' error is measured on, before and after
 
 
 def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
@@ -290,26 +340,28 @@ def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: 
     """Fit a grown ``model``'s added cycles (cycles 2..C: their gates and deltas, all free) so that the
     state entering its tail matches the source's there (``target`` [windows, window, hidden]), by MSE
     normalised by the target's norm. Cycle 1 (the fitted drop), the head, the tail and every shared
-    weight stay as they are; a fit that would raise the error is undone."""
+    weight stay as they are; a fit that would raise the error on the first ``ADDED_ERROR_WINDOWS``
+    windows is undone.
+
+    Since nothing before cycle 2 moves, its input is computed without gradients, and only the added
+    cycles' positions run with them (called one by one, as :func:`fit_positions` calls a position); the
+    error before and after reads cycle 2's inputs computed once."""
+    first, through_added_cycles = added_cycles(model, windows[:batch_size])
     params = [model.gates.weight] + ([*model.relax.parameters()] if model.relax is not None else [])
     saved = [p.detach().clone() for p in params]
-    tail_inputs = partial(_tail_inputs, model)
-    before = _relative_error(tail_inputs, windows, target, batch_size)
-
-    def only_added_cycles():  # cycle 1 is the fitted drop: only the added cycles move
-        for p in params:
-            if p.grad is not None:
-                p.grad[0] = 0
-
-    _adam(model, params, lambda ids, y: tail_inputs(ids), windows, target, steps, lr, batch_size, seed,
-          before_step=only_added_cycles)
-    with torch.no_grad():
-        for p, start in zip(params, saved):
-            p[0] = start[0]
-    after = _relative_error(tail_inputs, windows, target, batch_size)
+    shown = min(ADDED_ERROR_WINDOWS, windows.shape[0])
+    entering = torch.cat([state_entering(model, first, ids) for ids in windows[:shown].split(batch_size)])
+    with model.pool_disabled():
+        before = _relative_error(through_added_cycles, entering, target[:shown], batch_size)
+        _adam(model, params, lambda ids, y: through_added_cycles(state_entering(model, first, ids)),
+              windows, target, steps, lr, batch_size, seed)
+        with torch.no_grad():  # cycle 1's slices had no gradient; keep them bit for bit
+            for p, start in zip(params, saved):
+                p[0] = start[0]
+        after = _relative_error(through_added_cycles, entering, target[:shown], batch_size)
     if after > before:
         with torch.no_grad():
             for p, start in zip(params, saved):
                 p.copy_(start)
         after = before
-    return AddedCyclesFit(steps, lr, before, after, model.gates.weight[1:].tolist())
+    return AddedCyclesFit(steps, lr, before, after, model.gates.weight[1:].tolist(), shown)
