@@ -224,7 +224,7 @@ def _fit_one(model, call: _Call, j: int, cycle: int, inputs: torch.Tensor, targe
 
 
 def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
-          batch_size: int, seed: int, before_step=lambda: None) -> None:
+          batch_size: int, seed: int) -> None:
     """``steps`` Adam steps on ``params`` alone (every other parameter of ``model`` frozen meanwhile),
     each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² / ‖y‖². The gradient is
     summed one window at a time: a backward pass keeps one window's activations, not the batch's."""
@@ -243,7 +243,6 @@ def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Ten
             for one in pick.split(1):
                 y = targets[one]
                 (((forward(inputs[one], y).float() - y) ** 2).sum() / scale).backward()
-            before_step()
             optimizer.step()
     finally:
         for p, flag in frozen:
