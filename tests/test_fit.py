@@ -350,13 +350,32 @@ def test_the_added_cycles_run_alone_give_the_models_own_tail_inputs(family, tmp_
         for p in model.relax.parameters():
             p[1:] = 0.1 * torch.randn_like(p[1:])
     lay, ids = model.config.layout, token_ids(batch=3, length=16)
+    logits = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: logits.append(1))
     first, run = added_cycles(model, ids)
+    hook.remove()
     assert first == lay.head + lay.block
+    assert not logits  # the probe that captures the calls stops at the tail: no logits computed
     with torch.no_grad(), model.pool_disabled():
         alone = run(state_entering(model, first, ids))
     whole = state_entering(model, lay.head + lay.block * lay.cycles, ids)
     torch.testing.assert_close(alone, whole, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(whole, state_entering(model, first, ids), atol=1e-3)  # the added cycle did something
+
+
+def test_freed_memory_is_handed_back_where_the_c_library_can(monkeypatch):
+    """A fit hands the heap's free pages back between steps with glibc's malloc_trim(0); without it
+    (another C library) the call does nothing."""
+    from ztt_cli import heap
+
+    heap.release_freed_memory()  # the real one, on this machine: no error
+    calls = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
+    heap.release_freed_memory()
+    assert calls == [0]
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    heap.release_freed_memory()
+    assert calls == [0]
 
 
 def test_a_state_file_reads_and_writes_windows(tmp_path):

@@ -193,3 +193,16 @@ def test_the_exit_objective_says_when_it_trains_p0_only(model):
     finally:
         del signals.SIGNALS["not-differentiable"]
     assert torch.equal(trained_p0, default)
+
+
+@pytest.mark.parametrize("length", [2, 3, 5, 6, 7, 64])
+def test_token_losses_in_chunks_are_the_windows_losses_bit_for_bit(length):
+    """Perplexity computes the next-token loss a few positions at a time (a copy of the logits is then
+    a chunk's, not the window's); every position's loss is what the whole window's computation gives."""
+    from ztt_cli.training.losses import next_token_loss
+    from ztt_cli.training.quality import token_losses
+
+    logits, ids = torch.randn(2, length, 50) * 4, token_ids(batch=2, length=length) % 50
+    whole = next_token_loss(logits, ids, reduction="none")
+    for chunk in (1, 2, 5, 128):
+        torch.testing.assert_close(token_losses(logits, ids, chunk=chunk), whole, rtol=0, atol=0)

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import LayoutError, SourceError, ZTTError
 from ..events import Event, Progress, silent
+from ..heap import release_freed_memory
 from ..io import sources
 from ..io.checkpoint import TORCH_DTYPE_NAMES, atomic_dir, check_output, parse_size, torch_dtype, write_json
 from ..io.data import CALIBRATION, parse_spec, prepare
@@ -567,8 +568,21 @@ def _convert_streamed(opts: ConvertOptions, source: _Source, layout: Layout | No
         return _write(opts, source, result, lambda out: write_weights(ztt, out, max_shard, tensor), progress)
 
 
+def _releasing(progress: Progress) -> Progress:
+    """``progress``, handing the heap's freed pages back at each new phase, so that what one phase freed
+    does not count again in the next one's peak (``heap.py``)."""
+
+    def report(event: Event) -> None:
+        if event.kind == "status":
+            release_freed_memory()
+        progress(event)
+
+    return report
+
+
 def convert(opts: ConvertOptions, progress: Progress = silent) -> ConvertResult:
     check_output(opts.out, opts.overwrite)
+    progress = _releasing(progress)
     max_shard = parse_size(opts.shard_size)
     source, layout = _load_source(opts, progress)
     if source.lazy is not None:

@@ -46,6 +46,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedArchitectureError
+from ..heap import release_freed_memory
 from ..model.relax import PositionDeltas, as_out_in, delta_key
 from .drop import layer_input, layer_output, run_until
 
@@ -329,6 +330,7 @@ def _gather(model, family, fitted: list[Gap], mlps: dict[int, str], windows: tor
             at += ids.shape[0]
             states.clear()
             mlp_out.clear()
+            release_freed_memory()
     finally:
         for h in handles:
             h.remove()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..heap import release_freed_memory
 from .drop import layer_input, layer_output, run_until
 
 FIT_INPUTS = ("source", "own")
@@ -112,6 +113,7 @@ def gather_states(model, family, layers: list[int], windows: torch.Tensor, folde
         for ids in windows.split(batch_size):
             run_until(model, stop, input_ids=ids.to(model.device), use_cache=False)
             at[0] += ids.shape[0]
+            release_freed_memory()
     finally:
         for h in handles:
             h.remove()
@@ -184,9 +186,10 @@ def _calls(model, indices: list[int], probe: torch.Tensor) -> dict[int, _Call]:
         return hook
 
     handles = [slots[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in indices]
+    after = max(indices) + 1  # the pass stops there: no later layer, and no logits, need computing
     try:
         with torch.no_grad(), model.pool_disabled():
-            model(input_ids=probe, use_cache=False)
+            run_until(model, slots[after] if after < len(slots) else None, input_ids=probe, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -205,6 +208,7 @@ def _relative_error(forward, inputs: torch.Tensor, targets: torch.Tensor, batch_
                 outputs[a : a + batch_size] = out
             err += float(((out - y) ** 2).sum())
             total += float((y * y).sum())
+            release_freed_memory()
     return math.sqrt(err / max(total, 1e-300))
 
 
@@ -243,6 +247,7 @@ def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Ten
             for one in pick.split(1):
                 y = targets[one]
                 (((forward(inputs[one], y).float() - y) ** 2).sum() / scale).backward()
+                release_freed_memory()  # one window's activations, freed: not kept by the heap for the next
             optimizer.step()
     finally:
         for p, flag in frozen:
@@ -344,20 +349,21 @@ def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: 
 
     Since nothing before cycle 2 moves, its input is computed without gradients, and only the added
     cycles' positions run with them (called one by one, as :func:`fit_positions` calls a position); the
-    error before and after reads cycle 2's inputs computed once."""
-    first, through_added_cycles = added_cycles(model, windows[:batch_size])
+    error before and after reads cycle 2's inputs computed once. Each Adam step draws ``batch_size``
+    windows; every pass runs one window at a time, so a pass's activations are one window's."""
+    first, through_added_cycles = added_cycles(model, windows[:1])  # every call below is one window's
     params = [model.gates.weight] + ([*model.relax.parameters()] if model.relax is not None else [])
     saved = [p.detach().clone() for p in params]
     shown = min(ADDED_ERROR_WINDOWS, windows.shape[0])
-    entering = torch.cat([state_entering(model, first, ids) for ids in windows[:shown].split(batch_size)])
+    entering = torch.cat([state_entering(model, first, ids) for ids in windows[:shown].split(1)])
     with model.pool_disabled():
-        before = _relative_error(through_added_cycles, entering, target[:shown], batch_size)
+        before = _relative_error(through_added_cycles, entering, target[:shown], 1)
         _adam(model, params, lambda ids, y: through_added_cycles(state_entering(model, first, ids)),
               windows, target, steps, lr, batch_size, seed)
         with torch.no_grad():  # cycle 1's slices had no gradient; keep them bit for bit
             for p, start in zip(params, saved):
                 p[0] = start[0]
-        after = _relative_error(through_added_cycles, entering, target[:shown], batch_size)
+        after = _relative_error(through_added_cycles, entering, target[:shown], 1)
     if after > before:
         with torch.no_grad():
             for p, start in zip(params, saved):

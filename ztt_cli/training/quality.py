@@ -7,7 +7,18 @@ import math
 
 import torch
 
+from ..heap import release_freed_memory
 from .losses import exit_target, next_token_loss
+
+LOSS_CHUNK = 128  # positions whose loss is computed at once: a copy of the logits is this long, not the window's
+
+
+def token_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """``next_token_loss(logits, ids, "none")``, [B, T-1], computed ``chunk`` positions at a time: the
+    float32 copy and the log-softmax are a chunk's, not the window's (vocabulary × window each)."""
+    length = ids.shape[1]
+    return torch.cat([next_token_loss(logits[:, s : s + chunk + 1], ids[:, s : s + chunk + 1], reduction="none")
+                      for s in range(0, length - 1, chunk)], dim=1)
 
 
 @torch.no_grad()
@@ -17,8 +28,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     losses = []
     for i in range(0, windows.shape[0], batch_size):
         batch = windows[i : i + batch_size].to(model.device)
-        loss = next_token_loss(model(input_ids=batch, use_cache=False).logits, batch, reduction="none")
-        losses.extend(loss.mean(1).tolist())
+        losses.extend(token_losses(model(input_ids=batch, use_cache=False).logits, batch).mean(1).tolist())
+        release_freed_memory()  # a window's logits: the largest block a fit's perplexity frees
     return math.exp(sum(losses) / len(losses))
 
 
