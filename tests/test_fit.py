@@ -363,6 +363,45 @@ def test_the_added_cycles_run_alone_give_the_models_own_tail_inputs(family, tmp_
     assert not torch.allclose(whole, state_entering(model, first, ids), atol=1e-3)  # the added cycle did something
 
 
+def test_adam_keeps_state_only_for_the_rows_that_train(monkeypatch):
+    """A fit steps only some rows of its parameters (a cycle's slice): Adam's state covers those rows
+    alone, the other rows stay bit for bit, and the rows that train move exactly as they would under an
+    Adam on the whole tensor (whose other rows get no gradient)."""
+    from torch import nn
+
+    from ztt_cli.surgery import positions
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0)))
+            self.frozen = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):  # uses rows 1 and 2 only, as the added cycles use theirs
+            return (x @ self.w[1]) @ self.w[2] + self.frozen
+
+    inputs, targets = torch.randn(6, 5, 4), torch.randn(6, 5, 4)
+    whole, rows = Model(), Model()
+    start = rows.w.detach().clone()
+    seen = []
+    make = torch.optim.Adam
+
+    def adam(params, **kwargs):
+        seen.append(optimizer := make(params, **kwargs))
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    positions._adam(whole, [whole.w], lambda x, y: whole(x), inputs, targets, 5, 1e-2, 2, seed=3)
+    positions._adam(rows, [rows.w], lambda x, y: rows(x), inputs, targets, 5, 1e-2, 2, seed=3, rows=slice(1, None))
+    full, part = (o.state[o.param_groups[0]["params"][0]] for o in seen)
+    assert full["exp_avg"].shape == (3, 4, 4)
+    assert part["exp_avg"].shape == part["exp_avg_sq"].shape == (2, 4, 4)
+    torch.testing.assert_close(rows.w.detach()[0], start[0], rtol=0, atol=0)
+    torch.testing.assert_close(rows.w.detach(), whole.w.detach(), rtol=0, atol=0)
+    assert not torch.equal(rows.w.detach()[1:], start[1:])
+    assert rows.w.grad is None and rows.w.requires_grad and rows.frozen.requires_grad
+
+
 def test_freed_memory_is_handed_back_where_the_c_library_can(monkeypatch):
     """A fit hands the heap's free pages back between steps with glibc's malloc_trim(0); without it
     (another C library) the call does nothing."""

@@ -350,6 +350,8 @@ def _fit_grown(opts: ConvertOptions, removal: _Removal, ztt: ZTTForCausalLM, lay
     for source_layer, j in removal.shared.items():
         with source.hold(ztt.layers[layout.head + j]) as layer:
             keep_in_position(fit, source_layer, layer, ztt.relax.positions[j], cycle=1)
+    fit.maps.clear()  # every map is folded or kept by now: their float64 matrices and sums are not needed
+    fit.statistics.clear()
     if removal.tail_states is not None:
         progress(Event.status(f"fitting the added cycles ({opts.fit_steps} steps)"))
         added = fit_added_cycles(ztt, removal.windows, removal.tail_states, opts.fit_steps, opts.fit_lr,

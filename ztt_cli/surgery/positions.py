@@ -214,30 +214,38 @@ def _relative_error(forward, inputs: torch.Tensor, targets: torch.Tensor, batch_
 
 def _fit_one(model, call: _Call, j: int, cycle: int, inputs: torch.Tensor, targets: torch.Tensor,
              steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Adam on position (cycle, j)'s deltas alone (its slice of A, B and the 1-D copies)."""
+    """Adam on position (cycle, j)'s deltas alone (its slice of A, B and the 1-D copies: the other
+    cycles' slices do not move)."""
     deltas = model.relax.positions[j]
     params = [*deltas.A.values(), *deltas.B.values(), *deltas.d.values()]
-    saved = [p.detach().clone() for p in params]
     with model.pool_disabled():
-        _adam(model, params, lambda x, y: call(x), inputs, targets, steps, lr, batch_size, seed)
-    with torch.no_grad():  # the other cycles' slices had no gradient; keep them bit for bit
-        for p, before in zip(params, saved):
-            keep = torch.ones(p.shape[0], dtype=torch.bool)
-            keep[cycle - 1] = False
-            p[keep] = before[keep]
+        _adam(model, params, lambda x, y: call(x), inputs, targets, steps, lr, batch_size, seed,
+              rows=slice(cycle - 1, cycle))
 
 
-def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
-          batch_size: int, seed: int) -> None:
-    """``steps`` Adam steps on ``params`` alone (every other parameter of ``model`` frozen meanwhile),
-    each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² / ‖y‖². The gradient is
-    summed one window at a time: a backward pass keeps one window's activations, not the batch's."""
+def _adam(model, params: list, forward, inputs, targets, steps: int, lr: float, batch_size: int, seed: int,
+          rows: slice = slice(None)) -> None:
+    """``steps`` Adam steps on ``params``' ``rows`` alone (every other parameter of ``model``, and the
+    other rows, frozen meanwhile), each on ``batch_size`` random windows, minimising ‖forward(x) − y‖² /
+    ‖y‖². Adam's state and the summed gradient are kept for those rows only: it steps views of them,
+    which write through to the parameters, and each backward pass's gradient is added into the views'
+    as it arrives. The gradient is summed one window at a time: a backward pass keeps one window's
+    activations, not the batch's."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    trained = [p.detach()[rows] for p in params]  # leaves that share the parameters' storage
+    views = {id(p): view for p, view in zip(params, trained)}
+
+    def into_view(p: torch.Tensor) -> None:  # the whole parameter's gradient, handed to its rows' view
+        view, grad = views[id(p)], p.grad[rows]
+        view.grad = grad.clone() if view.grad is None else view.grad.add_(grad)
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(into_view) for p in params]
+    optimizer = torch.optim.Adam(trained, lr=lr)
     order = torch.Generator().manual_seed(seed)
     try:
         for _ in range(steps):
@@ -250,6 +258,8 @@ def _adam(model, params: list, forward, inputs: torch.Tensor, targets: torch.Ten
                 release_freed_memory()  # one window's activations, freed: not kept by the heap for the next
             optimizer.step()
     finally:
+        for h in hooks:
+            h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
 
@@ -349,24 +359,30 @@ def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: 
 
     Since nothing before cycle 2 moves, its input is computed without gradients, and only the added
     cycles' positions run with them (called one by one, as :func:`fit_positions` calls a position); the
-    error before and after reads cycle 2's inputs computed once. Each Adam step draws ``batch_size``
-    windows; every pass runs one window at a time, so a pass's activations are one window's."""
+    error before and after reads cycle 2's inputs computed once, from a file. Each Adam step draws
+    ``batch_size`` windows; every pass runs one window at a time, so a pass's activations are one window's,
+    and Adam keeps state for the added cycles' rows alone."""
     first, through_added_cycles = added_cycles(model, windows[:1])  # every call below is one window's
     params = [model.gates.weight] + ([*model.relax.parameters()] if model.relax is not None else [])
-    saved = [p.detach().clone() for p in params]
     shown = min(ADDED_ERROR_WINDOWS, windows.shape[0])
-    entering = torch.cat([state_entering(model, first, ids) for ids in windows[:shown].split(1)])
-    with model.pool_disabled():
-        before = _relative_error(through_added_cycles, entering, target[:shown], 1)
-        _adam(model, params, lambda ids, y: through_added_cycles(state_entering(model, first, ids)),
-              windows, target, steps, lr, batch_size, seed)
-        with torch.no_grad():  # cycle 1's slices had no gradient; keep them bit for bit
-            for p, start in zip(params, saved):
-                p[0] = start[0]
-        after = _relative_error(through_added_cycles, entering, target[:shown], 1)
-    if after > before:
-        with torch.no_grad():
-            for p, start in zip(params, saved):
-                p.copy_(start)
-        after = before
+    with tempfile.TemporaryDirectory(prefix="ztt-fit-") as tmp:
+        torch.save([p.detach() for p in params], Path(tmp) / "start.pt")  # kept on disk, for an undo
+        entering = StateFile(Path(tmp) / "entering.f32", (shown, *target.shape[1:]))  # (float32: exact)
+        for a in range(shown):
+            state = state_entering(model, first, windows[a : a + 1])
+            entering[a : a + 1] = state
+
+        def from_file(x: torch.Tensor) -> torch.Tensor:  # in the model's dtype, as it was computed
+            return through_added_cycles(x.to(state.dtype))
+
+        with model.pool_disabled():
+            before = _relative_error(from_file, entering, target, 1)
+            _adam(model, params, lambda ids, y: through_added_cycles(state_entering(model, first, ids)),
+                  windows, target, steps, lr, batch_size, seed, rows=slice(1, None))
+            after = _relative_error(from_file, entering, target, 1)
+        if after > before:
+            with torch.no_grad():
+                for p, start in zip(params, torch.load(Path(tmp) / "start.pt")):
+                    p.copy_(start)
+            after = before
     return AddedCyclesFit(steps, lr, before, after, model.gates.weight[1:].tolist(), shown)
