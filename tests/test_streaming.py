@@ -181,6 +181,30 @@ def test_the_lazy_source_computes_what_the_loaded_one_does(family, dtype, tmp_pa
         assert torch.equal(buffers[name], buffer), name
 
 
+def test_each_layer_the_lazy_source_puts_back_is_handed_back_to_the_system(tmp_path, monkeypatch):
+    """A layer's weights freed after its call (and after its recompute in a backward pass) are handed
+    back at once, not kept by the heap until the next phase: once per layer and call."""
+    from ztt_cli.io import lazy as lazy_module
+
+    src = _save("llama", tmp_path / "src")
+    lazy = open_lazy(src, torch.float32)
+    n = len(lazy.family.layer_list(lazy.model))
+    calls = []
+    monkeypatch.setattr(lazy_module, "release_freed_memory", lambda: calls.append(1))
+    with torch.no_grad(), lazy.offloaded() as model:
+        model(token_ids(length=8))
+    assert len(calls) == n
+    calls.clear()
+    layer = lazy.family.layer_list(lazy.model)[0]
+    with lazy.offloaded(around=[(layer, layer)]) as model:  # with gradients, its call is recomputed in backward
+        x = torch.randn(1, 8, model.config.hidden_size, requires_grad=True)
+        out = layer(x, position_embeddings=model.model.rotary_emb(x, torch.arange(8)[None]))
+        out = out[0] if isinstance(out, tuple) else out
+        after_forward = len(calls)
+        out.sum().backward()
+    assert after_forward >= 1 and len(calls) == after_forward + 1  # and once more after the recompute
+
+
 def test_a_source_it_cannot_reproduce_is_loaded_whole(tmp_path, calib_file):
     """A checkpoint without a tensor the model has: from_pretrained initialises it, the lazy reader
     cannot say how; the conversion loads the source whole instead."""

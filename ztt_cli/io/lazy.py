@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import CheckpointError
+from ..heap import release_freed_memory
 from ..model.architecture import family_for
 from .checkpoint import compute_buffers
 from .sources import CORRUPT
@@ -223,6 +224,7 @@ class LazySource:
 
         def drop(layer, args, output):
             self.release(held.pop(id(layer), {}))
+            release_freed_memory()  # the layer's weights: handed back, not kept by the heap for the next layer
 
         handles = [h for layer in self._layers for h in (layer.register_forward_pre_hook(load),
                                                          layer.register_forward_hook(drop, always_call=True))]
@@ -248,6 +250,7 @@ class LazySource:
                     return forward(*args, **kwargs)
             finally:
                 self.release(saved)
+                release_freed_memory()
 
         def call(*args, **kwargs):
             if not torch.is_grad_enabled():
