@@ -223,8 +223,10 @@ class LazySource:
             held[id(layer)] = self.materialise(layer)
 
         def drop(layer, args, output):
-            self.release(held.pop(id(layer), {}))
-            release_freed_memory()  # the layer's weights: handed back, not kept by the heap for the next layer
+            saved = held.pop(id(layer), {})
+            if saved:  # (a layer its caller gave its weights is put back, and handed back, by the caller)
+                self.release(saved)
+                release_freed_memory()  # the layer's weights: handed back, not kept by the heap for the next layer
 
         handles = [h for layer in self._layers for h in (layer.register_forward_pre_hook(load),
                                                          layer.register_forward_hook(drop, always_call=True))]

@@ -371,9 +371,10 @@ def fit_added_cycles(model, windows: torch.Tensor, target: torch.Tensor, steps: 
         for a in range(shown):
             state = state_entering(model, first, windows[a : a + 1])
             entering[a : a + 1] = state
+        dtype = state.dtype  # the model's: what the file's float32 copies are cast back to, exactly
 
-        def from_file(x: torch.Tensor) -> torch.Tensor:  # in the model's dtype, as it was computed
-            return through_added_cycles(x.to(state.dtype))
+        def from_file(x: torch.Tensor) -> torch.Tensor:
+            return through_added_cycles(x.to(dtype))
 
         with model.pool_disabled():
             before = _relative_error(from_file, entering, target, 1)
