@@ -82,6 +82,37 @@ def test_on_a_grown_model_the_added_cycle_waits_for_its_gate():
             assert b.grad[0].abs().sum() > 0
 
 
+def test_a_pass_without_gradients_skips_only_the_deltas_that_add_nothing(monkeypatch):
+    """A (cycle, linear) whose B is zero computes no low-rank product in a pass without gradients (the
+    logits are the same bits as with it computed); one whose B moves is computed again; with gradients
+    every one runs."""
+    from ztt_cli.model.relax import PositionDeltas
+
+    model, _ = grown_model("llama", (1, 2, 2, 1), dropped=(2, 3), relax_rank=4)
+    ids = token_ids(length=10)
+    rank, hidden = model.relax.rank, model.relax.positions[0].A["self_attn-q_proj"].shape[-1]
+    linear, computed = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: computed.append(tuple(w.shape)) or linear(x, w, b))
+
+    def low_rank_products(grad: bool) -> tuple[torch.Tensor, list]:
+        computed.clear()
+        with torch.set_grad_enabled(grad):
+            logits = model(ids).logits
+        return logits.detach(), [s for s in computed if rank in s]
+
+    assert len(low_rank_products(True)[1]) == 2 * 2 * 7 * 2  # 2 cycles (the gates train) × 2 layers × 7 linears
+    skipped, none = low_rank_products(False)
+    assert none == []
+    with monkeypatch.context() as m:
+        m.setattr(PositionDeltas, "adds_nothing", lambda self, key, cycle: False)
+        computed_anyway, every = low_rank_products(False)
+    assert len(every) == 2 * 7 * 2 and torch.equal(skipped, computed_anyway)  # cycle 2 is closed: cycle 1's
+    with torch.no_grad():  # cycle 1 of position 0's q projection moves: that one delta runs again
+        model.relax.positions[0].B["self_attn-q_proj"][0].normal_()
+    assert low_rank_products(False)[1] == [(rank, hidden), (hidden, rank)]
+
+
 def test_relaxed_checkpoints_round_trip_and_train_their_deltas(tmp_path):
     from ztt_cli.stages import ExportOptions
     from ztt_cli.stages.export import export

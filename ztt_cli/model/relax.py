@@ -57,7 +57,22 @@ class PositionDeltas(nn.Module):
         params = dict(layer.named_parameters())
         for name in self.vectors:
             self.d[delta_key(name)] = nn.Parameter(torch.empty(cycles, *params[name].shape))
+        self._zero: dict[str, tuple[tuple, list[bool]]] = {}  # key -> (B's version, whether each cycle's is 0)
         self.reset_parameters()
+
+    def adds_nothing(self, key: str, cycle: int) -> bool:
+        """Whether the cycle's delta on linear ``key`` has B = 0 and B is not being trained: it adds
+        nothing, so its low-rank product need not run (every position of a grown model's first cycle
+        but those that keep a map). As the gates' ``closed``: read from the device only when B changes."""
+        b = self.B[key]
+        if torch.is_grad_enabled() and b.requires_grad:
+            return False
+        if torch.compiler.is_compiling():  # a traced graph uses what the last eager call read
+            return key in self._zero and self._zero[key][1][cycle - 1]
+        version = (b._version, b.data_ptr(), b.device)
+        if key not in self._zero or self._zero[key][0] != version:
+            self._zero[key] = (version, (~b.detach().flatten(1).any(1)).tolist())
+        return self._zero[key][1][cycle - 1]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -95,9 +110,9 @@ class Relaxation(nn.Module):
 
     def _delta_hook(self, j: int, key: str):
         def add_delta(module, args, output):
-            if self._cycle is None:
-                return output
             pos = self.positions[j]
+            if self._cycle is None or pos.adds_nothing(key, self._cycle):
+                return output
             a, b = pos.A[key][self._cycle - 1], pos.B[key][self._cycle - 1]
             x = args[0]
             return output + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype)).to(output.dtype)
