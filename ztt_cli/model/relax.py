@@ -16,7 +16,8 @@ neither B nor A gets a gradient until g moves.
 The linear deltas are forward hooks on the shared layer's linear modules; the 1-D copies are
 swapped in with ``torch.func.functional_call`` for the call. Both read the cycle the slot is
 running, so activation checkpointing inside a layer (which recomputes later, outside the call)
-is not supported in relaxed mode.
+is not supported in relaxed mode. A pass without gradients skips a delta whose B is 0: it adds
+nothing.
 """
 
 from __future__ import annotations
