@@ -44,6 +44,7 @@ from .attention import ATTENTION_NAMES, ZeroToken
 from .attention import register as register_attention
 from .errors import LayoutError
 from .exits import TokenExits
+from .host_copy import HostCopy
 from .layout import Layout
 from .relax import PositionDeltas, Relaxation
 from .signals import NEVER, SIGNALS, ExitPolicy
@@ -112,7 +113,7 @@ class ResidualGates(nn.Module):
     def __init__(self, cycles: int, block: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cycles, block))
-        self._closed_key, self._closed = None, frozenset()
+        self._closed = HostCopy(_closed_gates, frozenset())
         self.reset_parameters()
 
     @torch.no_grad()
@@ -125,14 +126,12 @@ class ResidualGates(nn.Module):
         of closed gates is read from the device only when the weights change (a host sync then)."""
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return False
-        if torch.compiler.is_compiling():  # a traced graph uses the set the last eager call read
-            return (cycle, position) in self._closed
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
-        if key != self._closed_key:
-            rows = self.weight.tolist()
-            self._closed = frozenset((c + 1, j) for c, row in enumerate(rows) for j, g in enumerate(row) if g == 0.0)
-            self._closed_key = key
-        return (cycle, position) in self._closed
+        return (cycle, position) in self._closed(self.weight)
+
+
+def _closed_gates(weight: torch.Tensor) -> frozenset[tuple[int, int]]:
+    """The (cycle, position) pairs whose gate is exactly 0."""
+    return frozenset((c + 1, j) for c, row in enumerate(weight.tolist()) for j, g in enumerate(row) if g == 0.0)
 
 
 class _ForwardRecord:

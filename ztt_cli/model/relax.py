@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .host_copy import HostCopy
+
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
@@ -40,6 +42,11 @@ def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 def delta_key(name: str) -> str:
     return name.replace(".", "-")
+
+
+def _zero_cycles(b: torch.Tensor) -> list[bool]:
+    """Per cycle, whether B [C, out, r] is all zeros."""
+    return (~b.flatten(1).any(1)).tolist()
 
 
 class PositionDeltas(nn.Module):
@@ -58,7 +65,7 @@ class PositionDeltas(nn.Module):
         params = dict(layer.named_parameters())
         for name in self.vectors:
             self.d[delta_key(name)] = nn.Parameter(torch.empty(cycles, *params[name].shape))
-        self._zero: dict[str, tuple[tuple, list[bool]]] = {}  # key -> (B's version, whether each cycle's is 0)
+        self._zero = {key: HostCopy(_zero_cycles, [False] * cycles) for key in self.B}  # see adds_nothing
         self.reset_parameters()
 
     def adds_nothing(self, key: str, cycle: int) -> bool:
@@ -68,12 +75,7 @@ class PositionDeltas(nn.Module):
         b = self.B[key]
         if torch.is_grad_enabled() and b.requires_grad:
             return False
-        if torch.compiler.is_compiling():  # a traced graph uses what the last eager call read
-            return key in self._zero and self._zero[key][1][cycle - 1]
-        version = (b._version, b.data_ptr(), b.device)
-        if key not in self._zero or self._zero[key][0] != version:
-            self._zero[key] = (version, (~b.detach().flatten(1).any(1)).tolist())
-        return self._zero[key][1][cycle - 1]
+        return self._zero[key](b)[cycle - 1]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
